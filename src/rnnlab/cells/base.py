@@ -1,0 +1,71 @@
+"""The Cell contract: the transition g of a recurrent network, one step at a time."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rnnlab.config import require_int
+
+State = tuple[Tensor, ...]
+
+
+class Cell(nn.Module):
+    """Base class of every recurrent transition g: z_t = g(u_t, z_{t-1}; w).
+
+    A subclass implements the equation of its cell and nothing else; the model owns the loop over
+    time, the probes that measure dL/dz_t, the encoder and the decoder.
+
+    Contract (DESIGN.md §3):
+
+    - `state_names`: names of the tensors that make up the state z, e.g. ``("h",)`` or
+      ``("h", "c")``. ``state_names[0]`` is what the decoder reads and what ``dL_dz`` measures;
+      every other state ``s`` is measured as ``dL_d<s>`` (the LSTM's cell state gives ``dL_dc``).
+    - `init_state(batch_size)` returns the initial state, each tensor (B, hidden_size), on the
+      device and dtype of the cell's parameters.
+    - `step(u_t, state, dt)` returns the next state. ``u_t``: (B, input_size), the encoder output
+      at step t; ``dt``: the (B,) time gaps when the task supplies them, else ``None`` (cells with
+      a time step then use their configured one; discrete cells ignore it).
+    - optional `sequence(u, state)` -> ``(outputs, state)`` with ``u``: (B, T, input_size),
+      ``outputs``: (B, T, hidden_size) the first state at every step — a faster whole-sequence
+      path that must match stepping `step` to float tolerance. The base returns ``None`` (no fast
+      path); the model then loops over `step`.
+
+    Constructed by Hydra as ``instantiate(cfg.cell, input_size=...)``: the model passes
+    ``input_size``; every other argument comes from the cell's YAML. Check arguments in
+    ``__init__`` with `rnnlab.config.require*`, naming the key as ``cell.<arg>``.
+
+    A minimal cell::
+
+        class IndRNN(Cell):
+            '''h_t = relu(W u_t + w ⊙ h_{t-1} + b)  (Li et al. 2018)'''
+
+            def __init__(self, input_size: int, hidden_size: int = 64):
+                super().__init__(input_size, hidden_size)
+                self.input = nn.Linear(input_size, hidden_size)
+                self.recurrent = nn.Parameter(torch.rand(hidden_size))
+
+            def step(self, u_t, state, dt):
+                (h,) = state
+                return (torch.relu(self.input(u_t) + self.recurrent * h),)
+    """
+
+    state_names: tuple[str, ...] = ("h",)
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.input_size = require_int("cell.input_size", input_size)
+        self.hidden_size = require_int("cell.hidden_size", hidden_size)
+
+    def init_state(self, batch_size: int) -> State:
+        p = next(self.parameters())
+        return tuple(
+            torch.zeros(batch_size, self.hidden_size, device=p.device, dtype=p.dtype)
+            for _ in self.state_names
+        )
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        raise NotImplementedError(f"{type(self).__name__} must implement step(u_t, state, dt)")
+
+    def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
+        return None

@@ -1,0 +1,76 @@
+"""The Elman RNN: z_t = φ(W z_{t−1} + U u_t + b)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rnnlab.cells.base import Cell, State
+from rnnlab.config import require, require_choice
+
+NONLINEARITIES = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+}
+INITS = ("default", "orthogonal", "identity", "normal")
+
+
+class ElmanRNN(Cell):
+    """z_t = φ(W z_{t−1} + U u_t + b), with b = b_ih + b_hh as in `torch.nn.RNN`.
+
+    - ``nonlinearity`` φ ∈ {tanh, relu, sigmoid, identity}; identity gives the linear RNN whose
+      gradient scales by exactly ``gain`` per step when W is orthogonal (DESIGN.md §1).
+    - ``init`` of W: ``default`` (PyTorch's U(±1/√H)), ``orthogonal`` (W = Q, QᵀQ = I),
+      ``identity`` (the IRNN of Le et al. 2015), ``normal`` (N(0, 1/H): spectral radius ≈ 1).
+    - ``gain`` scales W after init: ``init=orthogonal gain=g`` gives W = g·Q.
+
+    Parameters are named as in `torch.nn.RNN`; for tanh and relu, `sequence` runs PyTorch's fused
+    kernel on them.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int = 64,
+        nonlinearity: str = "tanh",
+        init: str = "default",
+        gain: float = 1.0,
+    ):
+        super().__init__(input_size, hidden_size)
+        self.nonlinearity = require_choice("cell.nonlinearity", nonlinearity, tuple(NONLINEARITIES))
+        require_choice("cell.init", init, INITS)
+        require(isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0,
+                "cell.gain", gain, "a finite number > 0")
+        self.phi = NONLINEARITIES[nonlinearity]
+        H = hidden_size
+        bound = 1.0 / math.sqrt(H)
+        self.weight_ih = nn.Parameter(torch.empty(H, input_size).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(torch.empty(H, H).uniform_(-bound, bound))
+        self.bias_ih = nn.Parameter(torch.empty(H).uniform_(-bound, bound))
+        self.bias_hh = nn.Parameter(torch.empty(H).uniform_(-bound, bound))
+        with torch.no_grad():
+            if init == "orthogonal":
+                nn.init.orthogonal_(self.weight_hh)
+            elif init == "identity":
+                self.weight_hh.copy_(torch.eye(H))
+            elif init == "normal":
+                self.weight_hh.normal_(0.0, 1.0 / math.sqrt(H))
+            self.weight_hh.mul_(gain)
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        (z,) = state
+        pre = u_t @ self.weight_ih.T + self.bias_ih + z @ self.weight_hh.T + self.bias_hh
+        return (self.phi(pre),)
+
+    def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
+        if self.nonlinearity not in ("tanh", "relu"):
+            return None
+        fused = torch.rnn_tanh if self.nonlinearity == "tanh" else torch.rnn_relu
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        outputs, z_last = fused(u, state[0].unsqueeze(0), weights, True, 1, 0.0, self.training,
+                                False, True)
+        return outputs, (z_last.squeeze(0),)

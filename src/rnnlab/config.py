@@ -1,0 +1,74 @@
+"""Config checks and the run-directory resolver.
+
+Every user-facing error about a setting is a `ConfigError` that names the config key and the fix,
+raised before training starts. Components check their own arguments with `require`, writing the
+full key (`cell.hidden_size`) since a component always lives under its group.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the key, the value and the fix."""
+
+
+def require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    """Unless `condition`: ConfigError('<key> must be <allowed>, got <value> (set <key>=...)')."""
+    if not condition:
+        raise ConfigError(f"{key} must be {allowed}, got {value!r} (set {key}=...)")
+
+
+def require_int(key: str, value: Any, minimum: int = 1) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    require(ok, key, value, f"an integer >= {minimum}")
+    return value
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
+    require(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+    return value
+
+
+def claim_unique_dir(candidate: str) -> str:
+    """Create `candidate` (or `candidate_1`, `candidate_2`, …) atomically and return its path.
+
+    Used as the `${unique_dir:...}` resolver for Hydra's run and sweep directories, so two runs
+    started in the same second never share (and overwrite) a directory. Registered with
+    `use_cache=True`: each config resolves it once, and Hydra copies the cache into each job.
+    """
+    base = Path(candidate)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        path = base if n == 0 else base.with_name(f"{base.name}_{n}")
+        try:
+            os.mkdir(path)
+            return str(path)
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run directory next to {base}")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("unique_dir"):
+        OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, use_cache=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks across groups, before anything is built (each component checks its own args)."""
+    require_int("seed", cfg.get("seed"), minimum=0)
+    trainer = cfg.trainer
+    max_steps = trainer.get("max_steps", -1)
+    require(isinstance(max_steps, int) and (max_steps == -1 or max_steps >= 1),
+            "trainer.max_steps", max_steps, "-1 (no limit) or an integer >= 1")
+    if cfg.get("monitor") is not None:
+        require_int("monitor.every_n_steps", cfg.monitor.get("every_n_steps"), minimum=1)
+    optimizer = cfg.model.get("optimizer", {})
+    lr = optimizer.get("lr")
+    require(isinstance(lr, (int, float)) and lr == lr and 0 < lr < float("inf"),
+            "model.optimizer.lr", lr, "a finite number > 0")

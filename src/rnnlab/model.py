@@ -1,0 +1,128 @@
+"""The recurrent model: encoder → cell g unrolled over T steps → decoder, parameters shared in time.
+
+    h(t) = Enc(x(t)),   z(t) = g(h(t), z(t−1); w),   y(t) = Dec(z(t))
+
+The loss is read on the last ``n_out`` steps. Training uses the cell's fast `sequence` path when
+it has one; on steps the `GradFlowMonitor` watches, the probed loop runs instead, adding a zero
+probe p_t to every state so that after backward p_t.grad = ∂L/∂z_t (the total derivative).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+from rnnlab.cells.base import Cell, State
+from rnnlab.config import ConfigError, require_choice, require_int
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+              "rmsprop": torch.optim.RMSprop}
+
+
+class RecurrentModel(pl.LightningModule):
+    """``forward(x, dt=None, probes=None)``: x (B, T, input_size) → y_hat (B, n_out, output_size).
+
+    Args:
+        cell: the cell's config (``_target_`` and its arguments), instantiated with ``input_size``.
+        input_size, output_size, n_out, loss: from the task (`Task.describe`).
+        encoder_size: width of the linear encoder h(t) = Enc(x(t)).
+        optimizer: ``{"name": adam|adamw|sgd|rmsprop, "lr": …}``; other keys go to the optimizer.
+        fast_path: train on the cell's `sequence` path on unmonitored steps when it has one.
+    """
+
+    def __init__(self, cell: dict[str, Any], input_size: int, output_size: int, n_out: int = 1,
+                 loss: str = "mse", encoder_size: int = 32,
+                 optimizer: dict[str, Any] | None = None, fast_path: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        require_choice("task.loss", loss, ("mse", "cross_entropy"))
+        require_int("model.encoder_size", encoder_size)
+        self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-3})
+        require_choice("model.optimizer.name", self.optimizer_cfg.get("name"), tuple(OPTIMIZERS))
+        self.encoder = nn.Linear(input_size, encoder_size)
+        self.cell: Cell = instantiate(cell, input_size=encoder_size, _convert_="all")
+        if not isinstance(self.cell, Cell):
+            raise ConfigError(f"cell._target_ must name a subclass of rnnlab.cells.Cell, got "
+                              f"{type(self.cell).__name__}")
+        self.decoder = nn.Linear(self.cell.hidden_size, output_size)
+        self.n_out = n_out
+        self.probe_next_step = False  # set by GradFlowMonitor before a monitored training step
+        self.probes: State | None = None  # the probes of the last probed training step …
+        self.probed_loss: Tensor | None = None  # … and its loss
+        self.last_val_step = -1  # global step of the last validation outside the sanity check
+
+    # --- the unrolled network ------------------------------------------------------------------
+    def make_probes(self, batch_size: int, seq_len: int) -> State:
+        """Zero probes, one (T, B, hidden) tensor per state, to be added as z_t ← z_t + p_t."""
+        return tuple(torch.zeros(seq_len, *s.shape, dtype=s.dtype, device=s.device,
+                                 requires_grad=True) for s in self.cell.init_state(batch_size))
+
+    def unroll(self, u: Tensor, dt: Tensor | None = None, probes: State | None = None) -> Tensor:
+        """Run the cell over u: (B, T, encoder_size); return z[0] on the last n_out steps.
+
+        Steps are split once with `unbind` — indexing u[:, t] inside the loop would make the
+        backward quadratic in T (DESIGN.md §5).
+        """
+        B, T = u.shape[:2]
+        state = self.cell.init_state(B)
+        if probes is None and dt is None and self.hparams.fast_path:
+            fast = self.cell.sequence(u, state)
+            if fast is not None:
+                return fast[0][:, T - self.n_out:]
+        dts = dt.unbind(1) if dt is not None else (None,) * T
+        per_step_probes = zip(*(p.unbind(0) for p in probes)) if probes is not None else None
+        outputs = []
+        for t, (u_t, dt_t) in enumerate(zip(u.unbind(1), dts)):
+            state = self.cell.step(u_t, state, dt_t)
+            if per_step_probes is not None:
+                state = tuple(s + p for s, p in zip(state, next(per_step_probes)))
+            if t >= T - self.n_out:
+                outputs.append(state[0])
+        return torch.stack(outputs, dim=1)
+
+    def forward(self, x: Tensor, dt: Tensor | None = None, probes: State | None = None) -> Tensor:
+        return self.decoder(self.unroll(self.encoder(x), dt, probes))
+
+    def loss_fn(self, y_hat: Tensor, y: Tensor) -> Tensor:
+        """The batch-mean loss: MSE over (B, n_out, out), or cross-entropy over read steps."""
+        if self.hparams.loss == "mse":
+            return F.mse_loss(y_hat, y)
+        return F.cross_entropy(y_hat.reshape(-1, y_hat.shape[-1]), y.reshape(-1), ignore_index=-100)
+
+    # --- Lightning -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x = batch["x"]
+        probes = self.make_probes(x.shape[0], x.shape[1]) if self.probe_next_step else None
+        loss = self.loss_fn(self(x, batch.get("dt"), probes), batch["y"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step}; lower "
+                "model.optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or use a "
+                "smaller cell.gain")
+        self.probes, self.probed_loss = probes, loss.detach()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        y_hat = self(batch["x"], batch.get("dt"))
+        self.log("val/loss", self.loss_fn(y_hat, batch["y"]), prog_bar=True)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            for name, value in datamodule.metrics(y_hat, batch["y"]).items():
+                self.log(f"val/{name}", value)
+
+    def on_validation_epoch_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            self.log("val/baseline", float(datamodule.baseline))
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
+        return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)

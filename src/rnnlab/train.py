@@ -1,0 +1,80 @@
+"""`train(cfg)`: build everything from a composed config, fit, and return the final metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
+
+from rnnlab.config import ConfigError, validate
+from rnnlab.model import RecurrentModel
+
+log = logging.getLogger(__name__)
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate`, surfacing a component's `ConfigError` instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while isinstance(cause, InstantiationException):  # nested targets (the model's cell)
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
+def build_model(cfg: DictConfig, task) -> RecurrentModel:
+    cell = OmegaConf.to_container(cfg.cell, resolve=True)
+    return build(cfg.model, cell=cell, **task.describe(), _convert_="all", _recursive_=False)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate, seed, build task → model → callbacks → trainer, fit, write ``metrics.json``.
+
+    Returns the final validation metrics (``val/loss``, ``val/baseline``, the task's metrics).
+    """
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    task = build(cfg.task)
+    model = build_model(cfg, task)
+    callbacks = [build(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    if not cfg.trainer.get("enable_progress_bar", True):  # the flag wins over a bar callback
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if cfg.get("monitor"):
+        callbacks.append(build(cfg.monitor))
+    loggers = [build(node) for node in (cfg.get("logger") or {}).values() if node]
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=task, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        log.warning("training was interrupted at step %d", trainer.global_step)
+    if model.last_val_step != trainer.global_step:  # validate the final weights once
+        trainer.validate(model, datamodule=task, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics["val/baseline"] = float(task.baseline)  # exact, not the float32 that was logged
+    metrics["step"] = trainer.global_step
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    return metrics
+
+
+def report_finish(cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Tell the user where the run is and how to look at it."""
+    output_dir = Path(cfg.paths.output_dir)
+    loss, baseline = metrics.get("val/loss", math.nan), metrics.get("val/baseline", math.nan)
+    print(f"\nval/loss {loss:.4g} (memoryless baseline {baseline:.4g}) after "
+          f"{metrics.get('step', 0)} steps")
+    print(f"Run directory: {output_dir}")
+    print(f"TensorBoard:   tensorboard --logdir {output_dir}")

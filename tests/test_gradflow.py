@@ -1,0 +1,126 @@
+"""The logged gradient norms against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from rnnlab import gradflow
+from rnnlab.model import RecurrentModel
+from rnnlab.tasks import Adding
+from rnnlab.train import build, build_model, train
+
+
+def rnn_model(**cell) -> RecurrentModel:
+    """A float64 model, initialised in float64 (so an orthogonal W is orthogonal to 1e-16)."""
+    cell = {"_target_": "rnnlab.cells.rnn.ElmanRNN", "hidden_size": 16, **cell}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
+                              encoder_size=8)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def adding_batch(T: int, dtype=torch.float64) -> dict:
+    batch = Adding(seq_len=T, batch_size=8).generate(8, torch.Generator().manual_seed(0))
+    return {k: v.to(dtype) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("gain", [0.9, 1.1])
+def test_linear_orthogonal_rnn_gradient_scales_as_gain_power(gain):
+    torch.manual_seed(0)
+    T = 40
+    model = rnn_model(nonlinearity="identity", init="orthogonal", gain=gain)
+    dL_dz = gradflow.grad_flow(model, adding_batch(T))["dL_dz"]
+    expected = gain ** (T - 1 - np.arange(T))
+    np.testing.assert_allclose(dL_dz / dL_dz[-1], expected, rtol=1e-8)
+
+
+def test_probe_profile_equals_retain_grad_profile_for_tanh():
+    torch.manual_seed(1)
+    T = 25
+    model = rnn_model(nonlinearity="tanh", init="normal", gain=1.3)
+    batch = adding_batch(T)
+    profile = gradflow.grad_flow(model, batch)["dL_dz"]
+
+    u = model.encoder(batch["x"])
+    (z,) = model.cell.init_state(u.shape[0])
+    states = []
+    for u_t in u.unbind(1):
+        (z,) = model.cell.step(u_t, (z,), None)
+        z.retain_grad()
+        states.append(z)
+    torch.nn.functional.mse_loss(model.decoder(z).unsqueeze(1), batch["y"]).backward()
+    expected = [s.grad.norm().item() for s in states]
+    np.testing.assert_allclose(profile, expected, rtol=1e-10)
+
+
+def test_grad_flow_leaves_parameter_grads_untouched():
+    model = rnn_model()
+    gradflow.grad_flow(model, adding_batch(6))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_flow_module_norms_equal_autograd_parameter_gradients():
+    torch.manual_seed(2)
+    model = rnn_model()
+    batch = adding_batch(10)
+    record = gradflow.grad_flow(model, batch)
+    model.loss_fn(model(batch["x"]), batch["y"]).backward()
+    for module in ("encoder", "cell", "decoder"):
+        grads = [p.grad.flatten() for p in getattr(model, module).parameters()]
+        expected = torch.cat(grads).norm().item()
+        assert record[f"grad_norm_{module}"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_training_record_at_step_zero_equals_grad_flow_on_first_batch(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_steps=1", "task.seq_len=15")
+    train(cfg)
+    (recorded,) = [dict(np.load(p)) for p in (tmp_path / "run" / "grad_flow").iterdir()]
+
+    pl.seed_everything(cfg.seed)  # rebuild the untrained model exactly as train() does
+    task = build(cfg.task)
+    model = build_model(cfg, task)
+    batch = next(iter(task.train_dataloader()))
+    expected = gradflow.grad_flow(model, batch)
+    np.testing.assert_allclose(recorded["dL_dz"], expected["dL_dz"], rtol=1e-5)
+    assert recorded["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    for module in ("encoder", "cell", "decoder"):
+        key = f"grad_norm_{module}"
+        assert recorded[key] == pytest.approx(expected[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("gain", [0.8, 0.95, 1.0, 1.05, 1.2])
+def test_decay_rate_is_log10_gain_for_geometric_profile(gain):
+    T = 60
+    summary = gradflow.summarize(gain ** (T - 1 - np.arange(T)))
+    assert summary["decay_rate"] == pytest.approx(math.log10(gain), abs=1e-12)
+    assert summary["log10_first_last"] == pytest.approx((T - 1) * math.log10(gain), abs=1e-9)
+
+
+def test_horizon_counts_steps_back_within_a_thousandth_of_the_maximum():
+    T, gain = 100, 0.9
+    profile = gain ** (T - 1 - np.arange(T))
+    # gain**k >= 1e-3  <=>  k <= 3 / -log10(gain) = 65.56…
+    assert gradflow.summarize(profile)["horizon"] == math.floor(3 / -math.log10(gain))
+    assert gradflow.summarize(np.ones(T))["horizon"] == T - 1
+
+
+def test_load_stacks_records_in_step_order(tmp_path):
+    for step in (10, 0, 5):
+        gradflow.save(tmp_path / "grad_flow", step, {"dL_dz": np.full(4, float(step)), "loss": 1.0})
+    record = gradflow.load(tmp_path)
+    assert record["step"].tolist() == [0, 5, 10]
+    assert record["dL_dz"].shape == (3, 4) and record["dL_dz"][:, 0].tolist() == [0, 5, 10]
+    assert record["T"].tolist() == [4, 4, 4]
+
+
+def test_load_names_the_directory_when_it_holds_no_records(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no grad_flow/step_"):
+        gradflow.load(tmp_path)
