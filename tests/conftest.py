@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from rnnlab.config import register_resolvers
+from rnnlab.config import CONF_DIR, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+assert CONF == CONF_DIR, f"rnnlab is imported from {CONF_DIR.parent}, not this checkout {ROOT}"
 
 # Small and quick: a few steps, tiny batches, no progress bar.
 FAST = [
@@ -29,21 +28,6 @@ FAST = [
     "model.encoder_size=4",
     "monitor.every_n_steps=1",
 ]
-
-register_resolvers()
-
-
-def compose_config(overrides: list[str], output_dir: Path, config_name: str = "train"
-                   ) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` as `scripts/train.py` would, writing into output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
 
 @pytest.fixture
 def make_cfg(tmp_path):

@@ -11,7 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+# The configs ship with the repository, beside src/ (an editable install finds them there).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 class ConfigError(ValueError):
@@ -57,6 +60,27 @@ def claim_unique_dir(candidate: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique_dir"):
         OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, use_cache=True)
+
+
+def compose_config(overrides: list[str], output_dir: str | Path,
+                   config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as `scripts/train.py` would, writing into output_dir.
+
+    For tests, benchmarks and notebooks: no Hydra run directory is made; ``paths.output_dir``
+    is set to ``output_dir``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 def validate(cfg: DictConfig) -> None:
