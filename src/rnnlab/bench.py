@@ -1,0 +1,266 @@
+"""Training throughput of rnnlab against a raw PyTorch loop, measured in the same run.
+
+For each cell × T (B = 64, H = 128, the adding task):
+
+(a) ``raw``      a training loop as a researcher writes it: encoder → fused ``nn.RNN/GRU/LSTM``
+                 (the ODE: a hand-written Euler loop) → decoder, Adam, no Lightning;
+(b) ``off``      rnnlab (`rnnlab.train.train` on the real configs) with the monitor off;
+(c) ``monitor``  rnnlab monitoring every ``every`` steps (the window holds exactly one
+                 monitored step, so its cost is amortised as in a real run);
+(d) ``probed``   one monitored (probed) forward+backward alone, against a plain unrolled
+                 forward+backward of the same cell (the loop without probes).
+
+Each case runs in a fresh process, so its peak memory (max RSS, or CUDA max allocated) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+B, H, ENCODER = 64, 128, 32
+FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+
+class StepTimer(pl.Callback):
+    """Times training steps ``warmup … warmup + steps − 1`` and writes steps/s to ``out``."""
+
+    def __init__(self, out: str, warmup: int, steps: int):
+        self.out, self.warmup, self.steps = Path(out), warmup, steps
+        self.start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup + self.steps:  # global_step counts finished steps
+            sync(pl_module.device)
+            elapsed = time.perf_counter() - self.start
+            self.out.write_text(json.dumps({"steps_per_s": self.steps / elapsed}))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def adding_batches(T: int, device: str):
+    from rnnlab.tasks import Adding
+    from rnnlab.tasks.base import batch_generator
+
+    task = Adding(seq_len=T, batch_size=B)
+    index = 0
+    while True:
+        batch = task.generate(B, batch_generator(0, "train", index))
+        index += 1
+        yield batch["x"].to(device), batch["y"].to(device)
+
+
+class RawNODE(nn.Module):
+    """z ← z + g(cat(h_t, z))·δt, the Euler loop as written by hand (g: Linear-tanh-Linear)."""
+
+    def __init__(self, input_size: int, hidden: int, width: int, dt: float):
+        super().__init__()
+        self.g = nn.Sequential(nn.Linear(input_size + hidden, width), nn.Tanh(),
+                               nn.Linear(width, hidden))
+        self.hidden, self.dt = hidden, dt
+
+    def forward(self, u):
+        z = u.new_zeros(u.shape[0], self.hidden)
+        for u_t in u.unbind(1):
+            z = z + self.g(torch.cat([u_t, z], -1)) * self.dt
+        return None, z
+
+
+def run_raw(cell: str, T: int, warmup: int, steps: int, device: str) -> dict:
+    torch.manual_seed(0)
+    encoder = nn.Linear(2, ENCODER)
+    recurrent = (FUSED[cell](ENCODER, H, batch_first=True) if cell in FUSED
+                 else RawNODE(ENCODER, H, width=H, dt=0.1))
+    decoder = nn.Linear(H, 1)
+    modules = nn.ModuleList([encoder, recurrent, decoder]).to(device)
+    optimizer = torch.optim.Adam(modules.parameters(), lr=1e-3)
+    data = adding_batches(T, device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(torch.device(device))
+            start = time.perf_counter()
+        x, y = next(data)
+        outputs, last = recurrent(encoder(x))
+        z = outputs[:, -1] if outputs is not None else last
+        loss = nn.functional.mse_loss(decoder(z).unsqueeze(1), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(torch.device(device))
+    return {"steps_per_s": steps / (time.perf_counter() - start)}
+
+
+def rnnlab_overrides(cell: str, T: int, device: str) -> list[str]:
+    return [f"cell={cell}", "task=adding", f"task.seq_len={T}", f"task.batch_size={B}",
+            f"cell.hidden_size={H}", f"model.encoder_size={ENCODER}", "task.train_batches=1000000",
+            "task.val_batches=1", "+trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "callbacks.model_checkpoint=null", "callbacks.progress_bar=null",
+            f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}"]
+
+
+def run_rnnlab(cell: str, T: int, warmup: int, steps: int, device: str, every: int | None) -> dict:
+    from rnnlab.config import compose_config
+    from rnnlab.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "timing.json"
+        monitor = ["~monitor"] if every is None else [f"monitor.every_n_steps={every}"]
+        cfg = compose_config(
+            [*rnnlab_overrides(cell, T, device), *monitor,
+             f"trainer.max_steps={warmup + steps}",
+             "+callbacks.step_timer._target_=rnnlab.bench.StepTimer",
+             f"+callbacks.step_timer.out={out}", f"+callbacks.step_timer.warmup={warmup}",
+             f"+callbacks.step_timer.steps={steps}"],
+            Path(tmp) / "run")
+        train(cfg)
+        return json.loads(out.read_text())
+
+
+def run_probed(cell: str, T: int, repeats: int, device: str) -> dict:
+    """Median time of a probed forward+backward over a plain unrolled one, same model and batch."""
+    from rnnlab.config import compose_config
+    from rnnlab.train import build, build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(rnnlab_overrides(cell, T, device), Path(tmp) / "run")
+        task = build(cfg.task)
+        model = build_model(cfg, task).to(device)
+    model.hparams.fast_path = False
+    x, y = next(adding_batches(T, device))
+
+    def once(probed: bool) -> float:
+        sync(torch.device(device))
+        start = time.perf_counter()
+        probes = model.make_probes(B, T) if probed else None
+        model.loss_fn(model(x, None, probes), y).backward()
+        sync(torch.device(device))
+        return time.perf_counter() - start
+
+    once(True), once(False)  # warm up
+    plain, probed = [], []
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        plain.append(once(False))
+        probed.append(once(True))
+    return {"plain_s": statistics.median(plain), "probed_s": statistics.median(probed)}
+
+
+def run_case(case: dict) -> dict:
+    torch.set_num_threads(case.get("threads") or torch.get_num_threads())
+    device = case["device"]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    mode = case["mode"]
+    if mode == "raw":
+        result = run_raw(case["cell"], case["T"], case["warmup"], case["steps"], device)
+    elif mode == "probed":
+        result = run_probed(case["cell"], case["T"], case["steps"], device)
+    else:
+        every = case["every"] if mode == "monitor" else None
+        result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every)
+    if device == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def measure(case: dict) -> dict:
+    """Run one case in a fresh process; add its peak RSS (CPU) from the kernel's accounting."""
+    process = subprocess.Popen([sys.executable, "-m", "rnnlab.bench", "--case", json.dumps(case)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    stdout, stderr = process.stdout.read(), process.stderr.read()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"benchmark case {case} failed:\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.setdefault("peak_mb", usage.ru_maxrss / 1024)  # ru_maxrss is in KiB on Linux
+    return result
+
+
+def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
+    cases = []
+    for cell in cells:
+        for T in lengths + ([10_000] if cell == "lstm" and not quick else []):
+            every = 50 if T <= 1000 else 10
+            warmup = 3 if T <= 1000 else 1
+            for mode in ("raw", "off", "monitor"):
+                cases.append({"cell": cell, "T": T, "mode": mode, "warmup": warmup,
+                              "steps": every, "every": every})
+            cases.append({"cell": cell, "T": T, "mode": "probed",
+                          "steps": 5 if T <= 1000 else 2})
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="rnn, gru, lstm at T = 100 only (under a minute)")
+    parser.add_argument("--cells", default="rnn,gru,lstm,node")
+    parser.add_argument("--lengths", default="100,1000")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", default="bench.json", help="where the JSON results go")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+
+    from rich.console import Console
+    from rich.progress import track
+    from rich.table import Table
+
+    cells = [c for c in args.cells.split(",") if c]
+    lengths = [int(t) for t in args.lengths.split(",")]
+    if args.quick:
+        cells, lengths = [c for c in cells if c != "node"], [100]
+    cases = plan(args.quick, cells, lengths)
+    for case in cases:
+        case["device"] = args.device
+    results = [{**case, **measure(case)} for case in track(cases, description="benchmarking")]
+
+    table = Table(title=f"rnnlab vs raw PyTorch (B={B}, H={H}, adding, {args.device}, "
+                        f"{torch.get_num_threads()} threads)")
+    for column in ("cell", "T", "raw steps/s", "off/raw", "monitor/raw", "probed/plain",
+                   "raw MB", "off MB", "monitor MB"):
+        table.add_column(column, justify="right")
+    summary = []
+    for cell in cells:
+        for T in sorted({r["T"] for r in results if r["cell"] == cell}):
+            by = {r["mode"]: r for r in results if r["cell"] == cell and r["T"] == T}
+            row = {"cell": cell, "T": T, "raw_steps_per_s": by["raw"]["steps_per_s"],
+                   "off_over_raw": by["off"]["steps_per_s"] / by["raw"]["steps_per_s"],
+                   "monitor_over_raw": by["monitor"]["steps_per_s"] / by["raw"]["steps_per_s"],
+                   "monitor_every": by["monitor"]["every"],
+                   "probed_over_plain": by["probed"]["probed_s"] / by["probed"]["plain_s"],
+                   "peak_mb": {m: by[m]["peak_mb"] for m in ("raw", "off", "monitor")}}
+            summary.append(row)
+            table.add_row(cell, str(T), f"{row['raw_steps_per_s']:.2f}",
+                          f"{row['off_over_raw']:.2f}", f"{row['monitor_over_raw']:.2f}",
+                          f"{row['probed_over_plain']:.2f}",
+                          *(f"{row['peak_mb'][m]:.0f}" for m in ("raw", "off", "monitor")))
+    Console(width=150).print(table)
+    Path(args.out).write_text(json.dumps({"summary": summary, "cases": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
