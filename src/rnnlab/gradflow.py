@@ -161,6 +161,15 @@ def jacobians(model, batch: dict[str, Tensor], iterations: int) -> dict:
     return record
 
 
+def jacobian_bound(dL_dz: np.ndarray, jacobian_norm: np.ndarray) -> np.ndarray:
+    """||dL/dz_{T−1}||·Π_{s=t+1}^{T−1} jacobian_norm[s], (T,): an upper bound on ||dL/dz_t||
+    when the loss reads step T−1 only (then ∂L/∂z_{s−1} = J_sᵀ ∂L/∂z_s for every s)."""
+    with np.errstate(divide="ignore"):
+        logs = np.log(np.asarray(jacobian_norm, dtype=np.float64))
+    after = np.concatenate([np.cumsum(logs[:0:-1])[::-1], [0.0]])  # Σ_{s>t} log ||J_s||
+    return np.asarray(dL_dz, dtype=np.float64)[-1] * np.exp(after)
+
+
 def recurrent_spectrum(cell: Cell) -> dict:
     """Singular values, spectral norm and spectral radius of ``cell.recurrent_weight()``, if any."""
     accessor = getattr(cell, "recurrent_weight", None)
