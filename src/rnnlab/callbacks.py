@@ -233,9 +233,20 @@ def profile_figure(record: dict, step: int) -> plt.Figure:
     return fig
 
 
-def semilogy_positive(ax, values, label: str, style: str = "-") -> None:
+def semilogy_positive(ax, values, label: str, style: str = "-", **kwargs) -> None:
     values = np.asarray(values, dtype=np.float64)
-    ax.semilogy(np.arange(len(values)), np.where(values > 0, values, np.nan), style, label=label)
+    ax.semilogy(np.arange(len(values)), np.where(values > 0, values, np.nan), style, label=label,
+                **kwargs)
+    at_least_one_decade(ax)
+
+
+def at_least_one_decade(ax) -> None:
+    """Widen a log axis to a factor of 10 at least, so a flat profile (gain 1) looks flat rather
+    than a zoom into rounding noise."""
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10:
+        middle = np.sqrt(low * high)
+        ax.set_ylim(middle / np.sqrt(10), middle * np.sqrt(10))
 
 
 def heatmap_figure(steps: list[int], rows: list[np.ndarray]) -> plt.Figure:
