@@ -222,7 +222,8 @@ def profile_figure(record: dict, step: int) -> plt.Figure:
     ax.set_ylabel("gradient norm")
     ax.set_title(f"training step {step}")
     for key in contributions:
-        semilogy_positive(axes[0, 1], record[key], f"||dL/dW(t)|| {key.removeprefix('dL_dW_')}")
+        semilogy_positive(axes[0, 1], record[key], f"||dL/dW(t)|| {key.removeprefix('dL_dW_')}",
+                          ".-")  # the decoder's is one point when only the last step is read
     if contributions:
         axes[0, 1].set_title("per-step parameter contributions")
     for ax in axes[0]:
