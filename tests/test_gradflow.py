@@ -124,3 +124,12 @@ def test_load_stacks_records_in_step_order(tmp_path):
 def test_load_names_the_directory_when_it_holds_no_records(tmp_path):
     with pytest.raises(FileNotFoundError, match="no grad_flow/step_"):
         gradflow.load(tmp_path)
+
+
+def test_load_fills_a_key_missing_on_some_steps_with_nan(tmp_path):
+    gradflow.save(tmp_path / "grad_flow", 0, {"dL_dz": np.ones(3), "jacobian_norm": np.full(3, 2.)})
+    gradflow.save(tmp_path / "grad_flow", 1, {"dL_dz": np.ones(3)})
+    record = gradflow.load(tmp_path)
+    assert record["jacobian_norm"].shape == (2, 3)
+    assert record["jacobian_norm"][0].tolist() == [2.0, 2.0, 2.0]
+    assert np.isnan(record["jacobian_norm"][1]).all()

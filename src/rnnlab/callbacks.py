@@ -1,18 +1,26 @@
-"""GradFlowMonitor: records the exact per-timestep gradient profile during training.
+"""GradFlowMonitor: records the exact per-timestep gradient profile during training, and its causes.
 
 Every ``every_n_steps`` training steps (and at step 0) the model runs its probed path for that one
 step; after the backward pass the monitor reads the probes' gradients, writes the lossless
 ``grad_flow/step_<step:07d>.npz`` record, and logs to TensorBoard (tags in the README):
 
 - ``dL_dz/t_<t>`` (and ``dL_dc/t_<t>`` for the LSTM): scalars at a few chosen timesteps;
+- ``dL_dW_<module>/t_<t>``: the per-step parameter contributions ||dL/dW⁽ᵗ⁾|| of encoder, cell
+  and decoder at the same timesteps (``param_contributions``);
+- ``jacobian_norm/t_<t>``, ``grad_flow/jacobian_rate`` and, for a cell with a recurrent matrix,
+  ``recurrent/spectral_norm`` and ``recurrent/spectral_radius`` (every ``jacobian_every_n_steps``);
 - ``grad_flow/log10_first_last``, ``grad_flow/decay_rate``, ``grad_flow/horizon``;
-- images ``grad_flow/profile`` (log scale) and ``grad_flow/heatmap`` (training step × t).
+- images ``grad_flow/profile`` (log scale, with the Jacobian bound) and ``grad_flow/heatmap``.
 
-Parameter-gradient norms per module (``grad_norm/encoder|cell|decoder``) are logged every step.
+Every step: the parameter-gradient norm per module (``grad_norm/encoder|cell|decoder``) and of
+all parameters before and after Lightning's gradient clipping (``grad_norm/total``,
+``grad_norm/total_clipped``). A custom-scalars layout groups each instrument's timesteps on one
+chart.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +33,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
 from rnnlab.config import require, require_int  # noqa: E402
+from rnnlab.model import MODULES  # noqa: E402
 
 
 def chosen_timesteps(T: int, timesteps: list[int] | None, count: int) -> list[int]:
@@ -32,6 +41,16 @@ def chosen_timesteps(T: int, timesteps: list[int] | None, count: int) -> list[in
     if timesteps:
         return sorted({t % T for t in timesteps if -T <= t < T})
     return sorted({int(round(t)) for t in np.linspace(0, T - 1, min(count, T))})
+
+
+def profile_keys(record: dict) -> list[str]:
+    """The state profiles in a record: ``dL_dz`` and ``dL_d<state>``, not ``dL_dW_<module>``."""
+    return [k for k in record if k.startswith("dL_d") and not k.startswith("dL_dW_")]
+
+
+def tensorboard_writer(trainer):
+    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)),
+                None)
 
 
 class GradFlowMonitor(pl.Callback):
@@ -43,10 +62,18 @@ class GradFlowMonitor(pl.Callback):
         num_timesteps: how many evenly spaced timesteps when ``timesteps`` is not given.
         figure_every_n_records: draw the profile and heatmap images every n-th monitored step
             (a figure costs tens of ms; the records are always written).
+        param_contributions: also measure ``dL_dW_<module>`` (T,) on monitored steps; costs T
+            times the parameter count in memory on those steps.
+        jacobian_every_n_steps: measure the transition Jacobians on monitored steps that are a
+            multiple of this (0: never); a multiple of ``every_n_steps``.
+        jacobian_iterations: power iterations per Jacobian (each one jvp and one vjp of the cell
+            over all T·B steps at once).
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 50, timesteps: list[int] | None = None,
-                 num_timesteps: int = 5, figure_every_n_records: int = 1):
+                 num_timesteps: int = 5, figure_every_n_records: int = 1,
+                 param_contributions: bool = True, jacobian_every_n_steps: int = 50,
+                 jacobian_iterations: int = 10):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
         require(timesteps is None or all(isinstance(t, int) for t in timesteps),
@@ -54,12 +81,36 @@ class GradFlowMonitor(pl.Callback):
         self.timesteps = list(timesteps) if timesteps else None
         self.num_timesteps = require_int("monitor.num_timesteps", num_timesteps)
         self.figure_every = require_int("monitor.figure_every_n_records", figure_every_n_records)
+        require(isinstance(param_contributions, bool), "monitor.param_contributions",
+                param_contributions, "true or false")
+        self.param_contributions = param_contributions
+        self.jacobian_every = require_int("monitor.jacobian_every_n_steps",
+                                          jacobian_every_n_steps, minimum=0)
+        require(self.jacobian_every % self.every_n_steps == 0, "monitor.jacobian_every_n_steps",
+                jacobian_every_n_steps,
+                f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
+        self.jacobian_iterations = require_int("monitor.jacobian_iterations", jacobian_iterations)
+        self.jacobian_batch: dict | None = None  # the batch of a step that measures Jacobians
+        self.pending: tuple[int, dict] | None = None  # a record waiting for the clipped norm
+        self.pre_clip_norm = math.nan
+        self.last_record: dict | None = None  # the latest record, for the run's final metrics
         self.history_steps: list[int] = []
         self.history_log10: list[np.ndarray] = []
 
     # --- hooks ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is not None and trainer.is_global_zero:
+            writer.add_custom_scalars(custom_scalars_layout(pl_module.cell.state_names))
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        pl_module.probe_next_step = trainer.global_step % self.every_n_steps == 0
+        step = trainer.global_step
+        monitored = step % self.every_n_steps == 0
+        pl_module.probe_next_step = monitored
+        pl_module.probe_parameters = monitored and self.param_contributions
+        jacobian = monitored and self.jacobian_every > 0 and step % self.jacobian_every == 0
+        self.jacobian_batch = batch if jacobian else None
+        self.pre_clip_norm = math.nan
 
     def on_after_backward(self, trainer, pl_module) -> None:
         norms = gradflow.module_grad_norms(pl_module)
@@ -69,53 +120,134 @@ class GradFlowMonitor(pl.Callback):
             return
         record = gradflow.probe_profile(pl_module.cell.state_names,
                                         tuple(p.grad for p in pl_module.probes))
+        if pl_module.param_probes is not None:
+            grads = {m: {n: q.grad for n, q in qs.items()}
+                     for m, qs in pl_module.param_probes.items()}
+            record.update(gradflow.param_contribution_norms(grads))
         record.update(norms)
         record["loss"] = float(pl_module.probed_loss)
-        pl_module.probes = pl_module.probed_loss = None
+        pl_module.probes = pl_module.param_probes = pl_module.probed_loss = None
         record.update(gradflow.summarize(record["dL_dz"]))
+        if self.jacobian_batch is not None:  # before the optimizer step: the same weights
+            record.update(gradflow.jacobians(pl_module, self.jacobian_batch,
+                                             self.jacobian_iterations))
+            self.jacobian_batch = None
+        self.pending = (trainer.global_step, record)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
+        self.pre_clip_norm = gradflow.total_grad_norm(pl_module)
+        pl_module.log("grad_norm/total", self.pre_clip_norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # p.grad still holds the clipped gradient the optimizer used: Lightning zeroes it only
+        # in the next step, and torch's optimizers do not write to it.
+        clipped = gradflow.total_grad_norm(pl_module)
+        pl_module.log("grad_norm/total_clipped", clipped, on_step=True, on_epoch=False)
+        if self.pending is None:
+            return
+        step, record = self.pending
+        self.pending = None
+        record["grad_norm_total"] = self.pre_clip_norm
+        record["grad_norm_total_clipped"] = clipped
+        self.last_record = record
         if trainer.is_global_zero:
-            step = trainer.global_step
             gradflow.save(self.dirpath, step, record)
             self.log_tensorboard(trainer, step, record)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        pl_module.probe_next_step = False
+        pl_module.probe_next_step = pl_module.probe_parameters = False
 
     # --- TensorBoard ---------------------------------------------------------------------------
     def log_tensorboard(self, trainer, step: int, record: dict) -> None:
-        writer = next((lg.experiment for lg in trainer.loggers
-                       if isinstance(lg, TensorBoardLogger)), None)
+        writer = tensorboard_writer(trainer)
         self.history_steps.append(step)
         with np.errstate(divide="ignore"):
             self.history_log10.append(np.log10(record["dL_dz"]))
         if writer is None:
             return
         T = len(record["dL_dz"])
-        for key in [k for k in record if k.startswith("dL_d")]:
+        per_step = [k for k in record if k.startswith("dL_d") or k == "jacobian_norm"]
+        for key in per_step:
             for t in chosen_timesteps(T, self.timesteps, self.num_timesteps):
                 writer.add_scalar(f"{key}/t_{t:04d}", record[key][t], step)
-        for key in ("log10_first_last", "decay_rate", "horizon"):
-            writer.add_scalar(f"grad_flow/{key}", record[key], step)
+        for key in ("log10_first_last", "decay_rate", "horizon", "jacobian_rate"):
+            if key in record:
+                writer.add_scalar(f"grad_flow/{key}", record[key], step)
+        for key in ("spectral_norm", "spectral_radius"):
+            if f"recurrent_{key}" in record:
+                writer.add_scalar(f"recurrent/{key}", record[f"recurrent_{key}"], step)
         if (len(self.history_steps) - 1) % self.figure_every == 0:
             writer.add_figure("grad_flow/profile", profile_figure(record, step), step)
             writer.add_figure("grad_flow/heatmap",
                               heatmap_figure(self.history_steps, self.history_log10), step)
 
 
+def custom_scalars_layout(state_names: tuple[str, ...]) -> dict:
+    """TensorBoard custom-scalars layout: each instrument's chosen timesteps on one chart."""
+    profiles = {f"||dL/d{name}_t|| at the chosen t": ["Multiline", [rf"^{key}/t_\d+$"]]
+                for key, name in ((gradflow.profile_key(n, i), n if i else "z")
+                                  for i, n in enumerate(state_names))}
+    contributions = {f"||dL/dW(t)|| of the {m} at the chosen t":
+                     ["Multiline", [rf"^dL_dW_{m}/t_\d+$"]] for m in MODULES}
+    return {
+        "gradient flow": {
+            **profiles,
+            **contributions,
+            "||dz_t/dz_(t-1)|| at the chosen t": ["Multiline", [r"^jacobian_norm/t_\d+$"]],
+            "decay rate per step: measured, and allowed by the Jacobians":
+                ["Multiline", [r"^grad_flow/decay_rate$", r"^grad_flow/jacobian_rate$"]],
+            "recurrent matrix W": ["Multiline", [r"^recurrent/"]],
+        },
+        "gradient norms": {
+            "per module": ["Multiline", [r"^grad_norm/(encoder|cell|decoder)$"]],
+            "all parameters, before and after clipping":
+                ["Multiline", [r"^grad_norm/total$", r"^grad_norm/total_clipped$"]],
+        },
+    }
+
+
 def profile_figure(record: dict, step: int) -> plt.Figure:
-    """||dL/dz_t|| against t on a log scale (and ||dL/dc_t|| for the LSTM)."""
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for key in [k for k in record if k.startswith("dL_d")]:
-        values = np.asarray(record[key])
-        ax.semilogy(np.arange(len(values)), np.where(values > 0, values, np.nan),
-                    label=f"||{key.replace('dL_d', 'dL/d')}_t||")
-    ax.set_xlabel("timestep t")
+    """Left: ||dL/dz_t|| on a log scale (and ||dL/dc_t|| for the LSTM), with the bound the
+    Jacobians give when measured; right: the per-step parameter contributions ||dL/dW⁽ᵗ⁾||."""
+    contributions = [k for k in record if k.startswith("dL_dW_")]
+    fig, axes = plt.subplots(1, 2 if contributions else 1, figsize=(10 if contributions else 6,
+                                                                    3.2), dpi=100, squeeze=False)
+    ax = axes[0, 0]
+    for key in profile_keys(record):
+        semilogy_positive(ax, record[key], f"||{key.replace('dL_d', 'dL/d')}_t||")
+    if "jacobian_norm" in record:
+        semilogy_positive(ax, gradflow.jacobian_bound(record["dL_dz"], record["jacobian_norm"]),
+                          "||dL/dz_(T-1)|| · Π ||J_s||  (bound if L reads t = T-1 only)", "--")
     ax.set_ylabel("gradient norm")
     ax.set_title(f"training step {step}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    for key in contributions:
+        semilogy_positive(axes[0, 1], record[key], f"||dL/dW(t)|| {key.removeprefix('dL_dW_')}",
+                          ".-")  # the decoder's is one point when only the last step is read
+    if contributions:
+        axes[0, 1].set_title("per-step parameter contributions")
+    for ax in axes[0]:
+        ax.set_xlabel("timestep t")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def semilogy_positive(ax, values, label: str, style: str = "-", **kwargs) -> None:
+    values = np.asarray(values, dtype=np.float64)
+    ax.semilogy(np.arange(len(values)), np.where(values > 0, values, np.nan), style, label=label,
+                **kwargs)
+    at_least_one_decade(ax)
+
+
+def at_least_one_decade(ax) -> None:
+    """Widen a log axis to a factor of 10 at least, so a flat profile (gain 1) looks flat rather
+    than a zoom into rounding noise."""
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10:
+        middle = np.sqrt(low * high)
+        ax.set_ylim(middle / np.sqrt(10), middle * np.sqrt(10))
 
 
 def heatmap_figure(steps: list[int], rows: list[np.ndarray]) -> plt.Figure:

@@ -4,9 +4,19 @@
 the total derivative through every later step. Measured with zero probes (DESIGN.md §3): the model
 adds p_t to each state, z_t ← z_t + p_t, so one backward pass leaves p_t.grad = ∂L/∂z_t.
 
+Two instruments explain the profile:
+
+- per-step parameter contributions ``dL_dW_<module>[t] = ||dL/dW⁽ᵗ⁾||``: the parameters are
+  shared in time, so dL/dW = Σ_t dL/dW⁽ᵗ⁾; measured with zero parameter probes (`RecurrentModel.
+  make_param_probes`), one backward pass for all t;
+- transition Jacobians ``jacobian_norm[t] = ||∂z_t/∂z_{t−1}||₂`` by power iteration: since
+  ∂L/∂z_{t−1} = J_tᵀ ∂L/∂z_t wherever the loss is not read at t−1, the product of these norms
+  bounds the decay or growth of the profile — the cause next to the effect.
+
 Record: ``<run dir>/…/grad_flow/step_<global_step:07d>.npz``, one file per monitored step, with
 ``dL_dz`` (float64, (T,)), ``step``, ``T``, the loss and the parameter-gradient norm per module,
-and the summary scalars of `summarize`. `load(run_dir)` stacks them into (steps, T) arrays.
+the summary scalars of `summarize`, and the instruments above when they ran on that step.
+`load(run_dir)` stacks them into (steps, T) arrays.
 """
 
 from __future__ import annotations
@@ -16,9 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.func import jvp, vjp
 
-MODULES = ("encoder", "cell", "decoder")
+from rnnlab.cells.base import Cell, State
+from rnnlab.model import MODULES
+
 HORIZON_THRESHOLD = 1e-3
+JACOBIAN_SEED = 0  # the power iteration starts from the same vector on every call
 
 
 def profile_key(state_name: str, index: int) -> str:
@@ -52,6 +66,122 @@ def module_grad_norms(model: torch.nn.Module, grads: dict[str, Tensor] | None = 
     return norms
 
 
+def total_grad_norm(model: torch.nn.Module) -> float:
+    """The 2-norm of every parameter gradient of the model together (what clipping by norm sees)."""
+    parts = [torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()
+             if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(parts))) if parts else 0.0
+
+
+def param_contribution_norms(probe_grads: dict[str, dict[str, Tensor | None]]) -> dict:
+    """``dL_dW_<module>`` (T,) float64: ||dL/dW⁽ᵗ⁾|| over all parameters of the module at step t.
+
+    ``probe_grads``: module → parameter name → the gradient of its probe, (T, *shape), or None
+    for a parameter the loss does not reach (a zero contribution).
+    """
+    record = {}
+    for module, grads in probe_grads.items():
+        squares = [g.double().flatten(1).square().sum(1) for g in grads.values() if g is not None]
+        T = next((g.shape[0] for g in grads.values() if g is not None), 0)
+        total = torch.stack(squares).sum(0) if squares else torch.zeros(T, dtype=torch.float64)
+        record[f"dL_dW_{module}"] = total.sqrt().cpu().numpy()
+    return record
+
+
+def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State],
+                              dt: Tensor | None, iterations: int) -> Tensor:
+    """Spectral norm of J_t = ∂z_t/∂z_{t−1} for every step and sequence: (T, B).
+
+    ``u``: (B, T, input) the cell's inputs, ``previous_states[t]``: z_{t−1} (z_{−1} the initial
+    state), ``dt``: (B, T) or None. For a state of several tensors (the LSTM's (h, c)) J_t is the
+    Jacobian of the whole state, the tensors concatenated.
+
+    Power iteration on J_tᵀJ_t with autograd vector products (`torch.func.jvp` and `vjp`) from a
+    fixed random start, for all (t, b) at once: the T·B steps are one batch of ``cell.step``, whose
+    rows are independent sequences (for an adaptive ODE solver the step size is then chosen over
+    all rows together, which moves the result only within the solver's tolerance). The result is
+    ||J_t v|| for the final unit vector v: a lower bound on σ_max that converges from below, at a
+    rate (σ₂/σ₁)^(2·iterations).
+    """
+    B, T = u.shape[:2]
+    z = tuple(torch.cat(parts).detach() for parts in zip(*previous_states))  # row t·B + b
+    u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)
+    dt_rows = dt.detach().transpose(0, 1).reshape(T * B) if dt is not None else None
+
+    def step(*state: Tensor) -> State:
+        return tuple(cell.step(u_rows, state, dt_rows))
+
+    generator = torch.Generator().manual_seed(JACOBIAN_SEED)
+    v = unit_rows(tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
+                        for s in z))
+    with torch.no_grad():  # the vector products are torch.func transforms; no graph to W
+        _, pullback = vjp(step, *z)
+        for _ in range(iterations):
+            v = unit_rows(pullback(jvp(step, z, v)[1]))
+        Jv = jvp(step, z, v)[1]
+    return row_norms(Jv).reshape(T, B)
+
+
+def row_norms(parts: tuple[Tensor, ...]) -> Tensor:
+    """The 2-norm of each row over all tensors together: (N, …) each → (N,)."""
+    return torch.stack([p.flatten(1).square().sum(1) for p in parts]).sum(0).sqrt()
+
+
+def unit_rows(parts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    norms = row_norms(parts).clamp_min(torch.finfo(parts[0].dtype).tiny)
+    return tuple(p / norms.view(-1, *([1] * (p.dim() - 1))) for p in parts)
+
+
+def jacobians(model, batch: dict[str, Tensor], iterations: int) -> dict:
+    """The transition-Jacobian record of one batch, with the model's current weights.
+
+    - ``jacobian_norm`` (T,): ||∂z_t/∂z_{t−1}||₂ as a map of the whole (B, state) tensor, i.e.
+      the largest per-sequence spectral norm in the batch, so that
+      ||∂L/∂z_{t−1}|| ≤ jacobian_norm[t]·||∂L/∂z_t|| wherever the loss is not read at t−1.
+    - ``jacobian_rate``: mean log10 jacobian_norm[t] over t = 1 … T−1, the per-step rate that
+      bound allows: log10_first_last ≤ (T−1)·jacobian_rate when the loss is read at T−1 only.
+    - for a cell with ``recurrent_weight()`` (the RNN's W): ``recurrent_singular_values`` (H,)
+      descending, ``recurrent_spectral_norm`` and ``recurrent_spectral_radius`` (max |λ|).
+
+    The states come from one more pass of the model's loop (no gradient), in its current mode.
+    """
+    x, dt = batch["x"], batch.get("dt")
+    previous: list[State] = []
+    with torch.no_grad():
+        u = model.encoder(x)
+        model.unroll(u, dt, previous_states=previous)
+    norms = transition_jacobian_norms(model.cell, u, previous, dt, iterations)
+    jacobian_norm = norms.amax(1).double().cpu().numpy()
+    with np.errstate(divide="ignore"):
+        log = np.log10(jacobian_norm[1:])
+    log = log[np.isfinite(log)]
+    record = {"jacobian_norm": jacobian_norm,
+              "jacobian_rate": float(log.mean()) if log.size else float("nan")}
+    record.update(recurrent_spectrum(model.cell))
+    return record
+
+
+def jacobian_bound(dL_dz: np.ndarray, jacobian_norm: np.ndarray) -> np.ndarray:
+    """||dL/dz_{T−1}||·Π_{s=t+1}^{T−1} jacobian_norm[s], (T,): an upper bound on ||dL/dz_t||
+    when the loss reads step T−1 only (then ∂L/∂z_{s−1} = J_sᵀ ∂L/∂z_s for every s)."""
+    with np.errstate(divide="ignore"):
+        logs = np.log(np.asarray(jacobian_norm, dtype=np.float64))
+    after = np.concatenate([np.cumsum(logs[:0:-1])[::-1], [0.0]])  # Σ_{s>t} log ||J_s||
+    return np.asarray(dL_dz, dtype=np.float64)[-1] * np.exp(after)
+
+
+def recurrent_spectrum(cell: Cell) -> dict:
+    """Singular values, spectral norm and spectral radius of ``cell.recurrent_weight()``, if any."""
+    accessor = getattr(cell, "recurrent_weight", None)
+    if accessor is None:
+        return {}
+    W = accessor().detach().double().cpu()
+    singular = torch.linalg.svdvals(W)
+    return {"recurrent_singular_values": singular.numpy(),
+            "recurrent_spectral_norm": float(singular[0]),
+            "recurrent_spectral_radius": float(torch.linalg.eigvals(W).abs().max())}
+
+
 def summarize(dL_dz: np.ndarray) -> dict[str, float]:
     """Summary scalars of one profile (T,).
 
@@ -79,23 +209,37 @@ def summarize(dL_dz: np.ndarray) -> dict[str, float]:
             "decay_rate": decay, "horizon": horizon}
 
 
-def grad_flow(model, batch: dict[str, Tensor]) -> dict[str, np.ndarray | float]:
+def grad_flow(model, batch: dict[str, Tensor], param_contributions: bool = False,
+              jacobian_iterations: int = 0) -> dict[str, np.ndarray | float]:
     """One batch's exact gradient flow, without touching ``.grad`` of the model's parameters.
 
     Returns ``dL_dz`` (T,) float64 (plus ``dL_d<s>`` for every further state, e.g. ``dL_dc`` for
     the LSTM), ``grad_norm_<module>`` for encoder, cell and decoder, ``loss``, and the
-    `summarize` scalars.
+    `summarize` scalars; with ``param_contributions`` also ``dL_dW_<module>`` (T,); with
+    ``jacobian_iterations`` > 0 also the `jacobians` record.
     """
     x = batch["x"]
     probes = model.make_probes(x.shape[0], x.shape[1])
-    loss = model.loss_fn(model(x, batch.get("dt"), probes), batch["y"])
+    param_probes = model.make_param_probes(x.shape[1]) if param_contributions else None
+    loss = model.loss_fn(model(x, batch.get("dt"), probes, param_probes), batch["y"])
+    flat_probes = [(m, n, q) for m, qs in (param_probes or {}).items() for n, q in qs.items()]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [*probes, *(p for _, p in named)], allow_unused=True)
-    record = probe_profile(model.cell.state_names, grads[: len(probes)])
-    param_grads = {name: g for (name, _), g in zip(named, grads[len(probes):])}
-    record.update(module_grad_norms(model, param_grads))
+    grads = torch.autograd.grad(
+        loss, [*probes, *(q for _, _, q in flat_probes), *(p for _, p in named)],
+        allow_unused=True)
+    state_grads, grads = grads[: len(probes)], grads[len(probes):]
+    probe_grads, param_grads = grads[: len(flat_probes)], grads[len(flat_probes):]
+    record = probe_profile(model.cell.state_names, state_grads)
+    if param_probes is not None:
+        by_module: dict[str, dict] = {m: {} for m in param_probes}
+        for (m, n, _), g in zip(flat_probes, probe_grads):
+            by_module[m][n] = g
+        record.update(param_contribution_norms(by_module))
+    record.update(module_grad_norms(model, dict(zip((n for n, _ in named), param_grads))))
     record["loss"] = float(loss.detach())
     record.update(summarize(record["dL_dz"]))
+    if jacobian_iterations:
+        record.update(jacobians(model, batch, jacobian_iterations))
     return record
 
 
@@ -114,7 +258,9 @@ def save(directory: str | Path, step: int, record: dict) -> Path:
 def load(run_dir: str | Path) -> dict[str, np.ndarray]:
     """Stack every ``grad_flow/step_*.npz`` under ``run_dir``, ordered by step.
 
-    Returns arrays with a leading steps axis: ``dL_dz`` (steps, T), ``step`` (steps,), ….
+    Returns arrays with a leading steps axis: ``dL_dz`` (steps, T), ``step`` (steps,), …. A key
+    that only some records hold (``jacobian_norm`` on steps without the Jacobians) is NaN in the
+    others.
     """
     files = sorted(Path(run_dir).glob("**/grad_flow/step_*.npz"))
     if not files:
@@ -123,5 +269,6 @@ def load(run_dir: str | Path) -> dict[str, np.ndarray]:
             "scripts/train.py with the monitor on (monitor.every_n_steps)?")
     records = [dict(np.load(f)) for f in files]
     records.sort(key=lambda r: int(r["step"]))
-    keys = set.intersection(*(set(r) for r in records))
-    return {k: np.stack([r[k] for r in records]) for k in sorted(keys)}
+    shapes = {k: np.shape(v) for r in reversed(records) for k, v in r.items()}
+    return {k: np.stack([r[k] if k in r else np.full(shape, np.nan) for r in records])
+            for k, shape in sorted(shapes.items())}

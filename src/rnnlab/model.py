@@ -5,6 +5,10 @@
 The loss is read on the last ``n_out`` steps. Training uses the cell's fast `sequence` path when
 it has one; on steps the `GradFlowMonitor` watches, the probed loop runs instead, adding a zero
 probe p_t to every state so that after backward p_t.grad = ∂L/∂z_t (the total derivative).
+
+Parameter probes measure the per-step contributions dL/dW⁽ᵗ⁾ of the shared parameters: step t
+runs encoder, cell and decoder with W + q_t for a zero q_t, so after backward q_t.grad = dL/dW⁽ᵗ⁾
+and Σ_t q_t.grad = dL/dW (DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.config import ConfigError, require_choice, require_int
 
+MODULES = ("encoder", "cell", "decoder")
+# module → parameter name → (T, *parameter shape): the zero probe q_t of every step t
+ParamProbes = dict[str, dict[str, Tensor]]
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "rmsprop": torch.optim.RMSprop}
 
 
 class RecurrentModel(pl.LightningModule):
-    """``forward(x, dt=None, probes=None)``: x (B, T, input_size) → y_hat (B, n_out, output_size).
+    """``forward(x, dt=None, probes=None, param_probes=None)``: x (B, T, input_size) → y_hat
+    (B, n_out, output_size).
 
     Args:
         cell: the cell's config (``_target_`` and its arguments), instantiated with ``input_size``.
@@ -52,7 +61,9 @@ class RecurrentModel(pl.LightningModule):
         self.decoder = nn.Linear(self.cell.hidden_size, output_size)
         self.n_out = n_out
         self.probe_next_step = False  # set by GradFlowMonitor before a monitored training step
+        self.probe_parameters = False  # … and also the per-step parameter contributions
         self.probes: State | None = None  # the probes of the last probed training step …
+        self.param_probes: ParamProbes | None = None
         self.probed_loss: Tensor | None = None  # … and its loss
         self.last_val_step = -1  # global step of the last validation outside the sanity check
 
@@ -62,31 +73,62 @@ class RecurrentModel(pl.LightningModule):
         return tuple(torch.zeros(seq_len, *s.shape, dtype=s.dtype, device=s.device,
                                  requires_grad=True) for s in self.cell.init_state(batch_size))
 
-    def unroll(self, u: Tensor, dt: Tensor | None = None, probes: State | None = None) -> Tensor:
+    def make_param_probes(self, seq_len: int) -> ParamProbes:
+        """Zero parameter probes q_t: a (T, *shape) tensor per parameter of encoder, cell, decoder.
+
+        Memory: T times the model's parameter count (the probes and their gradients), so they are
+        made only on monitored steps with ``monitor.param_contributions`` on.
+        """
+        return {module: {name: torch.zeros(seq_len, *p.shape, dtype=p.dtype, device=p.device,
+                                           requires_grad=True)
+                         for name, p in getattr(self, module).named_parameters()}
+                for module in MODULES}
+
+    def unroll(self, u: Tensor, dt: Tensor | None = None, probes: State | None = None,
+               cell_probes: dict[str, Tensor] | None = None,
+               previous_states: list[State] | None = None) -> Tensor:
         """Run the cell over u: (B, T, encoder_size); return z[0] on the last n_out steps.
+
+        ``probes``: per state, (T, B, hidden), added as z_t ← z_t + p_t. ``cell_probes``: per cell
+        parameter, (T, *shape); step t runs the cell with W + q_t. ``previous_states``: a list
+        that receives z_{t−1} (detached) before every step t, for the transition Jacobians.
 
         Steps are split once with `unbind` — indexing u[:, t] inside the loop would make the
         backward quadratic in T (DESIGN.md §5).
         """
         B, T = u.shape[:2]
         state = self.cell.init_state(B)
-        if probes is None and dt is None and self.hparams.fast_path:
+        plain = probes is None and cell_probes is None and previous_states is None
+        if plain and dt is None and self.hparams.fast_path:
             fast = self.cell.sequence(u, state)
             if fast is not None:
                 return fast[0][:, T - self.n_out:]
         dts = dt.unbind(1) if dt is not None else (None,) * T
         per_step_probes = zip(*(p.unbind(0) for p in probes)) if probes is not None else None
+        step = self.cell.step
+        if cell_probes is not None:
+            step = per_step_parameters(self.cell, cell_probes)
         outputs = []
         for t, (u_t, dt_t) in enumerate(zip(u.unbind(1), dts)):
-            state = self.cell.step(u_t, state, dt_t)
+            if previous_states is not None:
+                previous_states.append(tuple(s.detach() for s in state))
+            state = step(u_t, state, dt_t)
             if per_step_probes is not None:
                 state = tuple(s + p for s, p in zip(state, next(per_step_probes)))
             if t >= T - self.n_out:
                 outputs.append(state[0])
         return torch.stack(outputs, dim=1)
 
-    def forward(self, x: Tensor, dt: Tensor | None = None, probes: State | None = None) -> Tensor:
-        return self.decoder(self.unroll(self.encoder(x), dt, probes))
+    def forward(self, x: Tensor, dt: Tensor | None = None, probes: State | None = None,
+                param_probes: ParamProbes | None = None) -> Tensor:
+        if param_probes is None:
+            return self.decoder(self.unroll(self.encoder(x), dt, probes))
+        T = x.shape[1]
+        u = map_over_time(self.encoder, param_probes["encoder"], x)
+        z = self.unroll(u, dt, probes, param_probes["cell"])
+        # Only the read steps pass through the decoder; its other q_t get a zero gradient.
+        read = {name: q[T - self.n_out:] for name, q in param_probes["decoder"].items()}
+        return map_over_time(self.decoder, read, z)
 
     def loss_fn(self, y_hat: Tensor, y: Tensor) -> Tensor:
         """The batch-mean loss: MSE over (B, n_out, out), or cross-entropy over read steps."""
@@ -98,13 +140,15 @@ class RecurrentModel(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x = batch["x"]
         probes = self.make_probes(x.shape[0], x.shape[1]) if self.probe_next_step else None
-        loss = self.loss_fn(self(x, batch.get("dt"), probes), batch["y"])
+        param_probes = (self.make_param_probes(x.shape[1])
+                        if self.probe_next_step and self.probe_parameters else None)
+        loss = self.loss_fn(self(x, batch.get("dt"), probes, param_probes), batch["y"])
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at step {self.global_step}; lower "
                 "model.optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or use a "
                 "smaller cell.gain")
-        self.probes, self.probed_loss = probes, loss.detach()
+        self.probes, self.param_probes, self.probed_loss = probes, param_probes, loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -126,3 +170,46 @@ class RecurrentModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
         return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)
+
+
+def per_step_parameters(cell: Cell, probes: dict[str, Tensor]):
+    """``step(u_t, state, dt)`` that runs step t of ``cell`` with parameters W + q_t.
+
+    ``probes``: parameter name → (T, *shape); the returned function takes q_t for the t-th call.
+    Works for any cell: the parameters are swapped with `torch.func.functional_call`.
+    """
+    caller = _StepCaller(cell)
+    params = dict(cell.named_parameters())
+    names = list(probes)
+    per_step = zip(*(probes[n].unbind(0) for n in names))  # split once: linear backward
+
+    def step(u_t: Tensor, state: State, dt_t: Tensor | None) -> State:
+        q_t = next(per_step)
+        probed = {f"cell.{n}": params[n] + q for n, q in zip(names, q_t)}
+        return functional_call(caller, probed, (u_t, state, dt_t))
+
+    return step
+
+
+class _StepCaller(nn.Module):
+    """Exposes ``cell.step`` as ``forward``, which `functional_call` calls."""
+
+    def __init__(self, cell: Cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, u_t: Tensor, state: State, dt_t: Tensor | None) -> State:
+        return self.cell.step(u_t, state, dt_t)
+
+
+def map_over_time(module: nn.Module, probes: dict[str, Tensor], x: Tensor) -> Tensor:
+    """``module`` applied at every step t with parameters W + q_t: x (B, T, …) → (B, T, …).
+
+    ``probes``: parameter name → (T, *shape). One `vmap` over time, no Python loop.
+    """
+    params = dict(module.named_parameters())
+
+    def call(q_t: dict[str, Tensor], x_t: Tensor) -> Tensor:
+        return functional_call(module, {n: params[n] + q for n, q in q_t.items()}, (x_t,))
+
+    return vmap(call, in_dims=(0, 1), out_dims=1)(probes, x)

@@ -11,9 +11,11 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
 
+from rnnlab.callbacks import GradFlowMonitor
 from rnnlab.config import ConfigError, validate
 from rnnlab.model import RecurrentModel
 
@@ -67,7 +69,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["step"] = trainer.global_step
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    log_hparams(trainer, cfg, metrics, next((c for c in callbacks
+                                             if isinstance(c, GradFlowMonitor)), None))
     return metrics
+
+
+def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float],
+                monitor: GradFlowMonitor | None) -> None:
+    """TensorBoard's hparams tab: the flattened config next to the final metrics.
+
+    The metrics are logged as ``final/<name>`` at the last step: ``final/val_loss`` … from
+    ``metrics``, and the summary scalars of the latest gradient-flow record.
+    """
+    final = {f"final/{k.replace('/', '_')}": v for k, v in metrics.items() if k != "step"}
+    record = monitor.last_record if monitor is not None and monitor.last_record else {}
+    for key in ("decay_rate", "log10_first_last", "horizon", "jacobian_rate"):
+        if key in record:
+            final[f"final/{key}"] = float(record[key])
+    config = cfg.copy()
+    with open_dict(config):
+        config.pop("hydra", None)  # resolving it would claim new run directories
+    params = OmegaConf.to_container(config, resolve=True)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, final, step=trainer.global_step)
+            logger.finalize("success")
 
 
 def report_finish(cfg: DictConfig, metrics: dict[str, float]) -> None:

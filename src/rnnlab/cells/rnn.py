@@ -74,3 +74,7 @@ class ElmanRNN(Cell):
         outputs, z_last = fused(u, state[0].unsqueeze(0), weights, True, 1, 0.0, self.training,
                                 False, True)
         return outputs, (z_last.squeeze(0),)
+
+    def recurrent_weight(self) -> Tensor:
+        """W, which multiplies the state every step (the monitor logs its spectrum)."""
+        return self.weight_hh

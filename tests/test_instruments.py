@@ -1,0 +1,379 @@
+"""The gradient-flow instruments against independent computations, and what training logs of them.
+
+Per-step parameter contributions, transition Jacobians, the recurrent matrix's spectrum, gradient
+clipping, the TensorBoard custom-scalars layout and the hparams tab.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+
+from rnnlab import gradflow
+from rnnlab.callbacks import chosen_timesteps
+from rnnlab.config import ConfigError
+from rnnlab.model import MODULES, RecurrentModel
+from rnnlab.tasks import Adding
+from rnnlab.train import build, build_model, train
+
+from .conftest import CONF
+
+CELLS = sorted(p.stem for p in (CONF / "cell").glob("*.yaml"))
+
+
+def make_model(cell: str = "rnn", **overrides) -> RecurrentModel:
+    """A float64 model around conf/cell/<cell>.yaml, initialised in float64."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / f"{cell}.yaml"))
+    cfg.update({"hidden_size": 6, **overrides})
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return RecurrentModel(cell=cfg, input_size=2, output_size=1, n_out=1, loss="mse",
+                              encoder_size=4)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def adding_batch(T: int, B: int = 5) -> dict:
+    batch = Adding(seq_len=T, batch_size=B).generate(B, torch.Generator().manual_seed(0))
+    return {k: v.double() for k, v in batch.items()}
+
+
+def events(run) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run / "tensorboard"),
+                                   size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def first_batch_gradient(cfg) -> torch.Tensor:
+    """The float64 gradient of the first training batch's loss for the untrained model, flattened,
+    computed apart from the trainer (the model is rebuilt exactly as train() builds it)."""
+    pl.seed_everything(cfg.seed)
+    task = build(cfg.task)
+    model = build_model(cfg, task).double()
+    batch = next(iter(task.train_dataloader()))
+    loss = model.loss_fn(model(batch["x"].double()), batch["y"].double())
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
+# --- per-step parameter contributions -----------------------------------------------------------
+@pytest.mark.parametrize("cell", CELLS)
+def test_param_contributions_sum_to_the_autograd_gradient_of_every_shared_parameter(cell):
+    model = make_model(cell)
+    batch = adding_batch(12)
+    param_probes = model.make_param_probes(12)
+    loss = model.loss_fn(model(batch["x"], None, None, param_probes), batch["y"])
+    probes = {(m, n): q for m, qs in param_probes.items() for n, q in qs.items()}
+    probe_grads = dict(zip(probes, torch.autograd.grad(loss, list(probes.values()))))
+
+    expected_loss = model.loss_fn(model(batch["x"]), batch["y"])  # the plain (fast) path
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+    for module in MODULES:
+        params = dict(getattr(model, module).named_parameters())
+        expected = torch.autograd.grad(expected_loss, list(params.values()), retain_graph=True)
+        for (name, _), g in zip(params.items(), expected):
+            torch.testing.assert_close(probe_grads[module, name].sum(0), g, rtol=1e-10,
+                                       atol=1e-12, msg=f"{module}.{name}")
+
+
+def per_step_copies_contributions(model: RecurrentModel, batch: dict) -> dict[str, np.ndarray]:
+    """dL/dW⁽ᵗ⁾ for the Elman RNN by giving every step its own copy of every parameter, written
+    out by hand (no probes, no functional_call): ||dL/dW⁽ᵗ⁾|| per module, (T,) each."""
+    x, y = batch["x"], batch["y"]
+    B, T = x.shape[:2]
+    copies = {m: [{n: p.detach().clone().requires_grad_() for n, p in
+                   getattr(model, m).named_parameters()} for _ in range(T)] for m in MODULES}
+    z = torch.zeros(B, model.cell.hidden_size, dtype=x.dtype)
+    for t in range(T):
+        enc, cell = copies["encoder"][t], copies["cell"][t]
+        u = x[:, t] @ enc["weight"].T + enc["bias"]
+        z = torch.tanh(u @ cell["weight_ih"].T + cell["bias_ih"]
+                       + z @ cell["weight_hh"].T + cell["bias_hh"])
+    dec = copies["decoder"][T - 1]
+    loss = F.mse_loss((z @ dec["weight"].T + dec["bias"]).unsqueeze(1), y)
+    loss.backward()
+    return {f"dL_dW_{m}": np.array([
+        math.sqrt(sum(float(p.grad.square().sum()) if p.grad is not None else 0.0
+                      for p in copies[m][t].values())) for t in range(T)]) for m in MODULES}
+
+
+def test_param_contribution_norms_equal_those_of_an_unrolled_net_with_per_step_copies():
+    model = make_model("rnn", nonlinearity="tanh", init="normal", gain=1.4)
+    batch = adding_batch(10)
+    record = gradflow.grad_flow(model, batch, param_contributions=True)
+    for key, expected in per_step_copies_contributions(model, batch).items():
+        np.testing.assert_allclose(record[key], expected, rtol=1e-10, atol=1e-14, err_msg=key)
+
+
+def test_decoder_contributes_only_at_the_step_the_loss_reads():
+    model = make_model("rnn")
+    record = gradflow.grad_flow(model, adding_batch(8), param_contributions=True)
+    assert (record["dL_dW_decoder"][:-1] == 0).all()
+    assert record["dL_dW_decoder"][-1] == pytest.approx(record["grad_norm_decoder"], rel=1e-12)
+
+
+def test_param_contributions_leave_the_models_parameter_grads_untouched():
+    model = make_model("rnn")
+    gradflow.grad_flow(model, adding_batch(6), param_contributions=True, jacobian_iterations=3)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# --- transition Jacobians ----------------------------------------------------------------------
+def autograd_jacobian_norms(model: RecurrentModel, batch: dict) -> np.ndarray:
+    """max over the batch of σ_max(∂z_t/∂z_{t−1}), from full Jacobians (the state's tensors
+    concatenated) by torch.autograd.functional.jacobian and an SVD, one sequence at a time."""
+    u = model.encoder(batch["x"]).detach()
+    B, T = u.shape[:2]
+    state = model.cell.init_state(B)
+    norms = np.zeros(T)
+    for t in range(T):
+        for b in range(B):
+            before = tuple(s[b:b + 1] for s in state)
+            blocks = torch.autograd.functional.jacobian(
+                lambda *s, t=t, b=b: model.cell.step(u[b:b + 1, t], s, None), before)
+            J = torch.cat([torch.cat([blk.reshape(blk.shape[1], blk.shape[3]) for blk in row], 1)
+                           for row in blocks], 0)
+            norms[t] = max(norms[t], float(torch.linalg.matrix_norm(J, 2)))
+        state = model.cell.step(u[:, t], state, None)
+    return norms
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_jacobian_norm_is_the_largest_singular_value_of_the_autograd_jacobian(cell):
+    model = make_model(cell)
+    batch = adding_batch(6, B=3)
+    record = gradflow.jacobians(model, batch, iterations=300)
+    np.testing.assert_allclose(record["jacobian_norm"], autograd_jacobian_norms(model, batch),
+                               rtol=1e-8)
+
+
+def test_linear_orthogonal_rnn_jacobians_are_the_gain_and_their_product_is_the_profile():
+    gain, T = 0.9, 20
+    model = make_model("rnn", nonlinearity="identity", init="orthogonal", gain=gain)
+    record = gradflow.grad_flow(model, adding_batch(T), jacobian_iterations=2)
+    np.testing.assert_allclose(record["jacobian_norm"], gain, rtol=1e-12)
+    assert record["jacobian_rate"] == pytest.approx(math.log10(gain), abs=1e-12)
+    np.testing.assert_allclose(gradflow.jacobian_bound(record["dL_dz"], record["jacobian_norm"]),
+                               record["dL_dz"], rtol=1e-10)
+    np.testing.assert_allclose(record["recurrent_singular_values"], gain, rtol=1e-12)
+    assert record["recurrent_spectral_radius"] == pytest.approx(gain, rel=1e-12)
+
+
+def test_jacobian_bound_holds_for_a_tanh_rnn_read_at_the_last_step():
+    T = 25
+    model = make_model("rnn", nonlinearity="tanh", init="normal", gain=2.0)
+    record = gradflow.grad_flow(model, adding_batch(T), jacobian_iterations=50)
+    bound = gradflow.jacobian_bound(record["dL_dz"], record["jacobian_norm"])
+    assert (record["dL_dz"] <= bound * (1 + 1e-9)).all()
+    assert record["log10_first_last"] <= (T - 1) * record["jacobian_rate"] + 1e-9
+
+
+def test_jacobian_bound_is_the_last_norm_times_the_later_jacobian_norms():
+    bound = gradflow.jacobian_bound(np.array([9.0, 9.0, 9.0, 5.0]), np.array([7.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_allclose(bound, [5.0 * 2 * 3 * 4, 5.0 * 3 * 4, 5.0 * 4, 5.0])
+
+
+def test_recurrent_spectrum_matches_numpy():
+    model = make_model("rnn", init="normal", hidden_size=7)
+    W = model.cell.weight_hh.detach().numpy()
+    spectrum = gradflow.recurrent_spectrum(model.cell)
+    np.testing.assert_allclose(spectrum["recurrent_singular_values"],
+                               np.linalg.svd(W, compute_uv=False), rtol=1e-12)
+    assert spectrum["recurrent_spectral_norm"] == pytest.approx(np.linalg.norm(W, 2), rel=1e-12)
+    assert spectrum["recurrent_spectral_radius"] == pytest.approx(
+        np.abs(np.linalg.eigvals(W)).max(), rel=1e-12)
+
+
+# --- through training: the gain sweep, clipping, what is logged ---------------------------------
+@pytest.mark.parametrize("gain", [0.7, 0.9, 1.0, 1.1, 1.3])
+def test_gain_sweep_of_linear_orthogonal_rnn_records_decay_rate_log10_gain(make_cfg, tmp_path,
+                                                                          gain):
+    train(make_cfg("cell.nonlinearity=identity", "cell.init=orthogonal", f"cell.gain={gain}",
+                   "cell.hidden_size=16", "task.seq_len=30", "trainer.max_steps=1"))
+    record = gradflow.load(tmp_path / "run")
+    assert record["decay_rate"][0] == pytest.approx(math.log10(gain), abs=1e-6)
+    assert record["jacobian_rate"][0] == pytest.approx(math.log10(gain), abs=1e-6)
+    assert record["recurrent_spectral_radius"][0] == pytest.approx(gain, rel=1e-6)
+
+
+EXPLODING = ("cell.nonlinearity=tanh", "cell.init=orthogonal", "cell.gain=3", "cell.hidden_size=16",
+             "task.seq_len=30", "trainer.max_steps=2", "+trainer.precision=64")
+
+
+def test_clipping_by_norm_caps_an_exploding_tanh_rnn_and_records_both_norms(make_cfg, tmp_path):
+    cfg = make_cfg(*EXPLODING, "trainer.gradient_clip_val=1.0",
+                   "trainer.gradient_clip_algorithm=norm")
+    train(cfg)
+    record = gradflow.load(tmp_path / "run")
+    assert record["log10_first_last"][0] > 1  # ||dL/dz_0|| over 10× ||dL/dz_{T−1}||: exploding
+    expected = float(first_batch_gradient(cfg).norm())
+    assert expected > 10
+    assert record["grad_norm_total"][0] == pytest.approx(expected, rel=1e-10)
+    # torch's clip_grad_norm_ scales by max_norm / (norm + 1e-6)
+    np.testing.assert_allclose(record["grad_norm_total_clipped"],
+                               record["grad_norm_total"] / (record["grad_norm_total"] + 1e-6),
+                               rtol=1e-10)
+
+
+def test_clipping_by_value_clamps_every_gradient_entry(make_cfg, tmp_path):
+    cfg = make_cfg(*EXPLODING, "trainer.gradient_clip_val=0.01",
+                   "trainer.gradient_clip_algorithm=value")
+    train(cfg)
+    record = gradflow.load(tmp_path / "run")
+    gradient = first_batch_gradient(cfg)
+    assert record["grad_norm_total"][0] == pytest.approx(float(gradient.norm()), rel=1e-10)
+    assert record["grad_norm_total_clipped"][0] == pytest.approx(
+        float(gradient.clamp(-0.01, 0.01).norm()), rel=1e-10)
+
+
+def test_without_clipping_the_clipped_norm_equals_the_norm(make_cfg, tmp_path):
+    train(make_cfg("task.seq_len=8"))
+    record = gradflow.load(tmp_path / "run")
+    np.testing.assert_allclose(record["grad_norm_total_clipped"], record["grad_norm_total"],
+                               rtol=1e-12)
+    modules = np.sqrt(sum(record[f"grad_norm_{m}"] ** 2 for m in MODULES))
+    np.testing.assert_allclose(record["grad_norm_total"], modules, rtol=1e-10)
+
+
+def test_training_records_equal_grad_flow_with_every_instrument_on_the_first_batch(make_cfg,
+                                                                                   tmp_path):
+    cfg = make_cfg("trainer.max_steps=1", "task.seq_len=15", "monitor.jacobian_iterations=7")
+    train(cfg)
+    recorded = {k: v[0] for k, v in gradflow.load(tmp_path / "run").items()}
+    pl.seed_everything(cfg.seed)
+    task = build(cfg.task)
+    model = build_model(cfg, task)
+    batch = next(iter(task.train_dataloader()))
+    expected = gradflow.grad_flow(model, batch, param_contributions=True, jacobian_iterations=7)
+    for key in [f"dL_dW_{m}" for m in MODULES] + ["jacobian_norm", "recurrent_singular_values"]:
+        np.testing.assert_allclose(recorded[key], expected[key], rtol=1e-5, atol=1e-9,
+                                   err_msg=key)
+    for key in ("jacobian_rate", "recurrent_spectral_radius"):
+        assert recorded[key] == pytest.approx(expected[key], rel=1e-5)
+
+
+def test_jacobians_run_on_multiples_of_their_own_interval_and_are_nan_elsewhere(make_cfg,
+                                                                               tmp_path):
+    train(make_cfg("trainer.max_steps=5", "task.seq_len=6", "monitor.jacobian_every_n_steps=2"))
+    record = gradflow.load(tmp_path / "run")
+    assert record["step"].tolist() == [0, 1, 2, 3, 4]
+    measured = ~np.isnan(record["jacobian_rate"])
+    assert measured.tolist() == [True, False, True, False, True]
+    assert np.isnan(record["jacobian_norm"][~measured]).all()
+    assert (record["jacobian_norm"][measured] > 0).all()
+
+
+def test_monitor_profile_records_neither_contributions_nor_jacobians(make_cfg, tmp_path):
+    train(make_cfg("monitor=profile", "monitor.every_n_steps=1", "task.seq_len=6"))
+    record = gradflow.load(tmp_path / "run")
+    assert "dL_dz" in record and "grad_norm_total" in record
+    assert not [k for k in record if k.startswith(("dL_dW_", "jacobian", "recurrent"))]
+
+
+def test_new_tensorboard_scalars_equal_grad_flow_records(make_cfg, tmp_path):
+    train(make_cfg("task.seq_len=12", "trainer.max_steps=4", "monitor.every_n_steps=2",
+                   "trainer.gradient_clip_val=0.5"))
+    record = gradflow.load(tmp_path / "run")
+    accumulator = events(tmp_path / "run")
+    steps = record["step"].tolist()
+    for key in [f"dL_dW_{m}" for m in MODULES] + ["jacobian_norm"]:
+        for t in chosen_timesteps(12, None, 5):
+            logged = accumulator.Scalars(f"{key}/t_{t:04d}")
+            assert [e.step for e in logged] == steps
+            np.testing.assert_allclose([e.value for e in logged], record[key][:, t], rtol=1e-6)
+    for tag, key in [("grad_flow/jacobian_rate", "jacobian_rate"),
+                     ("recurrent/spectral_norm", "recurrent_spectral_norm"),
+                     ("recurrent/spectral_radius", "recurrent_spectral_radius")]:
+        logged = accumulator.Scalars(tag)
+        assert [e.step for e in logged] == steps
+        np.testing.assert_allclose([e.value for e in logged], record[key], rtol=1e-6)
+    for tag, key in [("grad_norm/total", "grad_norm_total"),
+                     ("grad_norm/total_clipped", "grad_norm_total_clipped")]:
+        by_step = {e.step: e.value for e in accumulator.Scalars(tag)}
+        assert sorted(by_step) == [0, 1, 2, 3]  # every step
+        np.testing.assert_allclose([by_step[s] for s in steps], record[key], rtol=1e-6)
+
+
+def read_layout(accumulator: EventAccumulator) -> dict[str, list[str]]:
+    """Chart title → tag regexes, from the custom-scalars layout in the event file."""
+    (event,) = accumulator.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+    return {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+
+
+def test_custom_scalars_layout_puts_each_instruments_timesteps_on_one_chart(make_cfg, tmp_path):
+    train(make_cfg("task.seq_len=12", "trainer.max_steps=1"))
+    accumulator = events(tmp_path / "run")
+    layout = read_layout(accumulator)
+    scalars = accumulator.Tags()["scalars"]
+    charted = {title: sorted(t for t in scalars if any(re.search(r, t) for r in regexes))
+               for title, regexes in layout.items()}
+    times = chosen_timesteps(12, None, 5)
+    for prefix in ["dL_dz", *(f"dL_dW_{m}" for m in MODULES), "jacobian_norm"]:
+        expected = [f"{prefix}/t_{t:04d}" for t in times]
+        assert expected in charted.values(), f"no chart holds exactly the {prefix} timesteps"
+    assert ["grad_norm/total", "grad_norm/total_clipped"] in charted.values()
+    assert ["grad_flow/decay_rate", "grad_flow/jacobian_rate"] in charted.values()
+    assert all(charted.values()), "a chart matches no logged tag"
+
+
+def test_hparams_tab_holds_the_config_and_the_final_metrics(make_cfg, tmp_path):
+    metrics = train(make_cfg("task.seq_len=9", "cell.gain=1.3", "trainer.max_steps=3"))
+    record = gradflow.load(tmp_path / "run")
+    accumulator = events(tmp_path / "run")
+    content = {tag: plugin_data_pb2.HParamsPluginData.FromString(data)
+               for tag, data in accumulator.PluginTagToContent("hparams").items()}
+    hparams = content["_hparams_/session_start_info"].session_start_info.hparams
+    assert hparams["cell/gain"].number_value == 1.3
+    assert hparams["task/seq_len"].number_value == 9
+    assert hparams["cell/_target_"].string_value == "rnnlab.cells.rnn.ElmanRNN"
+    assert not any(name.startswith("hydra") for name in hparams)
+    metric_tags = [m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos]
+    expected = {"final/val_loss": metrics["val/loss"], "final/val_baseline": 1 / 6,
+                "final/val_accuracy": metrics["val/accuracy"],
+                "final/decay_rate": record["decay_rate"][-1],
+                "final/log10_first_last": record["log10_first_last"][-1],
+                "final/horizon": record["horizon"][-1],
+                "final/jacobian_rate": record["jacobian_rate"][-1]}
+    assert sorted(metric_tags) == sorted(expected)
+    for tag, value in expected.items():
+        (event,) = accumulator.Scalars(tag)
+        assert event.step == metrics["step"]
+        assert event.value == pytest.approx(value, rel=1e-6)
+    assert "hp_metric" not in accumulator.Tags()["scalars"]
+
+
+# --- bad settings ------------------------------------------------------------------------------
+BAD = [
+    (("monitor.every_n_steps=2", "monitor.jacobian_every_n_steps=3"),
+     "monitor.jacobian_every_n_steps must be 0 (off) or a multiple of monitor.every_n_steps = 2, "
+     "got 3"),
+    (("monitor.jacobian_every_n_steps=-1",),
+     "monitor.jacobian_every_n_steps must be an integer >= 0, got -1"),
+    (("monitor.jacobian_iterations=0",), "monitor.jacobian_iterations must be an integer >= 1"),
+    (("monitor.param_contributions=sometimes",),
+     "monitor.param_contributions must be true or false, got 'sometimes'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[b[0][-1] for b in BAD])
+def test_bad_monitor_setting_names_key_and_fix_before_training(make_cfg, tmp_path, overrides,
+                                                               message):
+    with pytest.raises(ConfigError) as error:
+        train(make_cfg(*overrides))
+    key = overrides[-1].split("=")[0]
+    assert message in str(error.value) and f"(set {key}=...)" in str(error.value)
+    assert not (tmp_path / "run" / "grad_flow").exists()
