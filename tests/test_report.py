@@ -10,11 +10,13 @@ import re
 import subprocess
 import sys
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from rnnlab import gradflow
+from rnnlab.callbacks import at_least_one_decade, draw_heatmap, semilogy_positive
 from rnnlab.report import (
     NoRunsError,
     decay_vs_gain_figure,
@@ -168,3 +170,25 @@ def test_loss_figure_draws_training_loss_final_validation_loss_and_the_baseline(
         np.testing.assert_allclose(curve.get_ydata(), [1, 1 / 11, 1 / 21])
     assert [float(line.get_ydata()[0]) for line in finals] == pytest.approx([0.1, 0.2, 0.3])
     assert {float(line.get_ydata()[0]) for line in baselines} == {1 / 6}
+
+
+def test_profile_axes_show_every_curve_even_when_the_first_is_flat():
+    flat = np.full(20, 0.3)  # gain 1 at step 0; training then drops the norm tenfold
+    lower = np.linspace(0.03, 0.06, 20)
+    fig, ax = plt.subplots()
+    semilogy_positive(ax, flat, "step 0")
+    semilogy_positive(ax, lower, "step 50")
+    at_least_one_decade(ax)
+    low, high = ax.get_ylim()
+    assert low <= lower.min() and high >= flat.max()
+    plt.close(fig)
+
+
+def test_heatmap_rows_are_centred_on_their_training_steps():
+    steps = [0, 50, 100]
+    fig, ax = plt.subplots()
+    mesh = draw_heatmap(ax, steps, np.log10(np.ones((3, 4))))
+    row_edges = mesh.get_coordinates()[:, 0, 1]
+    np.testing.assert_allclose(row_edges, [-25, 25, 75, 125])
+    np.testing.assert_allclose((row_edges[:-1] + row_edges[1:]) / 2, steps)
+    plt.close(fig)

@@ -227,6 +227,7 @@ def profile_figure(record: dict, step: int) -> plt.Figure:
     if contributions:
         axes[0, 1].set_title("per-step parameter contributions")
     for ax in axes[0]:
+        at_least_one_decade(ax)
         ax.set_xlabel("timestep t")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="best", fontsize=7)
@@ -235,32 +236,40 @@ def profile_figure(record: dict, step: int) -> plt.Figure:
 
 
 def semilogy_positive(ax, values, label: str, style: str = "-", **kwargs) -> None:
+    """Plot a profile on a log axis (zeros left out); call `at_least_one_decade` after the last."""
     values = np.asarray(values, dtype=np.float64)
     ax.semilogy(np.arange(len(values)), np.where(values > 0, values, np.nan), style, label=label,
                 **kwargs)
-    at_least_one_decade(ax)
 
 
 def at_least_one_decade(ax) -> None:
     """Widen a log axis to a factor of 10 at least, so a flat profile (gain 1) looks flat rather
-    than a zoom into rounding noise."""
+    than a zoom into rounding noise. Call it once every curve is drawn: it fixes the limits."""
+    ax.relim()
+    ax.autoscale_view()
     low, high = ax.get_ylim()
     if low > 0 and high / low < 10:
         middle = np.sqrt(low * high)
         ax.set_ylim(middle / np.sqrt(10), middle * np.sqrt(10))
 
 
+def draw_heatmap(ax, steps, log10_rows: np.ndarray):
+    """log10 ||dL/dz_t|| over (training step × t): row i spans halfway to its neighbouring
+    records, so each row sits at its own training step however the records are spaced."""
+    data = np.where(np.isfinite(log10_rows), log10_rows, np.nan)
+    steps = np.asarray(steps, dtype=np.float64)
+    half = np.diff(steps) / 2 if len(steps) > 1 else np.array([0.5])
+    edges = np.concatenate([[steps[0] - half[0]], steps[:-1] + half, [steps[-1] + half[-1]]])
+    image = ax.pcolormesh(np.arange(data.shape[1] + 1) - 0.5, edges, data, cmap="viridis",
+                          shading="flat")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("training step")
+    return image
+
+
 def heatmap_figure(steps: list[int], rows: list[np.ndarray]) -> plt.Figure:
     """log10 ||dL/dz_t|| over (training step × t)."""
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    data = np.stack(rows)
-    data = np.where(np.isfinite(data), data, np.nan)
-    T = data.shape[1]
-    top = steps[-1] if len(steps) > 1 else steps[0] + 1
-    image = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest",
-                      extent=(-0.5, T - 0.5, steps[0], top), cmap="viridis")
-    fig.colorbar(image, ax=ax, label="log10 ||dL/dz_t||")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("training step")
+    fig.colorbar(draw_heatmap(ax, steps, np.stack(rows)), ax=ax, label="log10 ||dL/dz_t||")
     fig.tight_layout()
     return fig

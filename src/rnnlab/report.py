@@ -39,7 +39,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
-from rnnlab.callbacks import semilogy_positive  # noqa: E402
+from rnnlab.callbacks import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
 
 FIGURES = ("profiles", "heatmaps", "decay_vs_gain", "loss")
 COLUMNS = ("run", "overrides", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
@@ -175,6 +175,7 @@ def profiles_figure(runs: list[Run], steps: list[int] | None = None) -> plt.Figu
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(chosen)))
         for color, i in zip(colors, chosen):
             semilogy_positive(ax, dL_dz[i], f"step {int(record_steps[i])}", color=color)
+        at_least_one_decade(ax)
         ax.set_title(title(run), fontsize=8)
         ax.set_xlabel("timestep t")
         ax.set_ylabel("||dL/dz_t||")
@@ -189,15 +190,9 @@ def heatmaps_figure(runs: list[Run]) -> plt.Figure:
     for ax, run in zip(axes, runs):
         with np.errstate(divide="ignore"):
             data = np.log10(run.record["dL_dz"])
-        data = np.where(np.isfinite(data), data, np.nan)
-        steps, T = run.record["step"], data.shape[1]
-        image = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest",
-                          cmap="viridis",
-                          extent=(-0.5, T - 0.5, steps[0], steps[-1] if len(steps) > 1 else 1))
+        image = draw_heatmap(ax, run.record["step"], data)
         fig.colorbar(image, ax=ax, label="log10 ||dL/dz_t||")
         ax.set_title(title(run), fontsize=8)
-        ax.set_xlabel("timestep t")
-        ax.set_ylabel("training step")
     fig.tight_layout()
     return fig
 
