@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
@@ -118,19 +119,28 @@ class GradFlowMonitor(pl.Callback):
                             for k, v in norms.items()}, on_step=True, on_epoch=False)
         if pl_module.probes is None:
             return
+        # Parameter gradients are already averaged over processes by DDP; probes are not.
+        world = trainer.world_size
+        total = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
         record = gradflow.probe_profile(pl_module.cell.state_names,
-                                        tuple(p.grad for p in pl_module.probes))
+                                        tuple(p.grad for p in pl_module.probes), total, world)
         if pl_module.param_probes is not None:
             grads = {m: {n: q.grad for n, q in qs.items()}
                      for m, qs in pl_module.param_probes.items()}
-            record.update(gradflow.param_contribution_norms(grads))
+            record.update(gradflow.param_contribution_norms(grads, total, world))
         record.update(norms)
-        record["loss"] = float(pl_module.probed_loss)
+        loss = pl_module.probed_loss.double()
+        record["loss"] = float(total(loss) / world if total else loss)
         pl_module.probes = pl_module.param_probes = pl_module.probed_loss = None
         record.update(gradflow.summarize(record["dL_dz"]))
         if self.jacobian_batch is not None:  # before the optimizer step: the same weights
-            record.update(gradflow.jacobians(pl_module, self.jacobian_batch,
-                                             self.jacobian_iterations))
+            jacobian = gradflow.jacobians(pl_module, self.jacobian_batch,
+                                          self.jacobian_iterations)
+            if total:  # the largest over the global batch
+                largest = trainer.strategy.reduce(torch.from_numpy(jacobian["jacobian_norm"]),
+                                                  reduce_op="max")
+                jacobian.update(gradflow.jacobian_summary(largest.numpy()))
+            record.update(jacobian)
             self.jacobian_batch = None
         self.pending = (trainer.global_step, record)
 

@@ -21,6 +21,7 @@ the summary scalars of `summarize`, and the instruments above when they ran on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from rnnlab.cells.base import Cell, State
 from rnnlab.model import MODULES
 
 HORIZON_THRESHOLD = 1e-3
+# Sums a tensor over the processes of a data-parallel run (None: a single process).
+Reduce = Callable[[Tensor], Tensor] | None
 JACOBIAN_SEED = 0  # the power iteration starts from the same vector on every call
 
 
@@ -40,13 +43,21 @@ def profile_key(state_name: str, index: int) -> str:
     return "dL_dz" if index == 0 else f"dL_d{state_name}"
 
 
-def probe_profile(state_names: tuple[str, ...], probe_grads: tuple[Tensor, ...]) -> dict:
-    """Norms per timestep from probe gradients, each (T, B, hidden) → (T,) float64."""
-    return {
-        profile_key(name, i): torch.linalg.vector_norm(g.double(), dim=tuple(range(1, g.dim())))
-        .cpu().numpy()
-        for i, (name, g) in enumerate(zip(state_names, probe_grads))
-    }
+def probe_profile(state_names: tuple[str, ...], probe_grads: tuple[Tensor, ...],
+                  sum_over_processes: Reduce = None, world_size: int = 1) -> dict:
+    """Norms per timestep from probe gradients, each (T, B, hidden) → (T,) float64.
+
+    Under data parallelism each of the R processes holds ∂L_r/∂z_t for its share of the batch,
+    and the global batch-mean loss is L = (1/R) Σ_r L_r; so ||∂L/∂z_t|| over the global batch is
+    √(Σ_r ||∂L_r/∂z_t||²) / R: squared norms are summed with ``sum_over_processes``.
+    """
+    record = {}
+    for i, (name, g) in enumerate(zip(state_names, probe_grads)):
+        squares = g.double().square().sum(dim=tuple(range(1, g.dim())))
+        if sum_over_processes is not None:
+            squares = sum_over_processes(squares)
+        record[profile_key(name, i)] = (squares.sqrt() / world_size).cpu().numpy()
+    return record
 
 
 def module_grad_norms(model: torch.nn.Module, grads: dict[str, Tensor] | None = None) -> dict:
@@ -73,15 +84,25 @@ def total_grad_norm(model: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(parts))) if parts else 0.0
 
 
-def param_contribution_norms(probe_grads: dict[str, dict[str, Tensor | None]]) -> dict:
+def param_contribution_norms(probe_grads: dict[str, dict[str, Tensor | None]],
+                             sum_over_processes: Reduce = None, world_size: int = 1) -> dict:
     """``dL_dW_<module>`` (T,) float64: ||dL/dW⁽ᵗ⁾|| over all parameters of the module at step t.
 
     ``probe_grads``: module → parameter name → the gradient of its probe, (T, *shape), or None
-    for a parameter the loss does not reach (a zero contribution).
+    for a parameter the loss does not reach (a zero contribution). Under data parallelism the
+    per-process contributions are summed with ``sum_over_processes`` and divided by R before the
+    norm (L = (1/R) Σ_r L_r).
     """
     record = {}
     for module, grads in probe_grads.items():
-        squares = [g.double().flatten(1).square().sum(1) for g in grads.values() if g is not None]
+        squares = []
+        for g in grads.values():
+            if g is None:
+                continue
+            g = g.double()
+            if sum_over_processes is not None:
+                g = sum_over_processes(g) / world_size
+            squares.append(g.flatten(1).square().sum(1))
         T = next((g.shape[0] for g in grads.values() if g is not None), 0)
         total = torch.stack(squares).sum(0) if squares else torch.zeros(T, dtype=torch.float64)
         record[f"dL_dW_{module}"] = total.sqrt().cpu().numpy()
@@ -151,14 +172,18 @@ def jacobians(model, batch: dict[str, Tensor], iterations: int) -> dict:
         u = model.encoder(x)
         model.unroll(u, dt, previous_states=previous)
     norms = transition_jacobian_norms(model.cell, u, previous, dt, iterations)
-    jacobian_norm = norms.amax(1).double().cpu().numpy()
+    record = jacobian_summary(norms.amax(1).double().cpu().numpy())
+    record.update(recurrent_spectrum(model.cell))
+    return record
+
+
+def jacobian_summary(jacobian_norm: np.ndarray) -> dict:
+    """``jacobian_norm`` (T,) and its ``jacobian_rate``, mean log10 over t = 1 … T−1."""
     with np.errstate(divide="ignore"):
         log = np.log10(jacobian_norm[1:])
     log = log[np.isfinite(log)]
-    record = {"jacobian_norm": jacobian_norm,
-              "jacobian_rate": float(log.mean()) if log.size else float("nan")}
-    record.update(recurrent_spectrum(model.cell))
-    return record
+    return {"jacobian_norm": jacobian_norm,
+            "jacobian_rate": float(log.mean()) if log.size else float("nan")}
 
 
 def jacobian_bound(dL_dz: np.ndarray, jacobian_norm: np.ndarray) -> np.ndarray:

@@ -149,21 +149,21 @@ class RecurrentModel(pl.LightningModule):
                 "model.optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or use a "
                 "smaller cell.gain")
         self.probes, self.param_probes, self.probed_loss = probes, param_probes, loss.detach()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         y_hat = self(batch["x"], batch.get("dt"))
-        self.log("val/loss", self.loss_fn(y_hat, batch["y"]), prog_bar=True)
+        self.log("val/loss", self.loss_fn(y_hat, batch["y"]), prog_bar=True, sync_dist=True)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             for name, value in datamodule.metrics(y_hat, batch["y"]).items():
-                self.log(f"val/{name}", value)
+                self.log(f"val/{name}", value, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
-            self.log("val/baseline", float(datamodule.baseline))
+            self.log("val/baseline", float(datamodule.baseline), sync_dist=True)
         if not self.trainer.sanity_checking:
             self.last_val_step = self.global_step
 

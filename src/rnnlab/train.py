@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from rnnlab.callbacks import GradFlowMonitor
 from rnnlab.config import ConfigError, validate
@@ -67,10 +68,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/baseline"] = float(task.baseline)  # exact, not the float32 that was logged
     metrics["step"] = trainer.global_step
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
-    log_hparams(trainer, cfg, metrics, next((c for c in callbacks
-                                             if isinstance(c, GradFlowMonitor)), None))
+    if trainer.is_global_zero:  # only rank 0 writes
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True)
+                                                 + "\n")
+        log_hparams(trainer, cfg, metrics, next((c for c in callbacks
+                                                 if isinstance(c, GradFlowMonitor)), None))
     return metrics
 
 
@@ -96,6 +99,7 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float],
             logger.finalize("success")
 
 
+@rank_zero_only
 def report_finish(cfg: DictConfig, metrics: dict[str, float]) -> None:
     """Tell the user where the run is and how to look at it."""
     output_dir = Path(cfg.paths.output_dir)
