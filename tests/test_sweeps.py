@@ -296,3 +296,23 @@ def test_joblib_multirun_runs_jobs_in_workers_with_shared_out_threads(tmp_path):
     expected = max(available_cpus() // 2, 1)
     for job in ("0_cell.hidden_size=4", "1_cell.hidden_size=8"):
         assert f"torch threads: {expected}" in (sweep / job / "train.log").read_text()
+
+
+def test_optuna_study_goes_on_past_failed_trials_and_reports_the_best_finished_one(tmp_path):
+    sweep = tmp_path / "multirun"
+    result = multirun(sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=4",
+                      "hydra.sweeper.n_jobs=2", "cell.hidden_size=4", "cell.gain=choice(0,1.0)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["counts"]["completed"] + summary["counts"]["failed"] == 4
+    assert summary["counts"]["failed"] >= 1 and summary["counts"]["completed"] >= 1
+    best = OmegaConf.load(sweep / "optimization_results.yaml").best_value
+    assert best == min(j["metrics"]["val/loss"] for j in summary["jobs"]
+                       if j["status"] == "completed")
+
+
+def test_slurm_launcher_config_composes_with_the_submitit_plugin(make_cfg):
+    launcher = make_cfg("hydra/launcher=slurm").hydra.launcher
+    assert launcher._target_ == \
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.cpus_per_task == 4 and launcher.submitit_folder.endswith(".submitit/%j")
