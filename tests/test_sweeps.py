@@ -53,6 +53,7 @@ def test_safe_dirname_keeps_plain_overrides_readable():
 def test_safe_dirname_shortens_nested_group_keys():
     name = "4_T=200,cell=gru,experiment/long_range_task@_global_=copy"
     assert safe_dirname(name) == "4_T=200,cell=gru,long_range_task=copy"
+    assert safe_dirname("0_experiment/urnn_model@_global_=lstm") == "0_urnn_model=lstm"
 
 
 def test_safe_dirname_replaces_path_separators_and_shell_characters():

@@ -55,7 +55,7 @@ def safe_dirname(name: str, max_length: int = MAX_DIRNAME) -> str:
     ``urnn_figure=lstm``); characters other than letters, digits and ``._,=+-`` become ``-``;
     names are cut to ``max_length`` (the job number in front keeps them unique).
     """
-    name = re.sub(r"[\w/]*/(\w+)@\w+=", r"\1=", name)
+    name = re.sub(r"(^\d+_|^|,)[\w.]*/(?:[\w.]*/)*(\w+)@\w+=", r"\1\2=", name)
     name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", name).strip("_-")
     return name[:max_length] or "job"
 
