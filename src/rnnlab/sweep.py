@@ -97,17 +97,18 @@ def job_threads(setting: Any) -> int | None:
 def isolated_job(threads: int | None) -> Iterator[None]:
     """Run one job with ``threads`` torch threads; restore the process-wide torch state after."""
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_anomaly_enabled(), torch.get_default_dtype(), torch.is_grad_enabled())
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.is_anomaly_enabled(),
+             torch.get_default_dtype(), torch.is_grad_enabled())
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        torch.set_anomaly_enabled(saved[2])
-        torch.set_default_dtype(saved[3])
-        torch.set_grad_enabled(saved[4])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.set_anomaly_enabled(saved[3])
+        torch.set_default_dtype(saved[4])
+        torch.set_grad_enabled(saved[5])
 
 
 def failure_value(cfg: DictConfig) -> float:
