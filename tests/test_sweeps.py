@@ -21,6 +21,7 @@ from rnnlab.sweep import (
     available_cpus,
     isolated_job,
     job_threads,
+    main,
     run,
     safe_dirname,
     write_summary,
@@ -208,6 +209,14 @@ def test_summary_lists_every_job_with_its_status_in_job_order(tmp_path):
     assert "| 10_cell.gain=1.0 | cell.gain=1.0 | completed | 0.25 | 0.1667 | 7 |  |" in table
     assert "| 2_cell.gain=0 | cell.gain=0 | failed |  |  |  | ConfigError: cell.gain must be … |" \
         in table
+
+
+def test_summary_command_rewrites_the_summary_of_an_interrupted_sweep(tmp_path, capsys):
+    fake_job(tmp_path, "0_cell.gain=2", 0, ["cell.gain=2"])  # the sweep died before its summary
+    main([str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(j["job"], j["status"]) for j in summary["jobs"]] == [("0_cell.gain=2", "incomplete")]
+    assert "'incomplete': 1" in capsys.readouterr().out
 
 
 # --- real multiruns of scripts/train.py ----------------------------------------------------------
