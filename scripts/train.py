@@ -2,6 +2,8 @@
 
     python scripts/train.py                        # defaults: conf/train.yaml
     python scripts/train.py cell.gain=1.1 task.seq_len=200
+    python scripts/train.py -m cell.gain=0.9,1.0,1.1 task.seq_len=50,200   # a sweep
+    python scripts/train.py -m experiment=gain_sweep                       # a preset
 """
 
 import sys
@@ -9,8 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rnnlab.config import ConfigError, register_resolvers
-from rnnlab.train import report_finish, train
+from rnnlab.config import ConfigError
+from rnnlab.sweep import register_resolvers, run
 
 register_resolvers()
 
@@ -18,12 +20,10 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        metrics = train(cfg)
+        return run(cfg)  # in a multirun, a failed job is recorded and returns a penalty
     except ConfigError as error:
         print(f"Config error: {error}", file=sys.stderr)
         sys.exit(2)
-    report_finish(cfg, metrics)
-    return metrics["val/loss"]
 
 
 if __name__ == "__main__":
