@@ -11,8 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rnnlab.config import ConfigError
-from rnnlab.sweep import register_resolvers, run
+from rnnlab.config import ConfigError, register_resolvers
+from rnnlab.sweep import run
 
 register_resolvers()
 

@@ -16,14 +16,13 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
-from rnnlab.config import ConfigError
+from rnnlab.config import ConfigError, safe_dirname
 from rnnlab.sweep import (
     available_cpus,
     isolated_job,
     job_threads,
     main,
     run,
-    safe_dirname,
     write_summary,
 )
 

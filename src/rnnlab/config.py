@@ -8,6 +8,7 @@ full key (`cell.hidden_size`) since a component always lives under its group.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,27 @@ def claim_unique_dir(candidate: str) -> str:
     raise RuntimeError(f"could not create a fresh run directory next to {base}")
 
 
+MAX_DIRNAME = 120  # well below the 255-byte limit of common filesystems
+
+
+def safe_dirname(name: str, max_length: int = MAX_DIRNAME) -> str:
+    """A job directory name from ``<num>_<override_dirname>``, safe on any filesystem.
+
+    Nested-group keys lose their path and package (``experiment/urnn_figure@_global_=lstm`` →
+    ``urnn_figure=lstm``); characters other than letters, digits and ``._,=+-`` become ``-``;
+    names are cut to ``max_length`` (the job number in front keeps them unique).
+    """
+    name = re.sub(r"(^\d+_|^|,)[\w.]*/(?:[\w.]*/)*(\w+)@\w+=", r"\1\2=", name)
+    name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", name).strip("_-")
+    return name[:max_length] or "job"
+
+
 def register_resolvers() -> None:
+    """``${unique_dir:...}`` for run and sweep directories, ``${safe_dirname:...}`` for jobs."""
     if not OmegaConf.has_resolver("unique_dir"):
         OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, use_cache=True)
+    if not OmegaConf.has_resolver("safe_dirname"):
+        OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
 
 
 def compose_config(overrides: list[str], output_dir: str | Path,

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -37,7 +36,6 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlab import config
 from rnnlab.config import ConfigError, require
 from rnnlab.train import report_finish, train
 
@@ -45,28 +43,6 @@ log = logging.getLogger(__name__)
 
 FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
-MAX_DIRNAME = 120  # well below the 255-byte limit of common filesystems
-
-
-def safe_dirname(name: str, max_length: int = MAX_DIRNAME) -> str:
-    """A job directory name from ``<num>_<override_dirname>``, safe on any filesystem.
-
-    Nested-group keys lose their path and package (``experiment/urnn_figure@_global_=lstm`` →
-    ``urnn_figure=lstm``); characters other than letters, digits and ``._,=+-`` become ``-``;
-    names are cut to ``max_length`` (the job number in front keeps them unique).
-    """
-    name = re.sub(r"(^\d+_|^|,)[\w.]*/(?:[\w.]*/)*(\w+)@\w+=", r"\1\2=", name)
-    name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", name).strip("_-")
-    return name[:max_length] or "job"
-
-
-def register_resolvers() -> None:
-    """`rnnlab.config`'s resolvers plus ``${safe_dirname:...}`` for ``hydra.sweep.subdir``."""
-    config.register_resolvers()
-    if not OmegaConf.has_resolver("safe_dirname"):
-        OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
-
-
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
