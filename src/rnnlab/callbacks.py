@@ -98,10 +98,26 @@ class GradFlowMonitor(pl.Callback):
         self.history_steps: list[int] = []
         self.history_log10: list[np.ndarray] = []
 
+    # --- checkpointed state: the heatmap's history and the latest record ----------------------
+    # Tensors only, so that checkpoints load with torch.load(weights_only=True).
+    def state_dict(self) -> dict:
+        record = self.last_record or {}
+        return {"history_steps": list(self.history_steps),
+                "history_log10": [torch.from_numpy(np.asarray(r)) for r in self.history_log10],
+                "last_record": {k: torch.as_tensor(np.asarray(v)) for k, v in record.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history_steps = list(state["history_steps"])
+        self.history_log10 = [r.numpy() for r in state["history_log10"]]
+        record = {k: v.numpy() if v.dim() else v.item() for k, v in state["last_record"].items()}
+        self.last_record = record or None
+
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         writer = tensorboard_writer(trainer)
-        if writer is not None and trainer.is_global_zero:
+        # A resumed run carries the layout over with its history: a second one at step 0, after
+        # later steps, would make TensorBoard drop those steps as orphaned.
+        if writer is not None and trainer.is_global_zero and trainer.global_step == 0:
             writer.add_custom_scalars(custom_scalars_layout(pl_module.cell.state_names))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

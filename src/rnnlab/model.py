@@ -167,6 +167,12 @@ class RecurrentModel(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.last_val_step = self.global_step
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rnnlab"] = {"last_val_step": self.last_val_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.last_val_step = checkpoint.get("rnnlab", {}).get("last_val_step", -1)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
         return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)

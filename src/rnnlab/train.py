@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from rnnlab.callbacks import GradFlowMonitor
 from rnnlab.config import ConfigError, validate
 from rnnlab.model import RecurrentModel
+from rnnlab.resume import carry_history, find_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns the final validation metrics (``val/loss``, ``val/baseline``, the task's metrics).
     """
     validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    checkpoint = (find_checkpoint(str(cfg.ckpt_path), output_dir.parent)
+                  if cfg.get("ckpt_path") else None)
+    pl.seed_everything(cfg.seed, workers=True)
 
     task = build(cfg.task)
     model = build_model(cfg, task)
@@ -60,7 +63,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [build(node) for node in (cfg.get("logger") or {}).values() if node]
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=task, ckpt_path=cfg.get("ckpt_path"))
+    if checkpoint is not None and trainer.is_global_zero:
+        monitor = next((c for c in callbacks if isinstance(c, GradFlowMonitor)), None)
+        board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        carry_history(checkpoint, output_dir, monitor.dirpath if monitor else None,
+                      Path(board.log_dir) if board else None)
+        log.info("resuming %s at step %d", checkpoint.path, checkpoint.step)
+    trainer.fit(model, datamodule=task, ckpt_path=checkpoint.path if checkpoint else None)
     if trainer.interrupted:
         log.warning("training was interrupted at step %d", trainer.global_step)
     if model.last_val_step != trainer.global_step:  # validate the final weights once

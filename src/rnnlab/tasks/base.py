@@ -52,20 +52,46 @@ class SyntheticBatches(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """Yields batch indices ``e*n … e*n + n − 1`` in epoch ``e`` (Lightning calls `set_epoch`)."""
+    """Yields batch indices ``e*n … e*n + n − 1`` in epoch ``e`` (Lightning calls `set_epoch`).
+
+    After `resume_at(i)` the next pass starts at index ``i`` if it falls in that epoch.
+    """
 
     def __init__(self, num_batches: int):
-        self.num_batches, self.epoch = num_batches, 0
+        self.num_batches, self.epoch, self.resume_index = num_batches, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, index: int) -> None:
+        self.resume_index = index
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
-        start = self.epoch * self.num_batches
-        return iter(range(start, start + self.num_batches))
+        start, stop = self.epoch * self.num_batches, (self.epoch + 1) * self.num_batches
+        start, self.resume_index = max(start, min(self.resume_index, stop)), 0
+        return iter(range(start, stop))
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, saved in Lightning's checkpoints: the index of the next batch.
+
+    Batches are a pure function of (seed, index), so that index is the whole state of the data
+    stream; a run resumed mid-epoch continues with exactly the batch it would have drawn next.
+    """
+
+    def __init__(self, *args, trainer_ref=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainer_ref = trainer_ref
+
+    def state_dict(self) -> dict:
+        trained = self.trainer_ref().fit_loop.epoch_loop.batch_progress.current.processed
+        return {"next_index": self.sampler.epoch * self.sampler.num_batches + trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume_at(int(state["next_index"]))
 
 
 class Task(pl.LightningDataModule):
@@ -108,18 +134,21 @@ class Task(pl.LightningDataModule):
         return {"input_size": self.input_size, "output_size": self.output_size,
                 "n_out": self.n_out, "loss": self.loss}
 
-    def _loader(self, split: str, length: int, sampler: Sampler | None) -> DataLoader:
+    def _dataset(self, split: str, length: int) -> SyntheticBatches:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer \
             else (0, 1)
         require(self.batch_size % world == 0, "task.batch_size", self.batch_size,
                 f"a multiple of the number of processes ({world})")
-        return DataLoader(SyntheticBatches(self, split, length, rank, world), batch_size=None,
-                          sampler=sampler,
-                          num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return SyntheticBatches(self, split, length, rank, world)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_batches, EpochSampler(self.train_batches))
+        trainer = self.trainer
+        return ResumableLoader(self._dataset("train", self.train_batches), batch_size=None,
+                               sampler=EpochSampler(self.train_batches),
+                               num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0,
+                               trainer_ref=lambda: trainer)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batches, None)
+        return DataLoader(self._dataset("val", self.val_batches), batch_size=None,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
