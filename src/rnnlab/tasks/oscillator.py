@@ -70,7 +70,8 @@ def persistence_mse(seq_len: int, n_out: int, omega: float, damping: float, dt_m
 
     C = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # c cᵀ
     mean_phi = mean_matrix_exp(A, dt_min, dt_max)
-    mean_phiT_C_phi = (mean_matrix_exp(kron_sum(A.T.contiguous()), dt_min, dt_max) @ C.reshape(4)).reshape(2, 2)
+    mean_phiT_phi = mean_matrix_exp(kron_sum(A.T.contiguous()), dt_min, dt_max)
+    mean_phiT_C_phi = (mean_phiT_phi @ C.reshape(4)).reshape(2, 2)
     W = (mean_phiT_C_phi - mean_phi.T @ C - C @ mean_phi + C).numpy().reshape(4)
     P = mean_matrix_exp(kron_sum(A), dt_min, dt_max).numpy()
     S = np.diag([amplitude**2 / 3, (amplitude * omega) ** 2 / 3]).reshape(4)

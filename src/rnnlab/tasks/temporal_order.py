@@ -1,4 +1,4 @@
-"""The temporal order problem (Hochreiter & Schmidhuber 1997, experiment 6a), positions scaled with T.
+"""The temporal order problem (Hochreiter & Schmidhuber 1997, exp. 6a), positions scaled with T.
 
 Eight symbols, fed one-hot: distractors a, b, c, d (0 … 3), the relevant X, Y (4, 5), the start
 E (6) and the trigger B (7). A sequence of T steps is
