@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from rnnlab.config import ConfigError
 from rnnlab.tasks import Adding
 
 
@@ -32,3 +34,19 @@ def test_adding_target_is_sum_of_the_marked_values():
 def test_adding_baseline_matches_predicting_one_on_a_large_sample():
     y = sample(T=50, B=200_000)["y"]
     assert abs(((y - 1.0) ** 2).mean().item() - Adding.baseline) / Adding.baseline < 0.01
+
+
+def test_adding_markers_are_uniform_within_each_half():
+    T = 20
+    markers = sample(T, B=40_000)["x"][..., 1].double().mean(0)
+    assert torch.allclose(markers, torch.full((T,), 1 / 10, dtype=torch.float64), atol=0.006)
+
+
+def test_adding_generates_t_10000_in_one_batch():
+    x = sample(T=10_000, B=2)["x"]
+    assert x.shape == (2, 10_000, 2) and (x[..., 1].sum(1) == 2).all()
+
+
+def test_adding_rejects_t_below_two():
+    with pytest.raises(ConfigError, match=r"task.seq_len must be an integer >= 2, got 1"):
+        Adding(seq_len=1)
