@@ -87,11 +87,14 @@ class ResumableLoader(DataLoader):
         self.trainer_ref = trainer_ref
 
     def state_dict(self) -> dict:
+        if not isinstance(self.sampler, EpochSampler):  # Lightning's own (overfit_batches)
+            return {}
         trained = self.trainer_ref().fit_loop.epoch_loop.batch_progress.current.processed
         return {"next_index": self.sampler.epoch * self.sampler.num_batches + trained}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.resume_at(int(state["next_index"]))
+        if "next_index" in state and isinstance(self.sampler, EpochSampler):
+            self.sampler.resume_at(int(state["next_index"]))
 
 
 class Task(pl.LightningDataModule):
