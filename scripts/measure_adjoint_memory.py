@@ -27,8 +27,6 @@ PATHS = {  # name → cell arguments; "step" loops over cell.step, "sequence" ca
     "direct, odeint per interval (step)": ({}, "step"),
     "direct, one odeint (sequence)": ({"whole_sequence": True}, "sequence"),
     "adjoint, odeint_adjoint per interval (step)": ({"adjoint": True}, "step"),
-    "adjoint, one odeint_adjoint (sequence)": ({"adjoint": True, "whole_sequence": True},
-                                               "sequence"),
 }
 
 

@@ -152,10 +152,9 @@ def test_logged_profile_matches_finite_differences(solver):
 
 
 # --- the whole-sequence path -------------------------------------------------------------------
-@pytest.mark.parametrize("adjoint", [False, True], ids=["direct", "adjoint"])
 @pytest.mark.parametrize("solver", SINGLE_STEP)
-def test_whole_sequence_matches_interval_by_interval_for_fixed_grid_methods(solver, adjoint):
-    cell = node(solver=solver, adjoint=adjoint, whole_sequence=True)
+def test_whole_sequence_matches_interval_by_interval_for_fixed_grid_methods(solver):
+    cell = node(solver=solver, whole_sequence=True)
     u = torch.randn(3, 9, 3, dtype=torch.float64, requires_grad=True)
     outputs, (last,) = cell.sequence(u, cell.init_state(3))
     expected, (expected_last,) = step_through(cell, u)
@@ -194,6 +193,12 @@ def test_whole_sequence_is_refused_for_methods_that_cannot_take_it(solver):
     with pytest.raises(ConfigError, match=rf"cell.whole_sequence must be false with "
                                           rf"cell.solver={solver} .*\(set cell.whole_sequence="):
         node(solver=solver, whole_sequence=True, adjoint=solver == "scipy_solver")
+
+
+def test_whole_sequence_is_refused_with_the_adjoint():
+    with pytest.raises(ConfigError, match=r"cell.whole_sequence must be false with "
+                                          r"cell.adjoint=true .*\(set cell.whole_sequence="):
+        node(solver="rk4", whole_sequence=True, adjoint=True)
 
 
 # --- the adjoint -------------------------------------------------------------------------------

@@ -92,14 +92,16 @@ class NeuralODE(Cell):
     - any other ``solver`` is a torchdiffeq method (`SOLVERS`); ``rtol``/``atol`` set the adaptive
       methods' (and implicit_adams') tolerances. ``scipy_solver`` needs ``adjoint: true``.
     - ``adjoint: true`` backpropagates with `odeint_adjoint`: the gradient of the continuous ODE,
-      found by integrating the adjoint backwards with the same method, in memory that does not
-      grow with the solver's stages. It is not the exact gradient of the discrete scheme; the
-      two differ by O(δt).
+      found by integrating the adjoint backwards with the same method, keeping per interval only
+      its two end states instead of every stage's activations. It is not the exact gradient of
+      the discrete scheme; the two differ by O(δt).
     - ``whole_sequence: true`` gives `sequence`: one odeint over all T intervals (time τ = t/δt on
       the integer grid 0 … T, h_k looked up by interval index k), used on unmonitored steps.
       Fixed-grid single-step methods match stepping to float rounding; adaptive methods keep
-      their step size across intervals and match to their tolerance. Not for manual_euler
-      (stepping is its fastest path), the Adams methods or scipy_solver (`WHOLE_SEQUENCE_SOLVERS`).
+      their step size across intervals and match to their tolerance. Only for
+      `WHOLE_SEQUENCE_SOLVERS` and without the adjoint: one `odeint_adjoint` over T intervals
+      carries ∂L/∂h_k for all T inputs in its augmented state, so its backward takes O(T²) time
+      (measured at T = 1000: 14 s against 1.8 s stepping, and twice the memory).
 
     The model probes z at every grid time t_k, so ``dL_dz`` is exact for every solver.
     `diagnostics` reports the number of evaluations of g (NFE) per training step.
@@ -127,6 +129,9 @@ class NeuralODE(Cell):
         require(not whole_sequence or solver in WHOLE_SEQUENCE_SOLVERS, "cell.whole_sequence",
                 whole_sequence, f"false with cell.solver={solver} (the whole-sequence path "
                 "takes " + ", ".join(WHOLE_SEQUENCE_SOLVERS) + ")")
+        require(not (whole_sequence and adjoint), "cell.whole_sequence", whole_sequence,
+                "false with cell.adjoint=true (one odeint_adjoint over the sequence is O(T²) in "
+                "time; stepping with the adjoint is the fast and lean path)")
         self.g = Dynamics(input_size, hidden_size, width, depth, activation)
         self.dt, self.rtol, self.atol = float(dt), float(rtol), float(atol)
         self.adjoint, self.whole_sequence = adjoint, whole_sequence
@@ -144,15 +149,21 @@ class NeuralODE(Cell):
             self.nfe += 1
         return scale * self.g(h, z)
 
-    def integrate(self, f, z0: Tensor, times: Tensor, inputs: tuple, **options) -> Tensor:
-        """odeint, or odeint_adjoint with ``inputs`` (tensors g reads besides w) as adjoint
-        parameters — `odeint_adjoint` sends gradients only to those, so without them the
-        encoder would get none."""
-        kwargs = {"method": self.solver, "rtol": self.rtol, "atol": self.atol, "options": options}
-        if not self.adjoint:
-            return odeint(f, z0, times, **kwargs)
-        params = (*(x for x in inputs if torch.is_tensor(x)), *self.g.parameters())
-        return odeint_adjoint(f, z0, times, adjoint_params=params, **kwargs)
+    def solver_options(self, grid: Tensor) -> dict:
+        """Options that end a solver step exactly on every grid time after the first.
+
+        Fixed-grid methods step from grid time to grid time; ``perturb`` moves a stage that
+        lands on t_{k+1} (rk4's last) just inside interval k, so it reads that interval's input.
+        Adaptive methods stop at each interior grid time (``jump_t``: the input may jump there)
+        and end a step on the last (``step_t``); otherwise torchdiffeq interpolates the output
+        within an overshooting step, with an error its tolerances do not control (measured
+        1e-6 for bosh3 at rtol 1e-9).
+        """
+        if self.solver in FIXED_GRID:
+            return {"perturb": True}
+        if self.solver == "scipy_solver":
+            return {}
+        return {"jump_t": grid[1:-1], "step_t": grid[-1:]}
 
     # --- the Cell contract ---------------------------------------------------------------------
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
@@ -162,16 +173,28 @@ class NeuralODE(Cell):
         if self.solver == "manual_euler":
             z_next = z + self.rate(u_t, z, scale)
         else:
-            if self.adjoint:
-                u_t = CompactGradient.apply(u_t)
             unit = torch.tensor([0.0, 1.0], dtype=z.dtype, device=z.device)
-            z_next = self.integrate(lambda s, y: self.rate(u_t, y, scale), z, unit,
-                                    (u_t, scale))[-1]
+            kwargs = {"method": self.solver, "rtol": self.rtol, "atol": self.atol,
+                      "options": self.solver_options(unit)}
+            if self.adjoint:
+                # odeint_adjoint sends gradients only to its adjoint_params: h_k must be one of
+                # them, or the encoder would get no gradient.
+                u_t = CompactGradient.apply(u_t)
+                params = (u_t, *([scale] if torch.is_tensor(scale) else []), *self.g.parameters())
+                z_next = odeint_adjoint(lambda s, y: self.rate(u_t, y, scale), z, unit,
+                                        adjoint_params=params, **kwargs)[-1]
+            else:
+                z_next = odeint(lambda s, y: self.rate(u_t, y, scale), z, unit, **kwargs)[-1]
         self.nfe_forward += self.nfe - before
         return (z_next,)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
-        """One odeint over the T intervals of u: (B, T, input) → outputs (B, T, hidden)."""
+        """One odeint over the T intervals of u: (B, T, input) → outputs (B, T, hidden).
+
+        torchdiffeq writes each requested output into one preallocated tensor, which makes plain
+        backprop quadratic in T (DESIGN.md §5); so only [0, T] is requested, and the states at the
+        grid times are collected by the solver's step callbacks as it reaches them.
+        """
         if not self.whole_sequence:
             return None
         (z0,) = state
@@ -181,43 +204,29 @@ class NeuralODE(Cell):
         inputs = u.unbind(1)  # split once: slicing u inside g would make backward quadratic in T
 
         def f(tau: Tensor, z: Tensor) -> Tensor:
-            # The interval is found by comparing τ with the grid, never by dividing a float time.
-            # Stages on a grid point are nudged into their own interval: `perturb` for the
-            # fixed-grid methods (rk4's last stage lands on t_{k+1}), `jump_t` for adaptive ones.
+            # The interval is found by comparing τ with the grid, never by dividing a float time;
+            # a stage on a grid time is nudged into its own interval (`solver_options`).
             k = int(torch.searchsorted(grid, tau.detach().reshape(1).to(grid.dtype), right=True))
             return self.rate(inputs[min(max(k - 1, 0), T - 1)], z, self.dt)
 
-        before = self.nfe
-        options = {"perturb": True} if self.solver in FIXED_GRID else {"jump_t": grid[1:]}
-        if self.adjoint:
-            # The adjoint's forward pass keeps no graph, so a dense output grid costs nothing.
-            path = self.integrate(f, z0, grid, (u,), **options)[1:].transpose(0, 1)
-        else:
-            path = self.integrate_without_dense_output(f, z0, grid, options)
-        self.nfe_forward += self.nfe - before
-        return path, (path[:, -1],)
-
-    def integrate_without_dense_output(self, f, z0: Tensor, grid: Tensor, options: dict) -> Tensor:
-        """z at every grid time from one odeint asked only for its end point.
-
-        torchdiffeq writes each requested output into one preallocated tensor, which makes plain
-        backprop quadratic in T; so only [0, T] is requested and the states at the grid times are
-        collected, as the solver reaches them, by its step callbacks.
-        """
         states: list[Tensor] = []  # z at grid times 0 … T−1, in order
 
         def on_grid_step(t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-            if len(states) < len(grid) - 1 and t0 == grid[len(states)]:
+            if len(states) < T and t0 == grid[len(states)]:
                 states.append(y0)
 
+        options = self.solver_options(grid)
         if self.solver in FIXED_GRID:
             f.callback_step = on_grid_step
-            options = {**options, "grid_constructor": lambda func, y0, t: grid}
+            options["grid_constructor"] = lambda func, y0, t: grid
         else:
             f.callback_accept_step = on_grid_step
+        before = self.nfe
         end = odeint(f, z0, grid[[0, -1]], method=self.solver, rtol=self.rtol, atol=self.atol,
                      options=options)[-1]
-        return torch.stack([*states[1:], end], dim=1)
+        self.nfe_forward += self.nfe - before
+        path = torch.stack([*states[1:], end], dim=1)
+        return path, (end,)
 
     def diagnostics(self) -> dict[str, float]:
         """Evaluations of g since the last call, counted in training mode: ``nfe_forward`` in
