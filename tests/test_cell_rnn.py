@@ -57,13 +57,13 @@ def test_sequence_path_is_absent_without_a_fused_kernel(nonlinearity):
 
 
 # --- the orthogonal constraint (expRNN) ------------------------------------------------------
-def linear_model(**cell):
-    """A float64 model on a linear RNN, with the encoder and decoder it trains through."""
+def linear_model(seed: int = 0, **cell):
+    """A float64 model on an Elman RNN, with the encoder and decoder it trains through."""
     cell = {"_target_": "rnnlab.cells.rnn.ElmanRNN", "hidden_size": 8, **cell}
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
                               encoder_size=4)
     finally:
@@ -129,3 +129,13 @@ def test_unknown_constraint_names_key_and_fix():
     with pytest.raises(ConfigError, match=r"cell.constraint must be one of none, orthogonal, "
                                           r"got 'unitary' \(set cell.constraint=...\)"):
         ElmanRNN(input_size=3, constraint="unitary")
+
+
+def test_orthogonal_constraint_survives_a_state_dict_round_trip():
+    trained = linear_model(nonlinearity="tanh", constraint="orthogonal", gain=0.9)
+    train_steps(trained, 3)
+    # a fresh model draws other weights, and another orthogonal base
+    fresh = linear_model(seed=1, nonlinearity="tanh", constraint="orthogonal", gain=0.9)
+    assert not torch.allclose(fresh.cell.weight_hh, trained.cell.weight_hh)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.cell.weight_hh, trained.cell.weight_hh)
