@@ -236,6 +236,17 @@ def test_adjoint_sends_a_gradient_to_the_encoder():
     torch.testing.assert_close(grads["adjoint"], grads["discrete"], rtol=0.05, atol=0)
 
 
+def test_adjoint_input_gradient_does_not_hold_the_augmented_state():
+    cell = node(solver="euler", adjoint=True)
+    h = torch.randn(2, 3, dtype=torch.float64, requires_grad=True) * 1.0  # as the encoder's output
+    seen = []
+    h.register_hook(seen.append)
+    (z,) = cell.step(h, cell.init_state(2), None)
+    z.sum().backward()
+    (grad,) = seen
+    assert grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+
+
 def test_adjoint_is_recorded_in_the_run_log(caplog):
     with caplog.at_level(logging.WARNING, logger="rnnlab.cells.ode"):
         node(solver="dopri5", adjoint=True)

@@ -47,8 +47,8 @@ class CompactGradient(torch.autograd.Function):
     `odeint_adjoint` returns each adjoint parameter's gradient as a view into one flat tensor
     holding the whole augmented state (z, a, every parameter's gradient). An input's gradient
     waits for all T steps before it moves on, and each view would keep its whole flat tensor
-    alive meanwhile: measured, 5× the memory of the direct path at T = 1000. A compact copy
-    frees it at once.
+    alive meanwhile: measured at T = 1000 (B = 64, hidden 64, euler), a peak of 216 MiB instead
+    of 45 MiB. A compact copy frees it at once.
     """
 
     @staticmethod
