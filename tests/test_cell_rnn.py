@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+
+from rnnlab import gradflow
+from rnnlab.cells import ElmanRNN
+from rnnlab.config import ConfigError
+from rnnlab.model import RecurrentModel
+from rnnlab.tasks import Adding
 
 from .test_cells import make_cell, step_through
 
@@ -47,3 +54,88 @@ def test_fused_sequence_matches_stepping_for_tanh_and_relu(nonlinearity):
 def test_sequence_path_is_absent_without_a_fused_kernel(nonlinearity):
     cell = make_cell("rnn", nonlinearity=nonlinearity)
     assert cell.sequence(torch.zeros(1, 2, 3, dtype=torch.float64), cell.init_state(1)) is None
+
+
+# --- the orthogonal constraint (expRNN) ------------------------------------------------------
+def linear_model(seed: int = 0, **cell):
+    """A float64 model on an Elman RNN, with the encoder and decoder it trains through."""
+    cell = {"_target_": "rnnlab.cells.rnn.ElmanRNN", "hidden_size": 8, **cell}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(seed)
+        return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
+                              encoder_size=4)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def adding_batch(T: int, seed: int) -> dict:
+    batch = Adding(seq_len=T, batch_size=8).generate(8, torch.Generator().manual_seed(seed))
+    return {k: v.double() for k, v in batch.items()}
+
+
+def train_steps(model, steps: int, lr: float = 0.05) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for seed in range(steps):
+        batch = adding_batch(20, seed)
+        optimizer.zero_grad()
+        model.loss_fn(model(batch["x"]), batch["y"]).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("gain", [0.9, 1.0])
+def test_orthogonal_constraint_keeps_W_gain_times_orthogonal_through_training(gain):
+    model = linear_model(nonlinearity="tanh", constraint="orthogonal", gain=gain)
+    W0 = model.cell.weight_hh.detach().clone()
+    train_steps(model, 5)
+    W = model.cell.weight_hh.detach()
+    assert (W - W0).abs().max() > 1e-2  # training moved W …
+    torch.testing.assert_close(W.T @ W, gain**2 * torch.eye(8, dtype=W.dtype),
+                               rtol=0, atol=1e-12)  # … along the orthogonal group
+
+
+def linear_profile_after_training(**cell) -> np.ndarray:
+    model = linear_model(nonlinearity="identity", **cell)
+    train_steps(model, 5)
+    dL_dz = gradflow.grad_flow(model, adding_batch(30, seed=100))["dL_dz"]
+    return dL_dz / dL_dz[-1]
+
+
+def test_orthogonal_constraint_keeps_the_linear_gradient_norm_constant_in_training():
+    ratio = linear_profile_after_training(init="orthogonal", constraint="orthogonal")
+    np.testing.assert_allclose(ratio, np.ones(30), rtol=1e-9)
+
+
+def test_unconstrained_orthogonal_init_loses_norm_preservation_in_training():
+    ratio = linear_profile_after_training(init="orthogonal", constraint="none")
+    assert np.abs(np.log10(ratio)).max() > 0.01
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_orthogonal_constraint_fused_sequence_matches_stepping(nonlinearity):
+    cell = make_cell("rnn", nonlinearity=nonlinearity, constraint="orthogonal", gain=0.8)
+    u = torch.randn(3, 12, 3, dtype=torch.float64)
+    outputs, _ = cell.sequence(u, cell.init_state(3))
+    expected = step_through(cell, u)[0]
+    torch.testing.assert_close(outputs, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(outputs.square().sum(), list(cell.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(cell.parameters()))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_constraint_names_key_and_fix():
+    with pytest.raises(ConfigError, match=r"cell.constraint must be one of none, orthogonal, "
+                                          r"got 'unitary' \(set cell.constraint=...\)"):
+        ElmanRNN(input_size=3, constraint="unitary")
+
+
+def test_orthogonal_constraint_survives_a_state_dict_round_trip():
+    trained = linear_model(nonlinearity="tanh", constraint="orthogonal", gain=0.9)
+    train_steps(trained, 3)
+    # a fresh model draws other weights, and another orthogonal base
+    fresh = linear_model(seed=1, nonlinearity="tanh", constraint="orthogonal", gain=0.9)
+    assert not torch.allclose(fresh.cell.weight_hh, trained.cell.weight_hh)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.cell.weight_hh, trained.cell.weight_hh)

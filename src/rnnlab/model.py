@@ -152,6 +152,11 @@ class RecurrentModel(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        # After the backward pass, so a cell's counts include it (e.g. the adjoint's NFE).
+        for name, value in self.cell.diagnostics().items():
+            self.log(f"cell/{name}", float(value), on_step=True, on_epoch=False)
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         y_hat = self(batch["x"], batch.get("dt"))
         self.log("val/loss", self.loss_fn(y_hat, batch["y"]), prog_bar=True, sync_dist=True)

@@ -29,13 +29,23 @@ class Cell(nn.Module):
     - optional `sequence(u, state)` -> ``(outputs, state)`` with ``u``: (B, T, input_size),
       ``outputs``: (B, T, hidden_size) the first state at every step — a faster whole-sequence
       path that must match stepping `step` to float tolerance. The base returns ``None`` (no fast
-      path); the model then loops over `step`.
+      path); the model then loops over `step`. The model uses it on unmonitored training steps
+      and in validation, never when the task supplies time gaps ``dt``.
+    - optional `diagnostics()` -> ``{name: number}``: read (and reset) by the model after every
+      training step and logged as ``cell/<name>``, e.g. an ODE solver's ``nfe_forward``. The base
+      returns ``{}``.
+
+    The model owns the loop, so `step` must not keep state between calls other than counters
+    for `diagnostics`: the probes that measure ``dL_dz`` are added to what `step` returns.
 
     Constructed by Hydra as ``instantiate(cfg.cell, input_size=...)``: the model passes
-    ``input_size``; every other argument comes from the cell's YAML. Check arguments in
-    ``__init__`` with `rnnlab.config.require*`, naming the key as ``cell.<arg>``.
+    ``input_size``; every other argument comes from the cell's YAML, whose ``_target_`` names the
+    class. Check arguments in ``__init__`` with `rnnlab.config.require*`, naming the key as
+    ``cell.<arg>``, so a bad value stops the run before training with the key and the fix.
 
-    A minimal cell::
+    A cell of your own lives in your package and its YAML in your config directory
+    (``<dir>/cell/<name>.yaml``); run it with ``cell=<name> hydra.searchpath=[file://<dir>]``
+    (README, "Add your own cell"). A minimal cell::
 
         class IndRNN(Cell):
             '''h_t = relu(W u_t + w ⊙ h_{t-1} + b)  (Li et al. 2018)'''
@@ -69,3 +79,6 @@ class Cell(nn.Module):
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
         return None
+
+    def diagnostics(self) -> dict[str, float]:
+        return {}

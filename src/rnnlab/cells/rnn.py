@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrizations, parametrize
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.config import require, require_choice
@@ -17,6 +18,21 @@ NONLINEARITIES = {
     "identity": lambda x: x,
 }
 INITS = ("default", "orthogonal", "identity", "normal")
+CONSTRAINTS = ("none", "orthogonal")
+
+
+class Scale(nn.Module):
+    """W ↦ gain·W, a parametrization stacked on the orthogonal one: W = gain·Q."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, W: Tensor) -> Tensor:
+        return self.gain * W
+
+    def right_inverse(self, W: Tensor) -> Tensor:
+        return W / self.gain
 
 
 class ElmanRNN(Cell):
@@ -27,9 +43,16 @@ class ElmanRNN(Cell):
     - ``init`` of W: ``default`` (PyTorch's U(±1/√H)), ``orthogonal`` (W = Q, QᵀQ = I),
       ``identity`` (the IRNN of Le et al. 2015), ``normal`` (N(0, 1/H): spectral radius ≈ 1).
     - ``gain`` scales W after init: ``init=orthogonal gain=g`` gives W = g·Q.
+    - ``constraint=orthogonal`` keeps W = gain·Q with Q exactly orthogonal throughout training:
+      the optimiser moves an unconstrained matrix A and Q = B·exp(A − Aᵀ)
+      (`torch.nn.utils.parametrizations.orthogonal`; expRNN, Lezcano-Casado & Martínez-Rubio
+      2019). With ``nonlinearity=identity gain=1`` every backward step is a rotation, so
+      ||dL/dz_t|| stays constant in t for the whole run. The initial Q is W's init, made
+      orthogonal by a QR decomposition unless it already is.
 
-    Parameters are named as in `torch.nn.RNN`; for tanh and relu, `sequence` runs PyTorch's fused
-    kernel on them.
+    Parameters are named as in `torch.nn.RNN` (with the constraint, ``weight_hh`` is computed
+    from ``parametrizations.weight_hh.original``); for tanh and relu, `sequence` runs PyTorch's
+    fused kernel on them.
     """
 
     def __init__(
@@ -39,12 +62,14 @@ class ElmanRNN(Cell):
         nonlinearity: str = "tanh",
         init: str = "default",
         gain: float = 1.0,
+        constraint: str = "none",
     ):
         super().__init__(input_size, hidden_size)
         self.nonlinearity = require_choice("cell.nonlinearity", nonlinearity, tuple(NONLINEARITIES))
         require_choice("cell.init", init, INITS)
         require(isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0,
                 "cell.gain", gain, "a finite number > 0")
+        require_choice("cell.constraint", constraint, CONSTRAINTS)
         self.phi = NONLINEARITIES[nonlinearity]
         H = hidden_size
         bound = 1.0 / math.sqrt(H)
@@ -59,7 +84,11 @@ class ElmanRNN(Cell):
                 self.weight_hh.copy_(torch.eye(H))
             elif init == "normal":
                 self.weight_hh.normal_(0.0, 1.0 / math.sqrt(H))
-            self.weight_hh.mul_(gain)
+            if constraint == "none":
+                self.weight_hh.mul_(gain)
+        if constraint == "orthogonal":
+            parametrizations.orthogonal(self, "weight_hh")
+            parametrize.register_parametrization(self, "weight_hh", Scale(gain))
 
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         (z,) = state

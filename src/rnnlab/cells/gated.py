@@ -1,0 +1,116 @@
+"""Gated cells: the GRU (Cho et al. 2014) and the LSTM (Hochreiter & Schmidhuber 1997).
+
+Both keep their parameters under `torch.nn.GRU`/`torch.nn.LSTM`'s names and layout (gate blocks
+stacked along the rows of ``weight_ih`` (G·H, input) and ``weight_hh`` (G·H, H)), so `step` runs
+PyTorch's one-step kernel and `sequence` its fused whole-sequence kernel on the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rnnlab.cells.base import Cell, State
+from rnnlab.config import require, require_choice
+
+INITS = ("default", "orthogonal")
+
+
+class GatedCell(Cell):
+    """Parameters of a cell with ``gates`` gate blocks, initialised as in `torch.nn.GRU`/`LSTM`.
+
+    ``init``: ``default`` draws every weight from U(±1/√H) (PyTorch's init); ``orthogonal`` then
+    makes each gate's (H, H) block of ``weight_hh`` an orthogonal matrix, so at init every gate
+    starts from a norm-preserving recurrent map.
+    """
+
+    gates: int
+
+    def __init__(self, input_size: int, hidden_size: int, init: str):
+        super().__init__(input_size, hidden_size)
+        require_choice("cell.init", init, INITS)
+        G, H = self.gates, hidden_size
+        bound = 1.0 / math.sqrt(H)
+        self.weight_ih = nn.Parameter(torch.empty(G * H, input_size).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(torch.empty(G * H, H).uniform_(-bound, bound))
+        self.bias_ih = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
+        self.bias_hh = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
+        if init == "orthogonal":
+            with torch.no_grad():
+                for block in self.weight_hh.split(H):
+                    nn.init.orthogonal_(block)
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The parameters in the order PyTorch's fused kernels take them."""
+        return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+
+
+class GRU(GatedCell):
+    """The GRU, as `torch.nn.GRU` (gate blocks r, z, n):
+
+        r_t = σ(W_ir u_t + b_ir + W_hr h_{t−1} + b_hr)
+        z_t = σ(W_iz u_t + b_iz + W_hz h_{t−1} + b_hz)
+        n_t = tanh(W_in u_t + b_in + r_t ⊙ (W_hn h_{t−1} + b_hn))
+        h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t−1}
+
+    State (h,), each (B, hidden_size). The update gate z_t interpolates between the old state and
+    the candidate, so ∂h_t/∂h_{t−1} ≈ diag(z_t) when z_t ≈ 1: a path on which the gradient neither
+    vanishes nor explodes.
+    """
+
+    gates = 3
+
+    def __init__(self, input_size: int, hidden_size: int = 64, init: str = "default"):
+        super().__init__(input_size, hidden_size, init)
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        (h,) = state
+        return (torch.gru_cell(u_t, h, *self.weights()),)
+
+    def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        # Positional flags: has_biases, num_layers, dropout, train, bidirectional, batch_first.
+        outputs, h_last = torch.gru(u, state[0].unsqueeze(0), self.weights(), True, 1, 0.0,
+                                    self.training, False, True)
+        return outputs, (h_last.squeeze(0),)
+
+
+class LSTM(GatedCell):
+    """The LSTM, as `torch.nn.LSTM` (gate blocks i, f, g, o):
+
+        i_t = σ(W_ii u_t + b_ii + W_hi h_{t−1} + b_hi)
+        f_t = σ(W_if u_t + b_if + W_hf h_{t−1} + b_hf)
+        g_t = tanh(W_ig u_t + b_ig + W_hg h_{t−1} + b_hg)
+        o_t = σ(W_io u_t + b_io + W_ho h_{t−1} + b_ho)
+        c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t
+        h_t = o_t ⊙ tanh(c_t)
+
+    State (h, c), each (B, hidden_size); the decoder reads h, and the monitor records both
+    ``dL_dz`` (h) and ``dL_dc`` (c). The cell state's Jacobian ∂c_t/∂c_{t−1} = diag(f_t) is the
+    constant error carousel; ``forget_bias`` (Jozefowicz et al. 2015: 1.0) starts f_t near
+    σ(1) ≈ 0.73 so that gradients reach far back from the first step. It is the initial total
+    forget-gate bias b_if + b_hf (b_if = forget_bias, b_hf = 0).
+    """
+
+    gates = 4
+    state_names = ("h", "c")
+
+    def __init__(self, input_size: int, hidden_size: int = 64, init: str = "default",
+                 forget_bias: float = 1.0):
+        super().__init__(input_size, hidden_size, init)
+        require(isinstance(forget_bias, (int, float)) and not isinstance(forget_bias, bool)
+                and math.isfinite(forget_bias), "cell.forget_bias", forget_bias, "a finite number")
+        H = hidden_size
+        with torch.no_grad():
+            self.bias_ih[H:2 * H].fill_(forget_bias)
+            self.bias_hh[H:2 * H].zero_()
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return tuple(torch.lstm_cell(u_t, state, *self.weights()))
+
+    def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        h0, c0 = (s.unsqueeze(0) for s in state)
+        outputs, h_last, c_last = torch.lstm(u, (h0, c0), self.weights(), True, 1, 0.0,
+                                             self.training, False, True)
+        return outputs, (h_last.squeeze(0), c_last.squeeze(0))

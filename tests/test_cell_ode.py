@@ -1,0 +1,304 @@
+"""The neural ODE cell against its definition, torchdiffeq, finite differences and the adjoint."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchdiffeq import odeint
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_METHODS
+
+from rnnlab import gradflow
+from rnnlab.cells import NeuralODE
+from rnnlab.cells.ode import ADAPTIVE, FIXED_GRID, SOLVERS, WHOLE_SEQUENCE_SOLVERS, Dynamics
+from rnnlab.config import ConfigError
+from rnnlab.model import RecurrentModel
+from rnnlab.train import train
+
+from .test_cell_gated import assert_probe_gradients_match_finite_differences
+from .test_cells import step_through
+
+SINGLE_STEP = [s for s in WHOLE_SEQUENCE_SOLVERS if s in FIXED_GRID]
+RK_ADAPTIVE = [s for s in WHOLE_SEQUENCE_SOLVERS if s in ADAPTIVE]
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def node(dtype=torch.float64, **kwargs) -> NeuralODE:
+    """A small cell: input 3, hidden 4, g with one hidden layer of 8, δt = 0.2."""
+    arguments = {"input_size": 3, "hidden_size": 4, "width": 8, "depth": 1, "dt": 0.2, **kwargs}
+    with default_dtype(dtype):
+        torch.manual_seed(0)
+        return NeuralODE(**arguments)
+
+
+def node_model(dtype=torch.float64, **cell) -> RecurrentModel:
+    cell = {"_target_": "rnnlab.cells.ode.NeuralODE", "hidden_size": 4, "width": 8, "depth": 1,
+            "dt": 0.3, **cell}
+    with default_dtype(dtype):
+        torch.manual_seed(0)
+        return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
+                              encoder_size=3)
+
+
+def regression_batch(T: int, B: int = 3, dtype=torch.float64, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(B, T, 2, generator=generator).to(dtype),
+            "y": torch.randn(B, 1, 1, generator=generator).to(dtype)}
+
+
+# Tolerances for adaptive methods: tight, but loose enough that the second-order ones stay quick.
+TOLERANCE = {"dopri5": 1e-9, "dopri8": 1e-9, "bosh3": 1e-9, "scipy_solver": 1e-9,
+             "fehlberg2": 1e-7, "adaptive_heun": 1e-7}
+
+
+def solver_settings(solver: str) -> dict:
+    """Tight tolerances for adaptive methods; SciPy's integrators need the adjoint."""
+    settings = {"solver": solver}
+    if solver in ADAPTIVE:
+        settings.update(rtol=TOLERANCE[solver], atol=TOLERANCE[solver])
+    if solver == "scipy_solver":
+        settings["adjoint"] = True
+    return settings
+
+
+# --- definition --------------------------------------------------------------------------------
+def test_every_torchdiffeq_method_is_a_solver_choice():
+    assert set(TORCHDIFFEQ_METHODS) == set(SOLVERS) - {"manual_euler"}
+    assert set(FIXED_GRID) | set(ADAPTIVE) == set(TORCHDIFFEQ_METHODS)
+
+
+def test_dynamics_is_an_mlp_of_the_given_width_depth_and_activation():
+    torch.manual_seed(0)
+    g = Dynamics(input_size=3, hidden_size=4, width=5, depth=2, activation="softplus")
+    linears = [m for m in g.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(7, 5), (5, 5), (5, 4)]
+    h, z = torch.randn(2, 3), torch.randn(2, 4)
+    a = F.softplus(F.linear(torch.cat([h, z], -1), linears[0].weight, linears[0].bias))
+    a = F.softplus(F.linear(a, linears[1].weight, linears[1].bias))
+    torch.testing.assert_close(g(h, z), F.linear(a, linears[2].weight, linears[2].bias))
+
+
+def test_manual_euler_step_is_z_plus_g_times_dt():
+    cell = node(solver="manual_euler")
+    u, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    assert torch.equal(cell.step(u, (z,), None)[0], z + cell.g(u, z) * 0.2)
+    dt = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
+    assert torch.equal(cell.step(u, (z,), dt)[0], z + cell.g(u, z) * dt[:, None])
+
+
+@pytest.mark.parametrize("solver", sorted(TORCHDIFFEQ_METHODS))
+def test_step_integrates_dz_dt_equals_g_over_one_interval(solver):
+    cell = node(**solver_settings(solver))
+    u, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    got = cell.step(u, (z,), None)[0]
+    times = torch.tensor([0.0, 0.2], dtype=torch.float64)
+    if solver in FIXED_GRID:  # the same method, in time units: the same steps
+        expected = odeint(lambda t, y: cell.g(u, y), z, times, method=solver)[-1]
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    else:  # an adaptive method reaches the exact flow to its tolerance
+        expected = odeint(lambda t, y: cell.g(u, y), z, times, method="dopri8", rtol=1e-13,
+                          atol=1e-14)[-1]
+        torch.testing.assert_close(got, expected, rtol=0, atol=100 * TOLERANCE[solver])
+
+
+@pytest.mark.parametrize("solver", ["manual_euler", "rk4", "dopri5"])
+def test_per_sample_dt_integrates_each_sample_over_its_own_interval(solver):
+    cell = node(**solver_settings(solver))
+    u, z = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    dt = torch.tensor([0.05, 0.2, 0.6], dtype=torch.float64)
+    got = cell.step(u, (z,), dt)[0]
+    for b in range(3):
+        cell.dt = float(dt[b])
+        expected = cell.step(u[b:b + 1], (z[b:b + 1],), None)[0]
+        torch.testing.assert_close(got[b:b + 1], expected, rtol=0, atol=1e-8)
+
+
+def test_euler_gives_the_same_outputs_and_profile_as_manual_euler_in_float32():
+    batch = regression_batch(T=20, dtype=torch.float32)
+    manual = node_model(torch.float32, solver="manual_euler", hidden_size=8)
+    euler = node_model(torch.float32, solver="euler", hidden_size=8)
+    for a, b in zip(manual.parameters(), euler.parameters()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(euler(batch["x"]), manual(batch["x"]), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(gradflow.grad_flow(euler, batch)["dL_dz"],
+                               gradflow.grad_flow(manual, batch)["dL_dz"], rtol=1e-6)
+
+
+# --- the logged profile is exact for every solver ----------------------------------------------
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_logged_profile_matches_finite_differences(solver):
+    settings = solver_settings(solver)
+    model = node_model(**settings)
+    T = 6
+    # Adaptive step sizes are chosen from the state without a gradient, and the adjoint is the
+    # gradient of the continuous problem: both agree with finite differences to the tolerance.
+    exact = solver in FIXED_GRID or solver == "manual_euler"
+    assert_probe_gradients_match_finite_differences(
+        model, regression_batch(T), times=[0, 3, T - 1], rel=1e-6 if exact else 1e-4)
+
+
+# --- the whole-sequence path -------------------------------------------------------------------
+@pytest.mark.parametrize("solver", SINGLE_STEP)
+def test_whole_sequence_matches_interval_by_interval_for_fixed_grid_methods(solver):
+    cell = node(solver=solver, whole_sequence=True)
+    u = torch.randn(3, 9, 3, dtype=torch.float64, requires_grad=True)
+    outputs, (last,) = cell.sequence(u, cell.init_state(3))
+    expected, (expected_last,) = step_through(cell, u)
+    torch.testing.assert_close(outputs, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, expected_last, rtol=1e-12, atol=1e-12)
+    inputs = [u, *cell.parameters()]
+    grads = torch.autograd.grad(outputs.square().sum(), inputs)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", RK_ADAPTIVE)
+def test_whole_sequence_matches_interval_by_interval_to_tolerance_for_adaptive_methods(solver):
+    cell = node(whole_sequence=True, **solver_settings(solver))
+    u = torch.randn(3, 6, 3, dtype=torch.float64)
+    outputs, _ = cell.sequence(u, cell.init_state(3))
+    torch.testing.assert_close(outputs, step_through(cell, u)[0], rtol=0,
+                               atol=100 * TOLERANCE[solver])
+
+
+def test_whole_sequence_rk4_evaluates_every_stage_on_its_own_intervals_input():
+    cell = node(solver="rk4", whole_sequence=True)
+    seen = []
+    rate = cell.rate
+    cell.rate = lambda h, z, scale: seen.append(h) or rate(h, z, scale)
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    cell.sequence(u, cell.init_state(2))
+    assert len(seen) == 4 * 5  # rk4: four stages per interval, the last one on t_{k+1}
+    for call, h in enumerate(seen):
+        assert torch.equal(h, u[:, call // 4]), f"stage {call % 4} of interval {call // 4}"
+
+
+@pytest.mark.parametrize("solver", sorted(set(SOLVERS) - set(WHOLE_SEQUENCE_SOLVERS)))
+def test_whole_sequence_is_refused_for_methods_that_cannot_take_it(solver):
+    with pytest.raises(ConfigError, match=rf"cell.whole_sequence must be false with "
+                                          rf"cell.solver={solver} .*\(set cell.whole_sequence="):
+        node(solver=solver, whole_sequence=True, adjoint=solver == "scipy_solver")
+
+
+def test_whole_sequence_is_refused_with_the_adjoint():
+    with pytest.raises(ConfigError, match=r"cell.whole_sequence must be false with "
+                                          r"cell.adjoint=true .*\(set cell.whole_sequence="):
+        node(solver="rk4", whole_sequence=True, adjoint=True)
+
+
+# --- the adjoint -------------------------------------------------------------------------------
+def adjoint_and_discrete_parameter_gradients(dt: float, T: int):
+    u = torch.ones(2, T, 3, dtype=torch.float64)  # the same input at every time: one ODE for all δt
+    target = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    grads = []
+    for settings in ({"solver": "euler", "adjoint": True}, {"solver": "manual_euler"}):
+        cell = node(dt=dt, **settings)
+        (z,) = step_through(cell, u)[1]
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(
+            (z - target).square().sum(), list(cell.parameters()))]))
+    return grads
+
+
+def test_adjoint_gradient_differs_from_the_discrete_gradient_by_order_dt():
+    differences = []
+    for dt, T in ((0.2, 6), (0.1, 12), (0.05, 24)):  # the same time span, T·δt = 1.2
+        adjoint, discrete = adjoint_and_discrete_parameter_gradients(dt, T)
+        differences.append(((adjoint - discrete).norm() / discrete.norm()).item())
+    assert differences[-1] > 1e-6  # not the discrete scheme's gradient …
+    for coarse, fine in zip(differences, differences[1:]):
+        assert 0.35 < fine / coarse < 0.65  # … but within O(δt) of it: halving δt halves it
+
+
+def test_adjoint_sends_a_gradient_to_the_encoder():
+    batch = regression_batch(T=10)
+    grads = {}
+    for name, settings in {"adjoint": {"solver": "euler", "adjoint": True},
+                           "discrete": {"solver": "manual_euler"}}.items():
+        model = node_model(dt=0.05, **settings)
+        model.loss_fn(model(batch["x"]), batch["y"]).backward()
+        grads[name] = model.encoder.weight.grad
+    assert grads["adjoint"].abs().min() > 0
+    torch.testing.assert_close(grads["adjoint"], grads["discrete"], rtol=0.05, atol=0)
+
+
+def test_adjoint_input_gradient_does_not_hold_the_augmented_state():
+    cell = node(solver="euler", adjoint=True)
+    h = torch.randn(2, 3, dtype=torch.float64, requires_grad=True) * 1.0  # as the encoder's output
+    seen = []
+    h.register_hook(seen.append)
+    (z,) = cell.step(h, cell.init_state(2), None)
+    z.sum().backward()
+    (grad,) = seen
+    assert grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+
+
+def test_adjoint_is_recorded_in_the_run_log(caplog):
+    with caplog.at_level(logging.WARNING, logger="rnnlab.cells.ode"):
+        node(solver="dopri5", adjoint=True)
+    assert "are those of the continuous ODE" in caplog.text
+
+
+# --- NFE ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("adjoint", [False, True], ids=["direct", "adjoint"])
+@pytest.mark.parametrize("solver", ["euler", "rk4", "dopri5", "bosh3"])
+def test_nfe_counts_every_evaluation_of_g_in_forward_and_backward(solver, adjoint):
+    cell = node(solver=solver, adjoint=adjoint)
+    calls = []
+    cell.g.register_forward_hook(lambda module, args, output: calls.append(1))
+    u = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    (z,) = step_through(cell, u)[1]
+    forward_calls = len(calls)
+    torch.autograd.grad(z.square().sum(), [u])
+    assert cell.diagnostics() == {"nfe_forward": forward_calls,
+                                  "nfe_backward": len(calls) - forward_calls}
+    assert cell.diagnostics() == {"nfe_forward": 0, "nfe_backward": 0}  # read and reset
+    if solver in FIXED_GRID:  # one step per interval: euler evaluates g once, rk4 four times
+        assert forward_calls == {"euler": 1, "rk4": 4}[solver] * 4
+    assert (len(calls) > forward_calls) == adjoint
+
+
+def test_training_logs_nfe_to_tensorboard(make_cfg, tmp_path):
+    train(make_cfg("cell=node", "cell.solver=rk4", "cell.adjoint=true", "task.seq_len=5",
+                   "trainer.max_steps=2"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for tag in ("cell/nfe_forward", "cell/nfe_backward"):  # rk4: 4 evaluations × 5 intervals
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(0, 20.0), (1, 20.0)]
+
+
+# --- configuration errors ----------------------------------------------------------------------
+BAD = [  # (arguments, the key the error names, the message)
+    ({"solver": "rk45"}, "solver", "cell.solver must be one of manual_euler, euler, midpoint"),
+    ({"dt": 0}, "dt", "cell.dt must be a finite number > 0, got 0"),
+    ({"width": 0}, "width", "cell.width must be an integer >= 1, got 0"),
+    ({"depth": 1.5}, "depth", "cell.depth must be an integer >= 1, got 1.5"),
+    ({"activation": "gelu"}, "activation", "cell.activation must be one of tanh, relu"),
+    ({"rtol": -1e-3}, "rtol", "cell.rtol must be a finite number > 0, got -0.001"),
+    ({"adjoint": "yes"}, "adjoint", "cell.adjoint must be true or false, got 'yes'"),
+    ({"solver": "manual_euler", "adjoint": True}, "adjoint",
+     "cell.adjoint must be false with cell.solver=manual_euler"),
+    ({"solver": "scipy_solver"}, "adjoint",
+     "cell.adjoint must be true with cell.solver=scipy_solver"),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "message"), BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_node_setting_names_key_and_fix(override, key, message):
+    with pytest.raises(ConfigError) as error:
+        node(**override)
+    assert message in str(error.value) and f"(set cell.{key}=...)" in str(error.value)
