@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.model import MODULES
@@ -117,30 +116,41 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     state), ``dt``: (B, T) or None. For a state of several tensors (the LSTM's (h, c)) J_t is the
     Jacobian of the whole state, the tensors concatenated.
 
-    Power iteration on J_tᵀJ_t with autograd vector products (`torch.func.jvp` and `vjp`) from a
-    fixed random start, for all (t, b) at once: the T·B steps are one batch of ``cell.step``, whose
-    rows are independent sequences (for an adaptive ODE solver the step size is then chosen over
-    all rows together, which moves the result only within the solver's tolerance). The result is
-    ||J_t v|| for the final unit vector v: a lower bound on σ_max that converges from below, at a
-    rate (σ₂/σ₁)^(2·iterations).
+    Power iteration on J_tᵀJ_t from a fixed random start, for all (t, b) at once: the T·B steps
+    are one batch of ``cell.forward_mode_step``, whose rows are independent sequences (for an
+    adaptive ODE solver the step size is then chosen over all rows together, which moves the
+    result only within the solver's tolerance). The vector products are reverse-mode autograd on
+    one graph of the step: Jᵀw by a vector-Jacobian product, Jv by differentiating w ↦ Jᵀw
+    (linear in w) along v, so any differentiable step works, torchdiffeq's solvers included. The
+    result is ||J_t v|| for the final unit vector v: a lower bound on σ_max that converges from
+    below, at a rate (σ₂/σ₁)^(2·iterations).
     """
     B, T = u.shape[:2]
-    z = tuple(torch.cat(parts).detach() for parts in zip(*previous_states))  # row t·B + b
-    u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)
+    z = tuple(torch.cat(parts).detach().requires_grad_() for parts in zip(*previous_states))
+    u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)  # row t·B + b
     dt_rows = dt.detach().transpose(0, 1).reshape(T * B) if dt is not None else None
-
-    def step(*state: Tensor) -> State:
-        return tuple(cell.step(u_rows, state, dt_rows))
 
     generator = torch.Generator().manual_seed(JACOBIAN_SEED)
     v = unit_rows(tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
                         for s in z))
-    with torch.no_grad():  # the vector products are torch.func transforms; no graph to W
-        _, pullback = vjp(step, *z)
+    with torch.enable_grad():
+        out = tuple(cell.forward_mode_step(u_rows, z, dt_rows))
+        w = tuple(torch.zeros_like(o, requires_grad=True) for o in out)
+        vjp_of_w = torch.autograd.grad(out, z, w, create_graph=True, allow_unused=True)
+        vjp_of_w = tuple(g if g is not None else torch.zeros_like(s) * w[0].sum()
+                         for g, s in zip(vjp_of_w, z))
+
+        def jvp(vector: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return torch.autograd.grad(vjp_of_w, w, vector, retain_graph=True)
+
+        def vjp(vector: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            grads = torch.autograd.grad(out, z, vector, retain_graph=True, allow_unused=True)
+            return tuple(g if g is not None else torch.zeros_like(s) for g, s in zip(grads, z))
+
         for _ in range(iterations):
-            v = unit_rows(pullback(jvp(step, z, v)[1]))
-        Jv = jvp(step, z, v)[1]
-    return row_norms(Jv).reshape(T, B)
+            v = unit_rows(vjp(jvp(v)))
+        Jv = jvp(v)
+    return row_norms(tuple(p.detach() for p in Jv)).reshape(T, B)
 
 
 def row_norms(parts: tuple[Tensor, ...]) -> Tensor:
@@ -164,14 +174,21 @@ def jacobians(model, batch: dict[str, Tensor], iterations: int) -> dict:
     - for a cell with ``recurrent_weight()`` (the RNN's W): ``recurrent_singular_values`` (H,)
       descending, ``recurrent_spectral_norm`` and ``recurrent_spectral_radius`` (max |λ|).
 
-    The states come from one more pass of the model's loop (no gradient), in its current mode.
+    The states come from one more pass of the model's loop (no gradient). The analysis runs in
+    eval mode, as analysis does, so it neither counts as training work (an ODE cell's NFE) nor
+    draws training randomness; the model's mode is restored after.
     """
     x, dt = batch["x"], batch.get("dt")
     previous: list[State] = []
-    with torch.no_grad():
-        u = model.encoder(x)
-        model.unroll(u, dt, previous_states=previous)
-    norms = transition_jacobian_norms(model.cell, u, previous, dt, iterations)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            u = model.encoder(x)
+            model.unroll(u, dt, previous_states=previous)
+        norms = transition_jacobian_norms(model.cell, u, previous, dt, iterations)
+    finally:
+        model.train(was_training)
     record = jacobian_summary(norms.amax(1).double().cpu().numpy())
     record.update(recurrent_spectrum(model.cell))
     return record

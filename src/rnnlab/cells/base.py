@@ -80,5 +80,13 @@ class Cell(nn.Module):
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
         return None
 
+    def forward_mode_step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        """`step` as a map torch.func can trace (jvp/vjp, for the transition Jacobians).
+
+        The same function as `step`; override it only where `step` goes through an autograd
+        Function that torch.func does not support (the ODE cell's adjoint).
+        """
+        return self.step(u_t, state, dt)
+
     def diagnostics(self) -> dict[str, float]:
         return {}

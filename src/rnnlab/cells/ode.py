@@ -135,7 +135,7 @@ class NeuralODE(Cell):
         self.g = Dynamics(input_size, hidden_size, width, depth, activation)
         self.dt, self.rtol, self.atol = float(dt), float(rtol), float(atol)
         self.adjoint, self.whole_sequence = adjoint, whole_sequence
-        self.nfe = 0  # evaluations of g in training mode since the last `diagnostics()` …
+        self.nfe = 0  # evaluations of g for training since the last `diagnostics()` …
         self.nfe_forward = 0  # … of which in forward passes (the rest: the adjoint's backward)
         if adjoint:
             log.warning("cell.adjoint=true: gradients, and the logged dL_dz, are those of the "
@@ -167,6 +167,19 @@ class NeuralODE(Cell):
 
     # --- the Cell contract ---------------------------------------------------------------------
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return self.integrate(u_t, state, dt, adjoint=self.adjoint)
+
+    def forward_mode_step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        """`step` without the adjoint, which torch.func cannot trace: the same map (the adjoint
+        changes only how gradients are found). Its evaluations of g are not counted as NFE."""
+        counts = self.nfe, self.nfe_forward
+        try:
+            return self.integrate(u_t, state, dt, adjoint=False)
+        finally:
+            self.nfe, self.nfe_forward = counts
+
+    def integrate(self, u_t: Tensor, state: State, dt: Tensor | None, adjoint: bool) -> State:
+        """z_{t-1} → z_t over one interval, backpropagating directly or with the adjoint."""
         (z,) = state
         scale = self.dt if dt is None else dt.to(z.dtype).unsqueeze(-1)
         before = self.nfe
@@ -176,7 +189,7 @@ class NeuralODE(Cell):
             unit = torch.tensor([0.0, 1.0], dtype=z.dtype, device=z.device)
             kwargs = {"method": self.solver, "rtol": self.rtol, "atol": self.atol,
                       "options": self.solver_options(unit)}
-            if self.adjoint:
+            if adjoint:
                 # odeint_adjoint sends gradients only to its adjoint_params: h_k must be one of
                 # them, or the encoder would get no gradient.
                 u_t = CompactGradient.apply(u_t)
