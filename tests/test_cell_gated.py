@@ -9,9 +9,9 @@ import torch
 from rnnlab import gradflow
 from rnnlab.cells import GRU, LSTM
 from rnnlab.config import ConfigError
-from rnnlab.model import RecurrentModel
 from rnnlab.tasks import Adding
 
+from .conftest import float64_model
 from .test_cells import make_cell, step_through
 
 MODULES = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
@@ -108,15 +108,6 @@ def test_bad_gated_setting_names_key_and_fix(cell, override, message):
 
 
 # --- the logged profile against finite differences -------------------------------------------
-def float64_model(cell: dict) -> RecurrentModel:
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
-                              encoder_size=3)
-    finally:
-        torch.set_default_dtype(default)
 
 
 def assert_probe_gradients_match_finite_differences(model, batch, times, eps=1e-6, rel=1e-6):
@@ -148,7 +139,7 @@ def assert_probe_gradients_match_finite_differences(model, batch, times, eps=1e-
 @pytest.mark.parametrize("name", ["gru", "lstm"])
 def test_logged_profile_matches_finite_differences(name):
     target = {"gru": "rnnlab.cells.gated.GRU", "lstm": "rnnlab.cells.gated.LSTM"}[name]
-    model = float64_model({"_target_": target, "hidden_size": 5})
+    model = float64_model({"_target_": target, "hidden_size": 5}, encoder_size=3)
     T = 12
     batch = Adding(seq_len=T, batch_size=4).generate(4, torch.Generator().manual_seed(0))
     batch = {k: v.double() for k, v in batch.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -20,21 +19,12 @@ from rnnlab.config import ConfigError
 from rnnlab.model import RecurrentModel
 from rnnlab.train import train
 
+from .conftest import default_dtype
 from .test_cell_gated import assert_probe_gradients_match_finite_differences
 from .test_cells import step_through
 
 SINGLE_STEP = [s for s in WHOLE_SEQUENCE_SOLVERS if s in FIXED_GRID]
 RK_ADAPTIVE = [s for s in WHOLE_SEQUENCE_SOLVERS if s in ADAPTIVE]
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def node(dtype=torch.float64, **kwargs) -> NeuralODE:

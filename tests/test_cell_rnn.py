@@ -9,9 +9,9 @@ import torch
 from rnnlab import gradflow
 from rnnlab.cells import ElmanRNN
 from rnnlab.config import ConfigError
-from rnnlab.model import RecurrentModel
 from rnnlab.tasks import Adding
 
+from .conftest import float64_model
 from .test_cells import make_cell, step_through
 
 
@@ -60,14 +60,7 @@ def test_sequence_path_is_absent_without_a_fused_kernel(nonlinearity):
 def linear_model(seed: int = 0, **cell):
     """A float64 model on an Elman RNN, with the encoder and decoder it trains through."""
     cell = {"_target_": "rnnlab.cells.rnn.ElmanRNN", "hidden_size": 8, **cell}
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(seed)
-        return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
-                              encoder_size=4)
-    finally:
-        torch.set_default_dtype(default)
+    return float64_model(cell, seed=seed)
 
 
 def adding_batch(T: int, seed: int) -> dict:

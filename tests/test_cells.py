@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from rnnlab.cells import Cell
 
-from .conftest import CONF
+from .conftest import CONF, default_dtype
 
 CELLS = sorted(p.stem for p in (CONF / "cell").glob("*.yaml"))
 
@@ -19,12 +19,8 @@ def make_cell(name: str, input_size: int = 3, **overrides) -> Cell:
     cfg.hidden_size = 6
     cfg.update(overrides)
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         return instantiate(cfg, input_size=input_size)
-    finally:
-        torch.set_default_dtype(default)
 
 
 def step_through(cell: Cell, u: torch.Tensor) -> tuple[torch.Tensor, tuple]:

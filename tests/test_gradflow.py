@@ -14,17 +14,13 @@ from rnnlab.model import RecurrentModel
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
 
+from .conftest import float64_model
+
 
 def rnn_model(**cell) -> RecurrentModel:
     """A float64 model, initialised in float64 (so an orthogonal W is orthogonal to 1e-16)."""
     cell = {"_target_": "rnnlab.cells.rnn.ElmanRNN", "hidden_size": 16, **cell}
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
-                              encoder_size=8)
-    finally:
-        torch.set_default_dtype(default)
+    return float64_model(cell, encoder_size=8, seed=None)
 
 
 def adding_batch(T: int, dtype=torch.float64) -> dict:

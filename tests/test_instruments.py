@@ -27,7 +27,7 @@ from rnnlab.model import MODULES, RecurrentModel
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
 
-from .conftest import CONF
+from .conftest import CONF, float64_model
 
 CELLS = sorted(p.stem for p in (CONF / "cell").glob("*.yaml"))
 
@@ -36,14 +36,7 @@ def make_model(cell: str = "rnn", **overrides) -> RecurrentModel:
     """A float64 model around conf/cell/<cell>.yaml, initialised in float64."""
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / f"{cell}.yaml"))
     cfg.update({"hidden_size": 6, **overrides})
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return RecurrentModel(cell=cfg, input_size=2, output_size=1, n_out=1, loss="mse",
-                              encoder_size=4)
-    finally:
-        torch.set_default_dtype(default)
+    return float64_model(cfg)
 
 
 def adding_batch(T: int, B: int = 5) -> dict:
