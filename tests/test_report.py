@@ -23,6 +23,7 @@ from rnnlab.report import (
     find_runs,
     load_runs,
     loss_figure,
+    profiles_by_step_figure,
     profiles_figure,
 )
 
@@ -80,7 +81,7 @@ def test_report_script_on_a_hydra_multirun_writes_every_figure_into_one_self_con
     assert "cell.gain=0.9" in result.stdout and "cell.gain=1.1" in result.stdout  # the table
     page = (out / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    names = ("profiles", "heatmaps", "decay_vs_gain", "loss")
+    names = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
     assert [base64.b64decode(e) for e in embedded] == [(out / f"{n}.png").read_bytes()
                                                        for n in names]
     assert all((out / f"{n}.png").read_bytes().startswith(PNG) for n in names)
@@ -192,3 +193,14 @@ def test_heatmap_rows_are_centred_on_their_training_steps():
     np.testing.assert_allclose(row_edges, [-25, 25, 75, 125])
     np.testing.assert_allclose((row_edges[:-1] + row_edges[1:]) / 2, steps)
     plt.close(fig)
+
+
+def test_profiles_by_step_draws_every_run_in_one_panel_per_training_step(sweep):
+    runs = load_runs([sweep])
+    fig = profiles_by_step_figure(runs, steps=[0, 20])
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["training step 0", "training step 20"]
+    for ax, row in zip(visible, (0, 2)):  # the sweep records steps 0, 10, 20
+        assert len(ax.lines) == len(runs)
+        for line, run in zip(ax.lines, runs):
+            np.testing.assert_allclose(line.get_ydata(), run.record["dL_dz"][row])

@@ -3,6 +3,8 @@
 ``python scripts/report.py <run or sweep dir>... --out <dir>`` writes into ``<dir>``:
 
 - ``profiles.png``: ||dL/dz_t|| against t at chosen training steps, one panel per run (log scale);
+- ``profiles_by_step.png``: the same profiles the other way round, one panel per chosen training
+  step with every run in it (the layout of the uRNN paper's gradient figure);
 - ``heatmaps.png``: log10 ||dL/dz_t|| over (training step × t), one panel per run;
 - ``decay_vs_gain.png``: the fitted decay rate per step against the configured ``cell.gain``, at
   the first and the last record, next to log10(gain) (the linear orthogonal RNN's exact rate);
@@ -41,7 +43,7 @@ from rich.table import Table  # noqa: E402
 from rnnlab import gradflow  # noqa: E402
 from rnnlab.callbacks import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
 
-FIGURES = ("profiles", "heatmaps", "decay_vs_gain", "loss")
+FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
 COLUMNS = ("run", "overrides", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
            "decay_rate", "log10_first_last", "horizon", "jacobian_rate")
 
@@ -185,6 +187,29 @@ def profiles_figure(runs: list[Run], steps: list[int] | None = None) -> plt.Figu
     return fig
 
 
+def profiles_by_step_figure(runs: list[Run], steps: list[int] | None = None) -> plt.Figure:
+    """One panel per training step (default: the first and the last record), one curve per run:
+    ||dL/dz_t|| against t on a log scale, each run's record nearest that step."""
+    if not steps:
+        first = runs[0].record["step"]
+        steps = sorted({int(first[0]), int(first[-1])})
+    fig, axes = panels(len(steps))
+    colors = plt.cm.tab10(np.arange(len(runs)) % 10)
+    for ax, step in zip(axes, steps):
+        for color, run in zip(colors, runs):
+            i = int(np.abs(run.record["step"] - step).argmin())
+            semilogy_positive(ax, run.record["dL_dz"][i], " ".join(run.overrides) or run.label,
+                              color=color)
+        at_least_one_decade(ax)
+        ax.set_title(f"training step {step}", fontsize=9)
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("||dL/dz_t||")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def heatmaps_figure(runs: list[Run]) -> plt.Figure:
     fig, axes = panels(len(runs))
     for ax, run in zip(axes, runs):
@@ -304,7 +329,9 @@ def write_report(paths: list[str | Path], out: str | Path, steps: list[int] | No
     runs = load_runs(paths, console)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"profiles": profiles_figure(runs, steps), "heatmaps": heatmaps_figure(runs),
+    figures = {"profiles": profiles_figure(runs, steps),
+               "profiles_by_step": profiles_by_step_figure(runs, steps),
+               "heatmaps": heatmaps_figure(runs),
                "decay_vs_gain": decay_vs_gain_figure(runs), "loss": loss_figure(runs)}
     images = {name: figure_png(fig) for name, fig in figures.items()}
     for name, png in images.items():
