@@ -204,3 +204,10 @@ def test_profiles_by_step_draws_every_run_in_one_panel_per_training_step(sweep):
         assert len(ax.lines) == len(runs)
         for line, run in zip(ax.lines, runs):
             np.testing.assert_allclose(line.get_ydata(), run.record["dL_dz"][row])
+
+
+def test_nested_group_overrides_are_shortened_in_labels(tmp_path):
+    fake_run(tmp_path / "a", 1.0, overrides=["experiment/urnn_model@_global_=lstm", "seed=1"])
+    fake_run(tmp_path / "b", 1.0, overrides=["experiment/urnn_model@_global_=tanh_rnn", "seed=1"])
+    assert [run.overrides for run in load_runs([tmp_path])] == [["urnn_model=lstm"],
+                                                                 ["urnn_model=tanh_rnn"]]

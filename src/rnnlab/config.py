@@ -73,6 +73,11 @@ def safe_dirname(name: str, max_length: int = MAX_DIRNAME) -> str:
     return name[:max_length] or "job"
 
 
+def short_override(override: str) -> str:
+    """``experiment/urnn_model@_global_=lstm`` → ``urnn_model=lstm``; others unchanged."""
+    return re.sub(r"^[\w.]*/(?:[\w.]*/)*(\w+)@\w+=", r"\1=", override)
+
+
 def register_resolvers() -> None:
     """``${unique_dir:...}`` for run and sweep directories, ``${safe_dirname:...}`` for jobs."""
     if not OmegaConf.has_resolver("unique_dir"):

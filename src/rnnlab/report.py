@@ -42,6 +42,7 @@ from rich.table import Table  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
 from rnnlab.callbacks import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
+from rnnlab.config import short_override  # noqa: E402
 
 FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
 COLUMNS = ("run", "overrides", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
@@ -118,7 +119,8 @@ def load_run(path: Path, label: str) -> Run:
     overrides_file = path / ".hydra" / "overrides.yaml"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
-    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    overrides = ([short_override(o) for o in OmegaConf.load(overrides_file)]
+                 if overrides_file.is_file() else [])
     return Run(path, label, gradflow.load(path), metrics, config, overrides)
 
 
