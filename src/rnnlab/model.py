@@ -13,6 +13,7 @@ and Σ_t q_t.grad = dL/dW (DESIGN.md §1).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.config import ConfigError, require_choice, require_int
+from rnnlab.config import ConfigError, require, require_choice, require_int
 
 MODULES = ("encoder", "cell", "decoder")
 # module → parameter name → (T, *parameter shape): the zero probe q_t of every step t
@@ -53,11 +54,14 @@ class RecurrentModel(pl.LightningModule):
         require_int("model.encoder_size", encoder_size)
         self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-3})
         require_choice("model.optimizer.name", self.optimizer_cfg.get("name"), tuple(OPTIMIZERS))
+        check_optimizer_keys(self.optimizer_cfg)
+        require(isinstance(fast_path, bool), "model.fast_path", fast_path, "true or false")
         self.encoder = nn.Linear(input_size, encoder_size)
         self.cell: Cell = instantiate(cell, input_size=encoder_size, _convert_="all")
         if not isinstance(self.cell, Cell):
             raise ConfigError(f"cell._target_ must name a subclass of rnnlab.cells.Cell, got "
                               f"{type(self.cell).__name__}")
+        check_cell_step(self.cell, cell.get("_target_"))
         self.decoder = nn.Linear(self.cell.hidden_size, output_size)
         self.n_out = n_out
         self.probe_next_step = False  # set by GradFlowMonitor before a monitored training step
@@ -181,6 +185,54 @@ class RecurrentModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
         return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)
+
+
+def check_optimizer_keys(optimizer: dict[str, Any]) -> None:
+    """Every key but ``name`` must be an argument of the chosen torch optimizer."""
+    name = optimizer["name"]
+    accepted = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"self", "params"}
+    unknown = sorted(set(optimizer) - accepted - {"name"})
+    if unknown:
+        key = f"model.optimizer.{unknown[0]}"
+        raise ConfigError(f"{key} is not an argument of torch.optim.{OPTIMIZERS[name].__name__} "
+                          f"(it takes {', '.join(sorted(accepted))}); remove it (~{key})")
+
+
+def check_cell_step(cell: Cell, target: str | None) -> None:
+    """One `step` on a tiny probe batch: each returned state (B, hidden_size), floating point.
+
+    A user cell whose `step` returns the wrong shape or dtype would otherwise fail deep inside
+    the unroll, the probes or the decoder; here the error names the cell and what was wrong.
+    """
+    batch = 2
+    where = f"cell._target_={target}: {type(cell).__name__}.step"
+    try:
+        state = cell.init_state(batch)
+        p = next(cell.parameters(), None)
+        u_t = torch.zeros(batch, cell.input_size,
+                          dtype=p.dtype if p is not None else torch.get_default_dtype())
+        with torch.no_grad():
+            out = cell.step(u_t, state, None)
+        cell.diagnostics()  # reset counters (the ODE solver's NFE) so the probe does not count
+    except ConfigError:
+        raise
+    except Exception as error:  # a user's cell can fail any way; report it before training
+        raise ConfigError(f"{where} failed on a probe batch u_t ({batch}, {cell.input_size}): "
+                          f"{type(error).__name__}: {error}; fix the cell's step") from error
+    expected = (batch, cell.hidden_size)
+    if not isinstance(out, tuple) or len(out) != len(cell.state_names):
+        raise ConfigError(f"{where} must return a tuple of {len(cell.state_names)} tensor(s) "
+                          f"({', '.join(cell.state_names)}) as `state_names` says, got "
+                          f"{type(out).__name__}"
+                          + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    for name, s in zip(cell.state_names, out):
+        if not isinstance(s, Tensor) or tuple(s.shape) != expected:
+            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ConfigError(f"{where} must return state {name} of shape (B, hidden_size) = "
+                              f"{expected}, got {got}")
+        if not s.is_floating_point():
+            raise ConfigError(f"{where} must return state {name} as a floating-point tensor "
+                              f"(gradients flow through it), got dtype {s.dtype}")
 
 
 def per_step_parameters(cell: Cell, probes: dict[str, Tensor]):
