@@ -14,8 +14,10 @@ and Σ_t q_t.grad = dL/dW (DESIGN.md §1).
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,8 @@ from torch.func import functional_call, vmap
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.config import ConfigError, require, require_choice, require_int
+
+log = logging.getLogger(__name__)
 
 MODULES = ("encoder", "cell", "decoder")
 # module → parameter name → (T, *parameter shape): the zero probe q_t of every step t
@@ -70,6 +74,11 @@ class RecurrentModel(pl.LightningModule):
         self.param_probes: ParamProbes | None = None
         self.probed_loss: Tensor | None = None  # … and its loss
         self.last_val_step = -1  # global step of the last validation outside the sanity check
+        # Non-finite loss or gradients: stop or skip the step (GradFlowMonitor sets the policy
+        # from monitor.on_nonfinite and describes its latest finite record here).
+        self.on_nonfinite = "stop"
+        self.last_finite_profile = "none yet (no monitored step finished)"
+        self.skipped_steps = 0
 
     # --- the unrolled network ------------------------------------------------------------------
     def make_probes(self, batch_size: int, seq_len: int) -> State:
@@ -141,20 +150,33 @@ class RecurrentModel(pl.LightningModule):
         return F.cross_entropy(y_hat.reshape(-1, y_hat.shape[-1]), y.reshape(-1), ignore_index=-100)
 
     # --- Lightning -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         x = batch["x"]
         probes = self.make_probes(x.shape[0], x.shape[1]) if self.probe_next_step else None
         param_probes = (self.make_param_probes(x.shape[1])
                         if self.probe_next_step and self.probe_parameters else None)
         loss = self.loss_fn(self(x, batch.get("dt"), probes, param_probes), batch["y"])
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}; lower "
-                "model.optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or use a "
-                "smaller cell.gain")
+            self.nonfinite(f"non-finite training loss {loss.item()}",
+                           "the forward pass overflowed, so this step has no gradient profile")
+            return None  # Lightning then skips the backward pass and the optimizer step
         self.probes, self.param_probes, self.probed_loss = probes, param_probes, loss.detach()
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def nonfinite(self, what: str, where: str) -> None:
+        """Apply the non-finite policy to this step: raise (``stop``) or count and warn (``skip``).
+
+        ``where``: which timesteps are at fault, as far as known (`offending_timesteps`). The
+        caller skips the step itself (returns None, or drops the gradients).
+        """
+        message = nonfinite_message(self.global_step, what, where, self.last_finite_profile,
+                                    self.on_nonfinite)
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(message)
+        self.skipped_steps += 1
+        log.warning(message)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         # After the backward pass, so a cell's counts include it (e.g. the adjoint's NFE).
@@ -185,6 +207,26 @@ class RecurrentModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
         return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)
+
+
+def offending_timesteps(dL_dz: np.ndarray | None) -> str:
+    """Where ||dL/dz_t|| (T,) is non-finite, or how to measure it on an unmonitored step."""
+    if dL_dz is None:
+        return ("the offending timesteps were not measured: this step was not monitored "
+                "(set monitor.every_n_steps=1 to measure every step)")
+    return (f"||dL/dz_t|| is non-finite at timesteps "
+            f"{np.nonzero(~np.isfinite(dL_dz))[0].tolist()} of T = {len(dL_dz)}")
+
+
+def nonfinite_message(step: int, what: str, where: str, last_finite_profile: str,
+                      policy: str) -> str:
+    """What went non-finite at ``step``, where in time, and the last finite profile."""
+    action = ("skipped this step (monitor.on_nonfinite=skip)" if policy == "skip" else
+              "stopped (monitor.on_nonfinite=stop; set monitor.on_nonfinite=skip to skip such "
+              "steps)")
+    return (f"{what} at step {step}; {where}; last finite gradient profile: "
+            f"{last_finite_profile}; {action}. Lower model.optimizer.lr, clip gradients "
+            "(trainer.gradient_clip_val=1.0) or use a smaller cell.gain")
 
 
 def check_optimizer_keys(optimizer: dict[str, Any]) -> None:
