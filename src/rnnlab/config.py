@@ -173,6 +173,9 @@ def validate_trainer(trainer: DictConfig) -> None:
 
 def validate_timesteps(timesteps: Any, seq_len: int) -> None:
     """``monitor.timesteps`` must lie in [-T, T) for the task's T (negative: from the end)."""
+    require(timesteps is None or (isinstance(timesteps, (list, ListConfig)) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in timesteps)),
+        "monitor.timesteps", timesteps, "null or a list of integers")
     if timesteps:
         outside = [t for t in timesteps if not -seq_len <= t < seq_len]
         require(not outside, "monitor.timesteps", list(timesteps),
