@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
-from rnnlab.config import require, require_int  # noqa: E402
-from rnnlab.model import MODULES  # noqa: E402
+from rnnlab.config import require, require_choice, require_int  # noqa: E402
+from rnnlab.model import MODULES, offending_timesteps  # noqa: E402
 
 
 def chosen_timesteps(T: int, timesteps: list[int] | None, count: int) -> list[int]:
@@ -69,12 +69,15 @@ class GradFlowMonitor(pl.Callback):
             multiple of this (0: never); a multiple of ``every_n_steps``.
         jacobian_iterations: power iterations per Jacobian (each one jvp and one vjp of the cell
             over all T·B steps at once).
+        on_nonfinite: a non-finite loss or gradient ``stop``s training with a FloatingPointError,
+            or ``skip``s that optimizer step (counted as ``train/skipped_steps``); either way the
+            message names the step, the last finite profile and the offending timesteps.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 50, timesteps: list[int] | None = None,
                  num_timesteps: int = 5, figure_every_n_records: int = 1,
                  param_contributions: bool = True, jacobian_every_n_steps: int = 50,
-                 jacobian_iterations: int = 10):
+                 jacobian_iterations: int = 10, on_nonfinite: str = "stop"):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
         require(timesteps is None or all(isinstance(t, int) for t in timesteps),
@@ -91,6 +94,7 @@ class GradFlowMonitor(pl.Callback):
                 jacobian_every_n_steps,
                 f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
         self.jacobian_iterations = require_int("monitor.jacobian_iterations", jacobian_iterations)
+        self.on_nonfinite = require_choice("monitor.on_nonfinite", on_nonfinite, ("stop", "skip"))
         self.jacobian_batch: dict | None = None  # the batch of a step that measures Jacobians
         self.pending: tuple[int, dict] | None = None  # a record waiting for the clipped norm
         self.pre_clip_norm = math.nan
@@ -114,6 +118,7 @@ class GradFlowMonitor(pl.Callback):
 
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.on_nonfinite = self.on_nonfinite
         writer = tensorboard_writer(trainer)
         # A resumed run carries the layout over with its history: a second one at step 0, after
         # later steps, would make TensorBoard drop those steps as orphaned.
@@ -133,8 +138,21 @@ class GradFlowMonitor(pl.Callback):
         norms = gradflow.module_grad_norms(pl_module)
         pl_module.log_dict({f"grad_norm/{k.removeprefix('grad_norm_')}": v
                             for k, v in norms.items()}, on_step=True, on_epoch=False)
+        record = self.probed_record(trainer, pl_module, norms)
+        if not all(math.isfinite(v) for v in norms.values()):
+            # The loss was finite (training_step checks it), so the backward pass overflowed.
+            named = ", ".join(f"{k.removeprefix('grad_norm_')} {v:.3g}" for k, v in norms.items())
+            pl_module.nonfinite(f"non-finite gradients (norms: {named}) with a finite loss",
+                                offending_timesteps(record["dL_dz"] if record else None))
+            for p in pl_module.parameters():  # the optimizer leaves a parameter without grad
+                p.grad = None
+        if record is not None:
+            self.pending = (trainer.global_step, record)
+
+    def probed_record(self, trainer, pl_module, norms: dict) -> dict | None:
+        """This step's gradient-flow record from the probes' gradients; None if not monitored."""
         if pl_module.probes is None:
-            return
+            return None
         # Parameter gradients are already averaged over processes by DDP; probes are not.
         world = trainer.world_size
         total = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
@@ -158,7 +176,7 @@ class GradFlowMonitor(pl.Callback):
                 jacobian.update(gradflow.jacobian_summary(largest.numpy()))
             record.update(jacobian)
             self.jacobian_batch = None
-        self.pending = (trainer.global_step, record)
+        return record
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
@@ -177,6 +195,11 @@ class GradFlowMonitor(pl.Callback):
         record["grad_norm_total"] = self.pre_clip_norm
         record["grad_norm_total_clipped"] = clipped
         self.last_record = record
+        if np.isfinite(record["dL_dz"]).all():
+            path = self.dirpath / f"step_{step:07d}.npz"  # as gradflow.save names it
+            pl_module.last_finite_profile = (
+                f"step {step}, decay_rate {record['decay_rate']:.4g}, log10_first_last "
+                f"{record['log10_first_last']:.4g}, record {path}")
         if trainer.is_global_zero:
             gradflow.save(self.dirpath, step, record)
             self.log_tensorboard(trainer, step, record)

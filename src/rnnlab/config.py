@@ -7,12 +7,13 @@ full key (`cell.hidden_size`) since a component always lives under its group.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 # The configs ship with the repository, beside src/ (an editable install finds them there).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -47,7 +48,11 @@ def claim_unique_dir(candidate: str) -> str:
     `use_cache=True`: each config resolves it once, and Hydra copies the cache into each job.
     """
     base = Path(candidate)
-    base.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"paths.log_dir: cannot create {base.parent} ({error.strerror}); "
+                          "choose a writable place (set paths.log_dir=...)") from None
     for n in range(10_000):
         path = base if n == 0 else base.with_name(f"{base.name}_{n}")
         try:
@@ -55,9 +60,13 @@ def claim_unique_dir(candidate: str) -> str:
             return str(path)
         except FileExistsError:
             continue
+        except OSError as error:
+            raise ConfigError(f"paths.log_dir: cannot create {path} ({error.strerror}); "
+                              "choose a writable place (set paths.log_dir=...)") from None
     raise RuntimeError(f"could not create a fresh run directory next to {base}")
 
 
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 MAX_DIRNAME = 120  # well below the 255-byte limit of common filesystems
 
 
@@ -107,16 +116,86 @@ def compose_config(overrides: list[str], output_dir: str | Path,
     return cfg
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def validate(cfg: DictConfig) -> None:
-    """Checks across groups, before anything is built (each component checks its own args)."""
+    """Checks across groups, before anything is built (each component checks its own args).
+
+    The Trainer is Lightning's, so its keys are checked here: a bad one would otherwise fail
+    inside Lightning (or only once training has started).
+    """
     require_int("seed", cfg.get("seed"), minimum=0)
-    trainer = cfg.trainer
-    max_steps = trainer.get("max_steps", -1)
-    require(isinstance(max_steps, int) and (max_steps == -1 or max_steps >= 1),
-            "trainer.max_steps", max_steps, "-1 (no limit) or an integer >= 1")
+    threads = cfg.get("threads", "auto")
+    require(threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
+                                  and threads >= 1), "threads", threads,
+            "auto or an integer >= 1")
+    validate_trainer(cfg.trainer)
     if cfg.get("monitor") is not None:
         require_int("monitor.every_n_steps", cfg.monitor.get("every_n_steps"), minimum=1)
-    optimizer = cfg.model.get("optimizer", {})
+    optimizer = cfg.model.get("optimizer") or {}
+    require(isinstance(optimizer, (dict, DictConfig)), "model.optimizer", optimizer,
+            "a mapping {name: adam|adamw|sgd|rmsprop, lr: ...}")
     lr = optimizer.get("lr")
-    require(isinstance(lr, (int, float)) and lr == lr and 0 < lr < float("inf"),
-            "model.optimizer.lr", lr, "a finite number > 0")
+    require(is_number(lr) and lr > 0, "model.optimizer.lr", lr, "a finite number > 0")
+
+
+def validate_trainer(trainer: DictConfig) -> None:
+    """The Trainer keys users set (conf/trainer/), with the values Lightning accepts."""
+    def integer(value: Any, minimum: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    max_steps = trainer.get("max_steps", -1)
+    require(max_steps == -1 or integer(max_steps, 1),
+            "trainer.max_steps", max_steps, "-1 (no limit) or an integer >= 1")
+    max_epochs = trainer.get("max_epochs")
+    require(max_epochs is None or max_epochs == -1 or integer(max_epochs, 1),
+            "trainer.max_epochs", max_epochs, "null, -1 (no limit) or an integer >= 1")
+    require_choice("trainer.accelerator", trainer.get("accelerator", "auto"), ACCELERATORS)
+    devices = trainer.get("devices", "auto")
+    require(devices in ("auto", -1) or integer(devices, 1)
+            or (isinstance(devices, (list, ListConfig)) and len(devices) > 0
+                and all(integer(d, 0) for d in devices)),
+            "trainer.devices", devices, "auto, -1 (all), an integer >= 1 or a list of device ids")
+    clip = trainer.get("gradient_clip_val")
+    require(clip is None or (is_number(clip) and clip >= 0), "trainer.gradient_clip_val", clip,
+            "null (no clipping) or a finite number >= 0")
+    require_choice("trainer.gradient_clip_algorithm",
+                   trainer.get("gradient_clip_algorithm") or "norm", ("norm", "value"))
+    for key in ("log_every_n_steps", "check_val_every_n_epoch"):
+        value = trainer.get(key, 1)
+        require(value is None or integer(value, 1), f"trainer.{key}", value, "an integer >= 1")
+    require_int("trainer.num_sanity_val_steps", trainer.get("num_sanity_val_steps", 0),
+                minimum=-1)
+    for key in ("enable_progress_bar", "enable_model_summary", "deterministic"):
+        value = trainer.get(key, False)
+        warn_ok = key == "deterministic" and value in (None, "warn")  # Lightning accepts these
+        require(isinstance(value, bool) or warn_ok, f"trainer.{key}", value, "true or false")
+
+
+def validate_timesteps(timesteps: Any, seq_len: int) -> None:
+    """``monitor.timesteps`` must lie in [-T, T) for the task's T (negative: from the end)."""
+    require(timesteps is None or (isinstance(timesteps, (list, ListConfig)) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in timesteps)),
+        "monitor.timesteps", timesteps, "null or a list of integers")
+    if timesteps:
+        outside = [t for t in timesteps if not -seq_len <= t < seq_len]
+        require(not outside, "monitor.timesteps", list(timesteps),
+                f"timesteps in [-{seq_len}, {seq_len - 1}] for the task's T = {seq_len} "
+                f"(negative count from the end); out of range: {outside}")
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Create the run directory now, so an unwritable place fails before training."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"paths.output_dir: cannot write to {path} ({error.strerror}); "
+                          f"choose a writable place (set paths.log_dir=...)") from None

@@ -13,8 +13,11 @@ and Σ_t q_t.grad = dL/dW (DESIGN.md §1).
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.config import ConfigError, require_choice, require_int
+from rnnlab.config import ConfigError, require, require_choice, require_int
+
+log = logging.getLogger(__name__)
 
 MODULES = ("encoder", "cell", "decoder")
 # module → parameter name → (T, *parameter shape): the zero probe q_t of every step t
@@ -53,11 +58,14 @@ class RecurrentModel(pl.LightningModule):
         require_int("model.encoder_size", encoder_size)
         self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-3})
         require_choice("model.optimizer.name", self.optimizer_cfg.get("name"), tuple(OPTIMIZERS))
+        check_optimizer_keys(self.optimizer_cfg)
+        require(isinstance(fast_path, bool), "model.fast_path", fast_path, "true or false")
         self.encoder = nn.Linear(input_size, encoder_size)
         self.cell: Cell = instantiate(cell, input_size=encoder_size, _convert_="all")
         if not isinstance(self.cell, Cell):
             raise ConfigError(f"cell._target_ must name a subclass of rnnlab.cells.Cell, got "
                               f"{type(self.cell).__name__}")
+        check_cell_step(self.cell, cell.get("_target_"))
         self.decoder = nn.Linear(self.cell.hidden_size, output_size)
         self.n_out = n_out
         self.probe_next_step = False  # set by GradFlowMonitor before a monitored training step
@@ -66,6 +74,11 @@ class RecurrentModel(pl.LightningModule):
         self.param_probes: ParamProbes | None = None
         self.probed_loss: Tensor | None = None  # … and its loss
         self.last_val_step = -1  # global step of the last validation outside the sanity check
+        # Non-finite loss or gradients: stop or skip the step (GradFlowMonitor sets the policy
+        # from monitor.on_nonfinite and describes its latest finite record here).
+        self.on_nonfinite = "stop"
+        self.last_finite_profile = "none yet (no monitored step finished)"
+        self.skipped_steps = 0
 
     # --- the unrolled network ------------------------------------------------------------------
     def make_probes(self, batch_size: int, seq_len: int) -> State:
@@ -137,20 +150,33 @@ class RecurrentModel(pl.LightningModule):
         return F.cross_entropy(y_hat.reshape(-1, y_hat.shape[-1]), y.reshape(-1), ignore_index=-100)
 
     # --- Lightning -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         x = batch["x"]
         probes = self.make_probes(x.shape[0], x.shape[1]) if self.probe_next_step else None
         param_probes = (self.make_param_probes(x.shape[1])
                         if self.probe_next_step and self.probe_parameters else None)
         loss = self.loss_fn(self(x, batch.get("dt"), probes, param_probes), batch["y"])
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}; lower "
-                "model.optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or use a "
-                "smaller cell.gain")
+            self.nonfinite(f"non-finite training loss {loss.item()}",
+                           "the forward pass overflowed, so this step has no gradient profile")
+            return None  # Lightning then skips the backward pass and the optimizer step
         self.probes, self.param_probes, self.probed_loss = probes, param_probes, loss.detach()
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def nonfinite(self, what: str, where: str) -> None:
+        """Apply the non-finite policy to this step: raise (``stop``) or count and warn (``skip``).
+
+        ``where``: which timesteps are at fault, as far as known (`offending_timesteps`). The
+        caller skips the step itself (returns None, or drops the gradients).
+        """
+        message = nonfinite_message(self.global_step, what, where, self.last_finite_profile,
+                                    self.on_nonfinite)
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(message)
+        self.skipped_steps += 1
+        log.warning(message)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         # After the backward pass, so a cell's counts include it (e.g. the adjoint's NFE).
@@ -181,6 +207,74 @@ class RecurrentModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
         return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)
+
+
+def offending_timesteps(dL_dz: np.ndarray | None) -> str:
+    """Where ||dL/dz_t|| (T,) is non-finite, or how to measure it on an unmonitored step."""
+    if dL_dz is None:
+        return ("the offending timesteps were not measured: this step was not monitored "
+                "(set monitor.every_n_steps=1 to measure every step)")
+    return (f"||dL/dz_t|| is non-finite at timesteps "
+            f"{np.nonzero(~np.isfinite(dL_dz))[0].tolist()} of T = {len(dL_dz)}")
+
+
+def nonfinite_message(step: int, what: str, where: str, last_finite_profile: str,
+                      policy: str) -> str:
+    """What went non-finite at ``step``, where in time, and the last finite profile."""
+    action = ("skipped this step (monitor.on_nonfinite=skip)" if policy == "skip" else
+              "stopped (monitor.on_nonfinite=stop; set monitor.on_nonfinite=skip to skip such "
+              "steps)")
+    return (f"{what} at step {step}; {where}; last finite gradient profile: "
+            f"{last_finite_profile}; {action}. Lower model.optimizer.lr, clip gradients "
+            "(trainer.gradient_clip_val=1.0) or use a smaller cell.gain")
+
+
+def check_optimizer_keys(optimizer: dict[str, Any]) -> None:
+    """Every key but ``name`` must be an argument of the chosen torch optimizer."""
+    name = optimizer["name"]
+    accepted = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"self", "params"}
+    unknown = sorted(set(optimizer) - accepted - {"name"})
+    if unknown:
+        key = f"model.optimizer.{unknown[0]}"
+        raise ConfigError(f"{key} is not an argument of torch.optim.{OPTIMIZERS[name].__name__} "
+                          f"(it takes {', '.join(sorted(accepted))}); remove it (~{key})")
+
+
+def check_cell_step(cell: Cell, target: str | None) -> None:
+    """One `step` on a tiny probe batch: each returned state (B, hidden_size), floating point.
+
+    A user cell whose `step` returns the wrong shape or dtype would otherwise fail deep inside
+    the unroll, the probes or the decoder; here the error names the cell and what was wrong.
+    """
+    batch = 2
+    where = f"cell._target_={target}: {type(cell).__name__}.step"
+    try:
+        state = cell.init_state(batch)
+        p = next(cell.parameters(), None)
+        u_t = torch.zeros(batch, cell.input_size,
+                          dtype=p.dtype if p is not None else torch.get_default_dtype())
+        with torch.no_grad():
+            out = cell.step(u_t, state, None)
+        cell.diagnostics()  # reset counters (the ODE solver's NFE) so the probe does not count
+    except ConfigError:
+        raise
+    except Exception as error:  # a user's cell can fail any way; report it before training
+        raise ConfigError(f"{where} failed on a probe batch u_t ({batch}, {cell.input_size}): "
+                          f"{type(error).__name__}: {error}; fix the cell's step") from error
+    expected = (batch, cell.hidden_size)
+    if not isinstance(out, tuple) or len(out) != len(cell.state_names):
+        raise ConfigError(f"{where} must return a tuple of {len(cell.state_names)} tensor(s) "
+                          f"({', '.join(cell.state_names)}) as `state_names` says, got "
+                          f"{type(out).__name__}"
+                          + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    for name, s in zip(cell.state_names, out):
+        if not isinstance(s, Tensor) or tuple(s.shape) != expected:
+            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ConfigError(f"{where} must return state {name} of shape (B, hidden_size) = "
+                              f"{expected}, got {got}")
+        if not s.is_floating_point():
+            raise ConfigError(f"{where} must return state {name} as a floating-point tensor "
+                              f"(gradients flow through it), got dtype {s.dtype}")
 
 
 def per_step_parameters(cell: Cell, probes: dict[str, Tensor]):

@@ -17,7 +17,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from rnnlab.callbacks import GradFlowMonitor
-from rnnlab.config import ConfigError, validate
+from rnnlab.config import ConfigError, check_writable, validate, validate_timesteps
 from rnnlab.model import RecurrentModel
 from rnnlab.resume import carry_history, find_checkpoint
 
@@ -49,11 +49,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir)
     checkpoint = (find_checkpoint(str(cfg.ckpt_path), output_dir.parent)
                   if cfg.get("ckpt_path") else None)
     pl.seed_everything(cfg.seed, workers=True)
 
     task = build(cfg.task)
+    if cfg.get("monitor"):
+        validate_timesteps(cfg.monitor.get("timesteps"), task.seq_len)
     model = build_model(cfg, task)
     callbacks = [build(node) for node in (cfg.get("callbacks") or {}).values() if node]
     if not cfg.trainer.get("enable_progress_bar", True):  # the flag wins over a bar callback

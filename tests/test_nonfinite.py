@@ -1,0 +1,131 @@
+"""Non-finite loss or gradients: monitor.on_nonfinite=stop raises, =skip skips the step."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from rnnlab import gradflow
+from rnnlab.cells.rnn import ElmanRNN
+from rnnlab.config import ConfigError
+from rnnlab.train import build, build_model, train
+
+T = 12
+POISONED = 7  # the backward pass turns nan at step 7: dL/dz_t is nan for every t < 7
+DIVERGE = ["cell.nonlinearity=identity", "cell.init=orthogonal", "cell.gain=1.0",
+           "task.seq_len=30", "model.optimizer.lr=1e6"]
+POISON = [f"task.seq_len={T}", "monitor=profile", "monitor.every_n_steps=1", "trainer.max_steps=2"]
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward; backward returns nan: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.fixture
+def poisoned_rnn(monkeypatch):
+    """ElmanRNN whose step POISONED of every differentiated unroll has a nan gradient."""
+    plain_step, t = ElmanRNN.step, [0]
+
+    def step(self, u_t, state, dt):
+        t[0] = 0 if not state[0].requires_grad else t[0] + 1  # the zero initial state: t = 0
+        out = plain_step(self, u_t, state, dt)
+        if torch.is_grad_enabled() and t[0] == POISONED:
+            return tuple(NanGradient.apply(s) for s in out)
+        return out
+
+    monkeypatch.setattr(ElmanRNN, "step", step)
+
+
+def test_on_nonfinite_must_be_stop_or_skip(make_cfg):
+    with pytest.raises(ConfigError, match=r"monitor.on_nonfinite must be one of stop, skip, got "
+                                          r"'maybe' \(set monitor.on_nonfinite=...\)"):
+        train(make_cfg("monitor.on_nonfinite=maybe"))
+
+
+def test_diverging_run_stops_naming_step_and_last_finite_profile(make_cfg, tmp_path):
+    # Step 0 is finite (its record is written); the huge step Adam takes makes step 1 overflow.
+    with pytest.raises(FloatingPointError) as error:
+        train(make_cfg(*DIVERGE, "trainer.max_steps=5"))
+    message = str(error.value)
+    assert "non-finite training loss" in message and "at step 1;" in message
+    record = np.load(tmp_path / "run" / "grad_flow" / "step_0000000.npz")
+    summary = gradflow.summarize(record["dL_dz"])  # recomputed from the written profile
+    assert (f"last finite gradient profile: step 0, decay_rate {summary['decay_rate']:.4g}, "
+            f"log10_first_last {summary['log10_first_last']:.4g}, record "
+            f"{tmp_path / 'run' / 'grad_flow' / 'step_0000000.npz'}") in message
+    assert "monitor.on_nonfinite=skip" in message
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_nonfinite_gradient_reports_the_offending_timesteps_of_an_independent_profile(
+        make_cfg, poisoned_rnn):
+    cfg = make_cfg(*POISON)
+    pl.seed_everything(cfg.seed, workers=True)
+    task = build(cfg.task)
+    task.setup("fit")
+    batch = next(iter(task.train_dataloader()))
+    # Independently: the poisoned model's profile on the first batch, by autograd on the probes.
+    model = build_model(cfg, task)
+    x = batch["x"]
+    probes = model.make_probes(x.shape[0], T)
+    loss = model.loss_fn(model(x, None, probes), batch["y"])
+    (dL_dz,) = torch.autograd.grad(loss, probes)
+    expected = np.nonzero(~torch.isfinite(dL_dz.norm(dim=(1, 2))).numpy())[0].tolist()
+    assert torch.isfinite(loss) and expected == list(range(POISONED))
+
+    with pytest.raises(FloatingPointError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert "non-finite gradients" in message and "with a finite loss at step 0;" in message
+    assert f"non-finite at timesteps {expected} of T = {T}" in message
+    assert "last finite gradient profile: none yet" in message
+
+
+def test_unmonitored_nonfinite_step_says_how_to_see_the_timesteps(make_cfg, poisoned_rnn,
+                                                                  caplog):
+    # Step 0 is monitored, step 1 is not; both are poisoned (the loop runs `step` on both).
+    with caplog.at_level(logging.WARNING, logger="rnnlab.model"):
+        train(make_cfg(*POISON, "monitor.every_n_steps=2", "model.fast_path=false",
+                       "monitor.on_nonfinite=skip"))
+    first, second = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "at step 0;" in first and f"timesteps {list(range(POISONED))}" in first
+    assert "at step 1;" in second
+    assert "this step was not monitored (set monitor.every_n_steps=1" in second
+
+
+def test_skip_leaves_parameters_unchanged_counts_and_finishes(make_cfg, tmp_path, poisoned_rnn,
+                                                              caplog):
+    cfg = make_cfg(*POISON, "monitor.on_nonfinite=skip")
+    pl.seed_everything(cfg.seed, workers=True)
+    initial = build_model(cfg, build(cfg.task)).state_dict()  # the run builds the same weights
+    with caplog.at_level(logging.WARNING, logger="rnnlab.model"):
+        metrics = train(cfg)
+    assert metrics["step"] == 2  # both optimizer steps were skipped, and training went on
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    for name, value in initial.items():
+        torch.testing.assert_close(final["state_dict"][name], value, rtol=0, atol=0)
+    warnings = [r.getMessage() for r in caplog.records if "skipped this step" in r.getMessage()]
+    assert len(warnings) == 2
+    assert f"non-finite at timesteps {list(range(POISONED))}" in warnings[0]
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_skip_counts_skipped_steps_in_tensorboard(make_cfg, tmp_path, poisoned_rnn):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_cfg(*POISON, "monitor.on_nonfinite=skip"))
+    paths = sorted((tmp_path / "run").rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(paths[0].parent)).Reload()
+    assert [e.value for e in events.Scalars("train/skipped_steps")] == [1.0, 2.0]
