@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from rnnlab import gradflow
 from rnnlab.config import ConfigError
+from rnnlab.model import RecurrentModel
 from rnnlab.train import build, build_model
 
 from .conftest import CONF
@@ -122,3 +123,39 @@ def test_float64_profile_leaves_the_training_update_unchanged(make_cfg):
 def test_unknown_profile_dtype_is_a_config_error(make_cfg):
     with pytest.raises(ConfigError, match=r"monitor\.profile_dtype"):
         build(make_cfg("monitor.profile_dtype=float16").monitor)
+
+
+NO_FUSED_KERNEL = {
+    "rnn_sigmoid": {"_target_": "rnnlab.cells.rnn.ElmanRNN", "hidden_size": 6,
+                    "nonlinearity": "sigmoid"},
+    "node_manual_euler": {"_target_": "rnnlab.cells.ode.NeuralODE", "hidden_size": 6, "width": 8,
+                          "solver": "manual_euler"},
+}
+
+
+@pytest.mark.slow  # compiling takes seconds to tens of seconds on a CPU
+@pytest.mark.parametrize("cell", sorted(NO_FUSED_KERNEL))
+def test_compiled_loop_matches_the_plain_loop(cell):
+    torch.manual_seed(0)
+    plain = RecurrentModel(NO_FUSED_KERNEL[cell], input_size=2, output_size=1, n_out=2,
+                           encoder_size=4)
+    compiled = RecurrentModel(NO_FUSED_KERNEL[cell], input_size=2, output_size=1, n_out=2,
+                              encoder_size=4, compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    x, y = torch.randn(5, 9, 2), torch.randn(5, 2, 1)
+    outputs, grads = [], []
+    for model in (plain, compiled):
+        y_hat = model(x)
+        model.loss_fn(y_hat, y).backward()
+        outputs.append(y_hat.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert compiled._compiled_step is not None  # the compiled path ran
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+def test_compile_must_be_a_boolean():
+    with pytest.raises(ConfigError, match=r"model\.compile"):
+        RecurrentModel(NO_FUSED_KERNEL["rnn_sigmoid"], input_size=2, output_size=1, compile="yes")
