@@ -16,6 +16,10 @@ Every step: the parameter-gradient norm per module (``grad_norm/encoder|cell|dec
 all parameters before and after Lightning's gradient clipping (``grad_norm/total``,
 ``grad_norm/total_clipped``). A custom-scalars layout groups each instrument's timesteps on one
 chart.
+
+``profile_dtype=float64`` measures the profile on a float64 copy of the model instead (same
+weights, same batch, its own forward and backward pass): training stays on its fast float32 path,
+and norms down to ~1e-308 are exact where float32 rounds everything below ~1e-45 to 0.
 """
 
 from __future__ import annotations
@@ -72,12 +76,17 @@ class GradFlowMonitor(pl.Callback):
         on_nonfinite: a non-finite loss or gradient ``stop``s training with a FloatingPointError,
             or ``skip``s that optimizer step (counted as ``train/skipped_steps``); either way the
             message names the step, the last finite profile and the offending timesteps.
+        profile_dtype: ``float32`` reads the probes of the training step itself (as trained);
+            ``float64`` trains the monitored step on the fast path too and measures the profile
+            (and ``dL_dW``) on a float64 copy of the model with the same batch: one more forward
+            and backward, in float64, on monitored steps only; the update is unchanged.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 50, timesteps: list[int] | None = None,
                  num_timesteps: int = 5, figure_every_n_records: int = 1,
                  param_contributions: bool = True, jacobian_every_n_steps: int = 50,
-                 jacobian_iterations: int = 10, on_nonfinite: str = "stop"):
+                 jacobian_iterations: int = 10, on_nonfinite: str = "stop",
+                 profile_dtype: str = "float32"):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
         require(timesteps is None or all(isinstance(t, int) for t in timesteps),
@@ -95,6 +104,10 @@ class GradFlowMonitor(pl.Callback):
                 f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
         self.jacobian_iterations = require_int("monitor.jacobian_iterations", jacobian_iterations)
         self.on_nonfinite = require_choice("monitor.on_nonfinite", on_nonfinite, ("stop", "skip"))
+        self.profile_dtype = require_choice("monitor.profile_dtype", profile_dtype,
+                                            ("float32", "float64"))
+        self.twin = None  # the float64 copy of the model (profile_dtype=float64), made once
+        self.profile_batch: dict | None = None  # the batch of a monitored step, for the copy
         self.jacobian_batch: dict | None = None  # the batch of a step that measures Jacobians
         self.pending: tuple[int, dict] | None = None  # a record waiting for the clipped norm
         self.pre_clip_norm = math.nan
@@ -128,20 +141,28 @@ class GradFlowMonitor(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         monitored = step % self.every_n_steps == 0
-        pl_module.probe_next_step = monitored
-        pl_module.probe_parameters = monitored and self.param_contributions
+        in_float64 = self.profile_dtype == "float64"
+        pl_module.probe_next_step = monitored and not in_float64
+        pl_module.probe_parameters = pl_module.probe_next_step and self.param_contributions
+        self.profile_batch = batch if monitored and in_float64 else None
         jacobian = monitored and self.jacobian_every > 0 and step % self.jacobian_every == 0
         self.jacobian_batch = batch if jacobian else None
         self.pre_clip_norm = math.nan
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        norms = gradflow.module_grad_norms(pl_module)
+        # Tensors, not floats: logging them costs no host sync; Lightning reads them when it writes.
+        norms = gradflow.module_grad_norm_tensors(pl_module)
         pl_module.log_dict({f"grad_norm/{k.removeprefix('grad_norm_')}": v
                             for k, v in norms.items()}, on_step=True, on_epoch=False)
+        if self.profile_batch is not None:
+            self.probe_in_float64(pl_module, self.profile_batch)
+            self.profile_batch = None
         record = self.probed_record(trainer, pl_module, norms)
-        if not all(math.isfinite(v) for v in norms.values()):
+        # One host read per step: the non-finite policy has to decide before the optimizer runs.
+        if not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
             # The loss was finite (training_step checks it), so the backward pass overflowed.
-            named = ", ".join(f"{k.removeprefix('grad_norm_')} {v:.3g}" for k, v in norms.items())
+            named = ", ".join(f"{k.removeprefix('grad_norm_')} {float(v):.3g}"
+                              for k, v in norms.items())
             pl_module.nonfinite(f"non-finite gradients (norms: {named}) with a finite loss",
                                 offending_timesteps(record["dL_dz"] if record else None))
             for p in pl_module.parameters():  # the optimizer leaves a parameter without grad
@@ -162,7 +183,7 @@ class GradFlowMonitor(pl.Callback):
             grads = {m: {n: q.grad for n, q in qs.items()}
                      for m, qs in pl_module.param_probes.items()}
             record.update(gradflow.param_contribution_norms(grads, total, world))
-        record.update(norms)
+        record.update({k: float(v) for k, v in norms.items()})
         loss = pl_module.probed_loss.double()
         record["loss"] = float(total(loss) / world if total else loss)
         pl_module.probes = pl_module.param_probes = pl_module.probed_loss = None
@@ -178,6 +199,32 @@ class GradFlowMonitor(pl.Callback):
             self.jacobian_batch = None
         return record
 
+    def probe_in_float64(self, pl_module, batch: dict) -> None:
+        """Run the probed path on a float64 copy of ``pl_module`` (same weights, same batch) and
+        leave its probes, and loss, where the training step's probes would be.
+
+        The copy is built once from the model's hyperparameters (under a forked RNG, so its init
+        draws nothing from the training stream) and refreshed from the state dict on each call.
+        """
+        if self.twin is None:
+            with torch.random.fork_rng(devices=[]):
+                self.twin = type(pl_module)(**pl_module.hparams)
+            self.twin.to(device=pl_module.device, dtype=torch.float64)
+        twin = self.twin
+        twin.load_state_dict(pl_module.state_dict())
+        twin.train(pl_module.training)
+        batch = {k: v.double() if torch.is_floating_point(v) else v for k, v in batch.items()}
+        x = batch["x"]
+        probes = twin.make_probes(x.shape[0], x.shape[1])
+        param_probes = twin.make_param_probes(x.shape[1]) if self.param_contributions else None
+        with torch.enable_grad():
+            loss = twin.loss_fn(twin(x, batch.get("dt"), probes, param_probes), batch["y"])
+            leaves = [*probes, *(q for qs in (param_probes or {}).values() for q in qs.values())]
+            loss.backward(inputs=leaves)  # the probes only: the copy's .grad stay untouched
+        twin.cell.diagnostics()  # the copy's solver work is not the training step's
+        pl_module.probes, pl_module.param_probes = probes, param_probes
+        pl_module.probed_loss = loss.detach()
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
         self.pre_clip_norm = gradflow.total_grad_norm(pl_module)
@@ -192,8 +239,8 @@ class GradFlowMonitor(pl.Callback):
             return
         step, record = self.pending
         self.pending = None
-        record["grad_norm_total"] = self.pre_clip_norm
-        record["grad_norm_total_clipped"] = clipped
+        record["grad_norm_total"] = float(self.pre_clip_norm)
+        record["grad_norm_total_clipped"] = float(clipped)
         self.last_record = record
         if np.isfinite(record["dL_dz"]).all():
             path = self.dirpath / f"step_{step:07d}.npz"  # as gradflow.save names it

@@ -60,10 +60,16 @@ def probe_profile(state_names: tuple[str, ...], probe_grads: tuple[Tensor, ...],
 
 
 def module_grad_norms(model: torch.nn.Module, grads: dict[str, Tensor] | None = None) -> dict:
-    """``grad_norm_<module>``: the 2-norm of all parameter gradients of encoder, cell, decoder.
-
-    Reads ``p.grad`` unless ``grads`` (parameter name → gradient) is given.
+    """``grad_norm_<module>``: the 2-norm of all parameter gradients of encoder, cell, decoder,
+    as Python floats (for records). Reads ``p.grad`` unless ``grads`` (name → gradient) is given.
     """
+    return {k: float(v) for k, v in module_grad_norm_tensors(model, grads).items()}
+
+
+def module_grad_norm_tensors(model: torch.nn.Module,
+                             grads: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """`module_grad_norms` as 0-d float64 tensors on the model's device: no host sync, so the
+    norms of every training step can be logged without stalling an accelerator."""
     norms = {}
     for module in MODULES:
         parts = []
@@ -71,16 +77,18 @@ def module_grad_norms(model: torch.nn.Module, grads: dict[str, Tensor] | None = 
             g = grads.get(name) if grads is not None else p.grad
             if g is not None:
                 parts.append(torch.linalg.vector_norm(g.double()))
-        norms[f"grad_norm_{module}"] = float(torch.linalg.vector_norm(torch.stack(parts))) \
-            if parts else 0.0
+        norms[f"grad_norm_{module}"] = (torch.linalg.vector_norm(torch.stack(parts)) if parts
+                                        else torch.zeros((), dtype=torch.float64))
     return norms
 
 
-def total_grad_norm(model: torch.nn.Module) -> float:
-    """The 2-norm of every parameter gradient of the model together (what clipping by norm sees)."""
+def total_grad_norm(model: torch.nn.Module) -> Tensor:
+    """The 2-norm of every parameter gradient of the model together (what clipping by norm sees),
+    a 0-d float64 tensor on the model's device (no host sync)."""
     parts = [torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()
              if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(parts))) if parts else 0.0
+    return (torch.linalg.vector_norm(torch.stack(parts)) if parts
+            else torch.zeros((), dtype=torch.float64))
 
 
 def param_contribution_norms(probe_grads: dict[str, dict[str, Tensor | None]],

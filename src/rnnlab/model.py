@@ -47,13 +47,17 @@ class RecurrentModel(pl.LightningModule):
         encoder_size: width of the linear encoder h(t) = Enc(x(t)).
         optimizer: ``{"name": adam|adamw|sgd|rmsprop, "lr": …}``; other keys go to the optimizer.
         fast_path: train on the cell's `sequence` path on unmonitored steps when it has one.
+        compile: on unprobed passes of a cell without a `sequence` path, loop over a
+            `torch.compile`d ``cell.step`` (compiled on first use, again per new input shape).
     """
 
     def __init__(self, cell: dict[str, Any], input_size: int, output_size: int, n_out: int = 1,
                  loss: str = "mse", encoder_size: int = 32,
-                 optimizer: dict[str, Any] | None = None, fast_path: bool = True):
+                 optimizer: dict[str, Any] | None = None, fast_path: bool = True,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
+        require(isinstance(compile, bool), "model.compile", compile, "true or false")
         require_choice("task.loss", loss, ("mse", "cross_entropy"))
         require_int("model.encoder_size", encoder_size)
         self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-3})
@@ -79,6 +83,7 @@ class RecurrentModel(pl.LightningModule):
         self.on_nonfinite = "stop"
         self.last_finite_profile = "none yet (no monitored step finished)"
         self.skipped_steps = 0
+        self._compiled_step: CompiledStep | None = None  # made on first use
 
     # --- the unrolled network ------------------------------------------------------------------
     def make_probes(self, batch_size: int, seq_len: int) -> State:
@@ -119,6 +124,8 @@ class RecurrentModel(pl.LightningModule):
         dts = dt.unbind(1) if dt is not None else (None,) * T
         per_step_probes = zip(*(p.unbind(0) for p in probes)) if probes is not None else None
         step = self.cell.step
+        if plain and self.hparams.get("compile", False):
+            step = self.compiled_step()
         if cell_probes is not None:
             step = per_step_parameters(self.cell, cell_probes)
         outputs = []
@@ -131,6 +138,13 @@ class RecurrentModel(pl.LightningModule):
             if t >= T - self.n_out:
                 outputs.append(state[0])
         return torch.stack(outputs, dim=1)
+
+    def compiled_step(self) -> CompiledStep:
+        """``cell.step`` compiled by `torch.compile` (`CompiledStep`), made on first use.
+        Probed passes never use it (the probes are added between steps, outside)."""
+        if self._compiled_step is None:
+            self._compiled_step = CompiledStep(self.cell)
+        return self._compiled_step
 
     def forward(self, x: Tensor, dt: Tensor | None = None, probes: State | None = None,
                 param_probes: ParamProbes | None = None) -> Tensor:
@@ -294,6 +308,41 @@ def per_step_parameters(cell: Cell, probes: dict[str, Tensor]):
         return functional_call(caller, probed, (u_t, state, dt_t))
 
     return step
+
+
+class CompiledStep:
+    """``cell.step`` compiled by `torch.compile`: the same function, its elementwise work fused.
+
+    torch.compile treats a module's integer attributes as constants, so a cell that counts in one
+    (the ODE's ``nfe``) would compile again on every new count until torch gives up and runs
+    eagerly. The integers the first call changes are taken for counters: later calls run with
+    them at 0, and what they count is added back afterwards.
+    """
+
+    def __init__(self, cell: Cell):
+        self.cell = cell
+        self.compiled = torch.compile(cell.step, dynamic=False)
+        self.counters: list[str] | None = None  # found on the first call
+
+    def __call__(self, u_t: Tensor, state: State, dt_t: Tensor | None) -> State:
+        if self.counters is None:
+            before = integer_attributes(self.cell)
+            out = self.compiled(u_t, state, dt_t)
+            after = integer_attributes(self.cell)
+            self.counters = [k for k, v in before.items() if after.get(k) != v]
+            return out
+        counts = {k: getattr(self.cell, k) for k in self.counters}
+        for k in counts:
+            setattr(self.cell, k, 0)
+        try:
+            return self.compiled(u_t, state, dt_t)
+        finally:
+            for k, v in counts.items():
+                setattr(self.cell, k, v + getattr(self.cell, k))
+
+
+def integer_attributes(module: nn.Module) -> dict[str, int]:
+    return {k: v for k, v in vars(module).items() if type(v) is int}
 
 
 class _StepCaller(nn.Module):

@@ -1,0 +1,161 @@
+"""Training on the fast path is the same model: monitored every step or almost never, the same
+parameters come out; the float64 profile is exact where float32 underflows; the compiled loop
+matches the plain loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from rnnlab import gradflow
+from rnnlab.config import ConfigError
+from rnnlab.model import RecurrentModel
+from rnnlab.train import build, build_model
+
+from .conftest import CONF
+
+CELLS = sorted(p.stem for p in (CONF / "cell").glob("*.yaml"))
+# Cells whose unmonitored steps take another path than the probed loop: the fused kernels
+# (rnn tanh, gru, lstm), the whole-sequence odeint, and the compiled loop.
+FAST_VARIANTS = {
+    **{cell: [f"cell={cell}"] for cell in CELLS},
+    "node_whole_sequence": ["cell=node", "cell.solver=euler", "cell.whole_sequence=true"],
+    "rnn_relu": ["cell=rnn", "cell.nonlinearity=relu"],
+}
+STEPS = 6
+
+
+def train_parameters(make_cfg, overrides: list[str], every: int) -> dict[str, torch.Tensor]:
+    """Train STEPS steps in float64 with the monitor every ``every`` steps; the final parameters."""
+    cfg = make_cfg(*overrides, "+trainer.precision=64-true", f"trainer.max_steps={STEPS}",
+                   f"monitor.every_n_steps={every}", "monitor.jacobian_every_n_steps=0",
+                   "task.seq_len=12", "task.train_batches=8", "+trainer.limit_val_batches=0",
+                   "callbacks.model_checkpoint=null", "+trainer.enable_checkpointing=false",
+                   "cell.hidden_size=6", "model.encoder_size=4")
+    torch.manual_seed(cfg.seed)
+    task = build(cfg.task)
+    model = build_model(cfg, task)
+    initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    trainer = build(cfg.trainer, callbacks=[build(cfg.monitor)], logger=False)
+    trainer.fit(model, datamodule=task)
+    assert trainer.global_step == STEPS
+    assert any(not torch.equal(p.detach(), initial[n]) for n, p in model.named_parameters())
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", sorted(FAST_VARIANTS))
+def test_monitoring_every_step_trains_the_same_parameters_as_monitoring_rarely(make_cfg, variant):
+    overrides = FAST_VARIANTS[variant]
+    probed = train_parameters(make_cfg, overrides, every=1)
+    fast = train_parameters(make_cfg, overrides, every=1000)
+    assert probed.keys() == fast.keys()
+    for name in probed:
+        assert probed[name].dtype == torch.float64
+        torch.testing.assert_close(fast[name], probed[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+class CaptureFirstStep(pl.Callback):
+    """Keeps the batch and the weights of training step 0, before the update."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            self.batch = {k: v.clone() for k, v in batch.items()}
+            self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def first_profile(make_cfg, tmp_path, profile_dtype: str) -> tuple[np.ndarray, CaptureFirstStep]:
+    """dL_dz of step 0 of a tanh RNN with W = 0.02·Q over T = 30 (the norm falls ~0.02 a step)."""
+    cfg = make_cfg("cell=rnn", "cell.init=orthogonal", "cell.gain=0.02", "task.seq_len=30",
+                   "trainer.max_steps=1", "+trainer.limit_val_batches=0",
+                   "callbacks.model_checkpoint=null", "+trainer.enable_checkpointing=false",
+                   f"monitor.profile_dtype={profile_dtype}", "monitor.jacobian_every_n_steps=0",
+                   f"monitor.dirpath={tmp_path / profile_dtype / 'grad_flow'}")
+    torch.manual_seed(cfg.seed)
+    task = build(cfg.task)
+    model = build_model(cfg, task)
+    capture = CaptureFirstStep()
+    trainer = build(cfg.trainer, callbacks=[capture, build(cfg.monitor)], logger=False)
+    trainer.fit(model, datamodule=task)
+    return gradflow.load(tmp_path / profile_dtype)["dL_dz"][0], capture
+
+
+def reference_profile(weights: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                      n_out: int) -> np.ndarray:
+    """||∂L/∂z_t|| in float64 by autograd on a loop written out here, z_t = tanh(W z + U u + b)."""
+    w = {k: v.double().requires_grad_() for k, v in weights.items()}
+    x, y = batch["x"].double(), batch["y"].double()
+    u = x @ w["encoder.weight"].T + w["encoder.bias"]
+    z = torch.zeros(x.shape[0], w["cell.weight_hh"].shape[0], dtype=torch.float64)
+    states = []
+    for u_t in u.unbind(1):
+        z = torch.tanh(u_t @ w["cell.weight_ih"].T + w["cell.bias_ih"]
+                       + z @ w["cell.weight_hh"].T + w["cell.bias_hh"])
+        states.append(z)
+    read = torch.stack(states[len(states) - n_out:], dim=1)
+    loss = F.mse_loss(read @ w["decoder.weight"].T + w["decoder.bias"], y)
+    grads = torch.autograd.grad(loss, states)
+    return np.array([float(torch.linalg.vector_norm(g)) for g in grads])
+
+
+def test_float32_profile_underflows_to_zero_early_in_a_fast_vanishing_rnn(make_cfg, tmp_path):
+    profile, _ = first_profile(make_cfg, tmp_path, "float32")
+    assert profile[0] == 0.0 and profile[-1] > 0
+
+
+def test_float64_profile_matches_float64_autograd_below_float32_range(make_cfg, tmp_path):
+    profile, capture = first_profile(make_cfg, tmp_path, "float64")
+    expected = reference_profile(capture.weights, capture.batch, n_out=1)
+    assert expected[0] < 1e-45  # below the smallest float32
+    assert np.all(profile > 0) and np.all(np.isfinite(profile))
+    np.testing.assert_allclose(profile, expected, rtol=1e-9)
+
+
+def test_float64_profile_leaves_the_training_update_unchanged(make_cfg):
+    as_trained = train_parameters(make_cfg, ["cell=rnn"], every=1)
+    in_float64 = train_parameters(make_cfg, ["cell=rnn", "monitor.profile_dtype=float64"], every=1)
+    for name in as_trained:
+        torch.testing.assert_close(in_float64[name], as_trained[name], rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_profile_dtype_is_a_config_error(make_cfg):
+    with pytest.raises(ConfigError, match=r"monitor\.profile_dtype"):
+        build(make_cfg("monitor.profile_dtype=float16").monitor)
+
+
+NO_FUSED_KERNEL = {
+    "rnn_sigmoid": {"_target_": "rnnlab.cells.rnn.ElmanRNN", "hidden_size": 6,
+                    "nonlinearity": "sigmoid"},
+    "node_manual_euler": {"_target_": "rnnlab.cells.ode.NeuralODE", "hidden_size": 6, "width": 8,
+                          "solver": "manual_euler"},
+}
+
+
+@pytest.mark.slow  # compiling takes seconds to tens of seconds on a CPU
+@pytest.mark.parametrize("cell", sorted(NO_FUSED_KERNEL))
+def test_compiled_loop_matches_the_plain_loop(cell):
+    torch.manual_seed(0)
+    plain = RecurrentModel(NO_FUSED_KERNEL[cell], input_size=2, output_size=1, n_out=2,
+                           encoder_size=4)
+    compiled = RecurrentModel(NO_FUSED_KERNEL[cell], input_size=2, output_size=1, n_out=2,
+                              encoder_size=4, compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    x, y = torch.randn(5, 9, 2), torch.randn(5, 2, 1)
+    outputs, grads = [], []
+    for model in (plain, compiled):
+        y_hat = model(x)
+        model.loss_fn(y_hat, y).backward()
+        outputs.append(y_hat.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert compiled._compiled_step is not None  # the compiled path ran
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+def test_compile_must_be_a_boolean():
+    with pytest.raises(ConfigError, match=r"model\.compile"):
+        RecurrentModel(NO_FUSED_KERNEL["rnn_sigmoid"], input_size=2, output_size=1, compile="yes")
