@@ -48,6 +48,7 @@ BAD = [
     (["cell=node", "cell.solver=scipy_solver"], "cell.adjoint must be true with cell.solver="),
     (["model.encoder_size=abc"], "model.encoder_size must be an integer >= 1"),
     (["model.fast_path=maybe"], "model.fast_path must be true or false"),
+    (["model.checkpoint_steps=-1"], "model.checkpoint_steps must be 0 (keep every step's"),
     (["model.optimizer.lr=-1"], "model.optimizer.lr must be a finite number > 0, got -1"),
     (["model.optimizer=null"], "model.optimizer.lr must be a finite number > 0, got None"),
     (["monitor.timesteps=[100]"], "monitor.timesteps must be timesteps in [-10, 9] for the task's"),
@@ -175,3 +176,27 @@ def test_cell_with_a_wrong_step_output_is_refused_at_construction(cell_class, me
                        encoder_size=4)
     assert f"cell._target_={target}: {cell_class.__name__}.step" in str(error.value)
     assert message in str(error.value)
+
+
+def test_param_contributions_that_cannot_fit_are_refused_before_training(make_cfg, tmp_path,
+                                                                        monkeypatch):
+    from rnnlab import callbacks
+
+    monkeypatch.setattr(callbacks, "memory_bytes", lambda device: 2**12)  # a 4 KiB machine
+    with pytest.raises(ConfigError, match=r"monitor.param_contributions=true needs about .* "
+                                          r"at T = 10 .*set monitor.param_contributions=false"):
+        train(make_cfg("task.seq_len=10"))
+    assert_no_finished_run(tmp_path / "run")
+    make_cfg("task.seq_len=10", "monitor.param_contributions=false")  # the fix composes …
+    monkeypatch.setattr(callbacks, "memory_bytes", lambda device: 2**40)
+    assert train(make_cfg("task.seq_len=10"))["step"] > 0  # … and a machine that fits trains
+
+
+def test_param_probe_estimate_covers_the_probes_and_their_gradients():
+    from rnnlab.callbacks import param_probe_bytes
+
+    model = RecurrentModel({"_target_": "rnnlab.cells.LSTM", "hidden_size": 8}, input_size=3,
+                           output_size=1, encoder_size=4)
+    probes = model.make_param_probes(20)
+    probe_bytes = sum(q.numel() * q.element_size() for qs in probes.values() for q in qs.values())
+    assert param_probe_bytes(model, 20) >= 3 * probe_bytes  # probe, gradient, W + q_t

@@ -156,6 +156,15 @@ def test_jacobian_norm_is_the_largest_singular_value_of_the_autograd_jacobian(ce
                                rtol=1e-8)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_jacobian_norms_in_small_batches_of_timesteps_equal_those_in_one(cell, monkeypatch):
+    model, batch = make_model(cell), adding_batch(7, B=3)
+    whole = gradflow.jacobians(model, batch, iterations=20)["jacobian_norm"]
+    monkeypatch.setattr(gradflow, "JACOBIAN_ROWS", 2 * 3)  # batches of 2 timesteps, one of 1
+    batched = gradflow.jacobians(model, batch, iterations=20)["jacobian_norm"]
+    np.testing.assert_allclose(batched, whole, rtol=1e-12)
+
+
 def test_linear_orthogonal_rnn_jacobians_are_the_gain_and_their_product_is_the_profile():
     gain, T = 0.9, 20
     model = make_model("rnn", nonlinearity="identity", init="orthogonal", gain=gain)

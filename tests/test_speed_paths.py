@@ -159,3 +159,48 @@ def test_compiled_loop_matches_the_plain_loop(cell):
 def test_compile_must_be_a_boolean():
     with pytest.raises(ConfigError, match=r"model\.compile"):
         RecurrentModel(NO_FUSED_KERNEL["rnn_sigmoid"], input_size=2, output_size=1, compile="yes")
+
+
+def probed_gradients(cell: str, checkpoint_steps: int) -> dict[str, torch.Tensor]:
+    """Loss, probe, parameter-probe and parameter gradients of one probed float64 pass."""
+    from omegaconf import OmegaConf
+
+    from rnnlab.tasks import Adding
+
+    from .conftest import default_dtype
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / f"{cell}.yaml"))
+    cfg["hidden_size"] = 5
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        model = RecurrentModel(cfg, input_size=2, output_size=1, encoder_size=3,
+                               checkpoint_steps=checkpoint_steps)
+    T, B = 11, 3
+    batch = Adding(seq_len=T, batch_size=B).generate(B, torch.Generator().manual_seed(0))
+    x, y = batch["x"].double(), batch["y"].double()
+    probes = model.make_probes(B, T)
+    param_probes = model.make_param_probes(T)
+    loss = model.loss_fn(model(x, None, probes, param_probes), y)
+    loss.backward()
+    grads = {"loss": loss.detach()}
+    grads.update({f"probe_{i}": p.grad for i, p in enumerate(probes)})
+    grads.update({f"q_{m}.{n}": q.grad for m, qs in param_probes.items() for n, q in qs.items()})
+    grads.update({n: p.grad for n, p in model.named_parameters()})
+    return grads
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_recomputed_segments_give_the_same_probed_gradients(cell):
+    whole = probed_gradients(cell, checkpoint_steps=0)
+    segmented = probed_gradients(cell, checkpoint_steps=4)  # segments of 4, 4 and 3 steps
+    assert whole.keys() == segmented.keys()
+    for name in whole:
+        assert whole[name] is not None and torch.count_nonzero(whole[name]) > 0, name
+        torch.testing.assert_close(segmented[name], whole[name], rtol=1e-12, atol=0, msg=name)
+
+
+def test_training_with_recomputed_segments_trains_the_same_parameters(make_cfg):
+    plain = train_parameters(make_cfg, ["cell=lstm"], every=1)
+    segmented = train_parameters(make_cfg, ["cell=lstm", "model.checkpoint_steps=5"], every=1)
+    for name in plain:
+        torch.testing.assert_close(segmented[name], plain[name], rtol=1e-12, atol=0, msg=name)

@@ -118,13 +118,14 @@ def rnnlab_overrides(cell: str, T: int, device: str) -> list[str]:
             f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}"]
 
 
-def run_rnnlab(cell: str, T: int, warmup: int, steps: int, device: str, every: int | None) -> dict:
+def run_rnnlab(cell: str, T: int, warmup: int, steps: int, device: str, every: int | None,
+               extra: list[str] = ()) -> dict:
     from rnnlab.config import compose_config
     from rnnlab.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "timing.json"
-        monitor = ["~monitor"] if every is None else [f"monitor.every_n_steps={every}"]
+        monitor = ["~monitor"] if every is None else [f"monitor.every_n_steps={every}", *extra]
         cfg = compose_config(
             [*rnnlab_overrides(cell, T, device), *monitor,
              f"trainer.max_steps={warmup + steps}",
@@ -176,7 +177,8 @@ def run_case(case: dict) -> dict:
         result = run_probed(case["cell"], case["T"], case["steps"], device)
     else:
         every = case["every"] if mode == "monitor" else None
-        result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every)
+        result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every,
+                            case.get("monitor_overrides", []))
     if device == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result

@@ -25,6 +25,7 @@ and norms down to ~1e-308 are exact where float32 rounds everything below ~1e-45
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -37,8 +38,30 @@ import torch  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
-from rnnlab.config import require, require_choice, require_int  # noqa: E402
+from rnnlab.config import ConfigError, require, require_choice, require_int  # noqa: E402
 from rnnlab.model import MODULES, offending_timesteps  # noqa: E402
+
+
+# Values per parameter per timestep on a monitored step with param_contributions: the probe, its
+# gradient and the per-step weights in the graph, with allocator slack (measured ≈ 5.2 for an LSTM).
+PARAM_PROBE_COPIES = 6
+
+
+def param_probe_bytes(model: torch.nn.Module, seq_len: int) -> int:
+    """Estimated memory of the per-step parameter probes of one monitored step."""
+    return PARAM_PROBE_COPIES * seq_len * sum(p.numel() * p.element_size()
+                                              for p in model.parameters())
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The memory of ``device``: the GPU's, or the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def chosen_timesteps(T: int, timesteps: list[int] | None, count: int) -> list[int]:
@@ -114,6 +137,26 @@ class GradFlowMonitor(pl.Callback):
         self.last_record: dict | None = None  # the latest record, for the run's final metrics
         self.history_steps: list[int] = []
         self.history_log10: list[np.ndarray] = []
+
+    def check_memory(self, model: torch.nn.Module, seq_len: int, device: torch.device) -> None:
+        """Refuse, before training, per-step parameter probes that cannot fit in memory.
+
+        ``param_contributions`` gives every parameter a (T, *shape) probe on monitored steps: with
+        its gradient and the per-step weights W + q_t the graph keeps, about
+        `PARAM_PROBE_COPIES` × T × (parameter count) values (measured: LSTM, H = 128, T = 1000).
+        """
+        if not self.param_contributions:
+            return
+        need = param_probe_bytes(model, seq_len)
+        have = memory_bytes(device)
+        if need > have / 2:
+            count = sum(p.numel() for p in model.parameters())
+            raise ConfigError(
+                f"monitor.param_contributions=true needs about {size(need)} on monitored "
+                f"steps at T = {seq_len} ({count:,} parameters, each with a per-step probe), more "
+                f"than half of the {size(have)} on {device.type}; set "
+                f"monitor.param_contributions=false (dL_dz and the Jacobians stay exact) or "
+                f"shorten task.seq_len")
 
     # --- checkpointed state: the heatmap's history and the latest record ----------------------
     # Tensors only, so that checkpoints load with torch.load(weights_only=True).

@@ -34,6 +34,8 @@ from rnnlab.model import MODULES
 HORIZON_THRESHOLD = 1e-3
 # Sums a tensor over the processes of a data-parallel run (None: a single process).
 Reduce = Callable[[Tensor], Tensor] | None
+# Rows (timestep × sequence) per batch of the Jacobian power iteration: bounds its memory.
+JACOBIAN_ROWS = 16384
 JACOBIAN_SEED = 0  # the power iteration starts from the same vector on every call
 
 
@@ -124,25 +126,39 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     state), ``dt``: (B, T) or None. For a state of several tensors (the LSTM's (h, c)) J_t is the
     Jacobian of the whole state, the tensors concatenated.
 
-    Power iteration on J_tᵀJ_t from a fixed random start, for all (t, b) at once: the T·B steps
-    are one batch of ``cell.forward_mode_step``, whose rows are independent sequences (for an
-    adaptive ODE solver the step size is then chosen over all rows together, which moves the
-    result only within the solver's tolerance). The vector products are reverse-mode autograd on
-    one graph of the step: Jᵀw by a vector-Jacobian product, Jv by differentiating w ↦ Jᵀw
-    (linear in w) along v, so any differentiable step works, torchdiffeq's solvers included. The
-    result is ||J_t v|| for the final unit vector v: a lower bound on σ_max that converges from
-    below, at a rate (σ₂/σ₁)^(2·iterations).
+    Power iteration on J_tᵀJ_t from a fixed random start, for many (t, b) at once: the steps
+    are batches of at most `JACOBIAN_ROWS` rows of ``cell.forward_mode_step`` (whole timesteps,
+    so memory stays bounded at any T), whose rows are independent sequences (for an adaptive ODE
+    solver the step size is then chosen over the rows of a batch together, which moves the result
+    only within the solver's tolerance). The vector products are reverse-mode autograd on one
+    graph of the step: Jᵀw by a vector-Jacobian product, Jv by differentiating w ↦ Jᵀw (linear
+    in w) along v, so any differentiable step works, torchdiffeq's solvers included. The result
+    is ||J_t v|| for the final unit vector v: a lower bound on σ_max that converges from below,
+    at a rate (σ₂/σ₁)^(2·iterations).
     """
     B, T = u.shape[:2]
-    z = tuple(torch.cat(parts).detach().requires_grad_() for parts in zip(*previous_states))
-    u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)  # row t·B + b
+    z = tuple(torch.cat(parts).detach() for parts in zip(*previous_states))  # row t·B + b
+    u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)
     dt_rows = dt.detach().transpose(0, 1).reshape(T * B) if dt is not None else None
-
     generator = torch.Generator().manual_seed(JACOBIAN_SEED)
-    v = unit_rows(tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
-                        for s in z))
+    v = tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device) for s in z)
+    steps = max(1, JACOBIAN_ROWS // B)  # timesteps per batch
+    norms = []
+    for start in range(0, T * B, steps * B):
+        rows = slice(start, start + steps * B)
+        norms.append(power_iteration(cell, u_rows[rows], tuple(s[rows] for s in z),
+                                     dt_rows[rows] if dt_rows is not None else None,
+                                     tuple(p[rows] for p in v), iterations))
+    return torch.cat(norms).reshape(T, B)
+
+
+def power_iteration(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | None,
+                    v: tuple[Tensor, ...], iterations: int) -> Tensor:
+    """||J v|| per row after ``iterations`` power iterations on JᵀJ from ``v``, J = ∂step/∂z."""
+    z = tuple(s.requires_grad_() for s in z)
+    v = unit_rows(v)
     with torch.enable_grad():
-        out = tuple(cell.forward_mode_step(u_rows, z, dt_rows))
+        out = tuple(cell.forward_mode_step(u, z, dt))
         w = tuple(torch.zeros_like(o, requires_grad=True) for o in out)
         vjp_of_w = torch.autograd.grad(out, z, w, create_graph=True, allow_unused=True)
         vjp_of_w = tuple(g if g is not None else torch.zeros_like(s) * w[0].sum()
@@ -158,7 +174,7 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
         for _ in range(iterations):
             v = unit_rows(vjp(jvp(v)))
         Jv = jvp(v)
-    return row_norms(tuple(p.detach() for p in Jv)).reshape(T, B)
+    return row_norms(tuple(p.detach() for p in Jv))
 
 
 def row_norms(parts: tuple[Tensor, ...]) -> Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.utils.checkpoint import checkpoint
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.config import ConfigError, require, require_choice, require_int
@@ -49,15 +50,24 @@ class RecurrentModel(pl.LightningModule):
         fast_path: train on the cell's `sequence` path on unmonitored steps when it has one.
         compile: on unprobed passes of a cell without a `sequence` path, loop over a
             `torch.compile`d ``cell.step`` (compiled on first use, again per new input shape).
+        checkpoint_steps: K > 0 recomputes the step-by-step loop (probed passes, cells without
+            a fused path) in segments of K steps in the backward pass: activation memory for
+            T/K states and one segment instead of T steps, for one more forward pass. The
+            gradients are the same; counters of the cell's work (an ODE's NFE) include the
+            recomputation.
     """
 
     def __init__(self, cell: dict[str, Any], input_size: int, output_size: int, n_out: int = 1,
                  loss: str = "mse", encoder_size: int = 32,
                  optimizer: dict[str, Any] | None = None, fast_path: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, checkpoint_steps: int = 0):
         super().__init__()
         self.save_hyperparameters()
         require(isinstance(compile, bool), "model.compile", compile, "true or false")
+        require(isinstance(checkpoint_steps, int) and not isinstance(checkpoint_steps, bool)
+                and checkpoint_steps >= 0, "model.checkpoint_steps", checkpoint_steps,
+                "0 (keep every step's activations) or an integer >= 1 (steps per recomputed "
+                "segment)")
         require_choice("task.loss", loss, ("mse", "cross_entropy"))
         require_int("model.encoder_size", encoder_size)
         self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-3})
@@ -112,7 +122,10 @@ class RecurrentModel(pl.LightningModule):
         that receives z_{t−1} (detached) before every step t, for the transition Jacobians.
 
         Steps are split once with `unbind` — indexing u[:, t] inside the loop would make the
-        backward quadratic in T (DESIGN.md §5).
+        backward quadratic in T (DESIGN.md §5). With ``checkpoint_steps`` = K > 0, a loop that
+        builds a graph keeps only every K-th state and recomputes each segment of K steps in the
+        backward pass (`torch.utils.checkpoint`): the same gradients, for activation memory of
+        T/K states plus one segment's graph instead of all T steps'.
         """
         B, T = u.shape[:2]
         state = self.cell.init_state(B)
@@ -121,22 +134,34 @@ class RecurrentModel(pl.LightningModule):
             fast = self.cell.sequence(u, state)
             if fast is not None:
                 return fast[0][:, T - self.n_out:]
+        inputs = u.unbind(1)
         dts = dt.unbind(1) if dt is not None else (None,) * T
-        per_step_probes = zip(*(p.unbind(0) for p in probes)) if probes is not None else None
-        step = self.cell.step
-        if plain and self.hparams.get("compile", False):
-            step = self.compiled_step()
-        if cell_probes is not None:
-            step = per_step_parameters(self.cell, cell_probes)
-        outputs = []
-        for t, (u_t, dt_t) in enumerate(zip(u.unbind(1), dts)):
-            if previous_states is not None:
-                previous_states.append(tuple(s.detach() for s in state))
-            state = step(u_t, state, dt_t)
-            if per_step_probes is not None:
-                state = tuple(s + p for s, p in zip(state, next(per_step_probes)))
-            if t >= T - self.n_out:
-                outputs.append(state[0])
+        state_probes = list(zip(*(p.unbind(0) for p in probes))) if probes is not None else None
+        cell_step = self.compiled_step() if plain and self.hparams.compile else self.cell.step
+        step = (per_step_parameters(self.cell, cell_probes) if cell_probes is not None
+                else lambda u_t, state, dt_t, t: cell_step(u_t, state, dt_t))
+
+        def run(t0: int, t1: int, *state: Tensor) -> tuple[State, list[Tensor]]:
+            """Steps t0 … t1−1 from z_{t0−1} = state: the last state and the read outputs."""
+            outputs = []
+            for t in range(t0, t1):
+                if previous_states is not None:
+                    previous_states.append(tuple(s.detach() for s in state))
+                state = step(inputs[t], state, dts[t], t)
+                if state_probes is not None:
+                    state = tuple(s + p for s, p in zip(state, state_probes[t]))
+                if t >= T - self.n_out:
+                    outputs.append(state[0])
+            return state, outputs
+
+        K = self.hparams.checkpoint_steps
+        if K and torch.is_grad_enabled():
+            outputs = []
+            for t0 in range(0, T, K):
+                state, read = checkpoint(run, t0, min(t0 + K, T), *state, use_reentrant=False)
+                outputs += read
+        else:
+            state, outputs = run(0, T, *state)
         return torch.stack(outputs, dim=1)
 
     def compiled_step(self) -> CompiledStep:
@@ -292,19 +317,18 @@ def check_cell_step(cell: Cell, target: str | None) -> None:
 
 
 def per_step_parameters(cell: Cell, probes: dict[str, Tensor]):
-    """``step(u_t, state, dt)`` that runs step t of ``cell`` with parameters W + q_t.
+    """``step(u_t, state, dt, t)`` that runs step t of ``cell`` with parameters W + q_t.
 
-    ``probes``: parameter name → (T, *shape); the returned function takes q_t for the t-th call.
-    Works for any cell: the parameters are swapped with `torch.func.functional_call`.
+    ``probes``: parameter name → (T, *shape). Works for any cell: the parameters are swapped
+    with `torch.func.functional_call`.
     """
     caller = _StepCaller(cell)
     params = dict(cell.named_parameters())
     names = list(probes)
-    per_step = zip(*(probes[n].unbind(0) for n in names))  # split once: linear backward
+    per_step = list(zip(*(probes[n].unbind(0) for n in names)))  # split once: linear backward
 
-    def step(u_t: Tensor, state: State, dt_t: Tensor | None) -> State:
-        q_t = next(per_step)
-        probed = {f"cell.{n}": params[n] + q for n, q in zip(names, q_t)}
+    def step(u_t: Tensor, state: State, dt_t: Tensor | None, t: int) -> State:
+        probed = {f"cell.{n}": params[n] + q for n, q in zip(names, per_step[t])}
         return functional_call(caller, probed, (u_t, state, dt_t))
 
     return step

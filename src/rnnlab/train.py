@@ -66,8 +66,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [build(node) for node in (cfg.get("logger") or {}).values() if node]
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    monitor = next((c for c in callbacks if isinstance(c, GradFlowMonitor)), None)
+    if monitor is not None:
+        monitor.check_memory(model, task.seq_len, trainer.strategy.root_device)
     if checkpoint is not None and trainer.is_global_zero:
-        monitor = next((c for c in callbacks if isinstance(c, GradFlowMonitor)), None)
         board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         carry_history(checkpoint, output_dir, monitor.dirpath if monitor else None,
                       Path(board.log_dir) if board else None)
@@ -84,8 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True)
                                                  + "\n")
-        log_hparams(trainer, cfg, metrics, next((c for c in callbacks
-                                                 if isinstance(c, GradFlowMonitor)), None))
+        log_hparams(trainer, cfg, metrics, monitor)
     return metrics
 
 
