@@ -41,7 +41,6 @@ from rnnlab import gradflow  # noqa: E402
 from rnnlab.config import ConfigError, require, require_choice, require_int  # noqa: E402
 from rnnlab.model import MODULES, offending_timesteps  # noqa: E402
 
-
 # Values per parameter per timestep on a monitored step with param_contributions: the probe, its
 # gradient and the per-step weights in the graph, with allocator slack (measured ≈ 5.2 for an LSTM).
 PARAM_PROBE_COPIES = 6

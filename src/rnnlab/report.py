@@ -179,14 +179,19 @@ def profiles_figure(runs: list[Run], steps: list[int] | None = None) -> plt.Figu
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(chosen)))
         for color, i in zip(colors, chosen):
             semilogy_positive(ax, dL_dz[i], f"step {int(record_steps[i])}", color=color)
-        at_least_one_decade(ax)
-        ax.set_title(title(run), fontsize=8)
-        ax.set_xlabel("timestep t")
-        ax.set_ylabel("||dL/dz_t||")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_profile_axes(ax, title(run), fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def finish_profile_axes(ax: plt.Axes, title_text: str, fontsize: int) -> None:
+    """Limits, title, labels, grid and legend of a panel of ||dL/dz_t|| curves."""
+    at_least_one_decade(ax)
+    ax.set_title(title_text, fontsize=fontsize)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("||dL/dz_t||")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def profiles_by_step_figure(runs: list[Run], steps: list[int] | None = None) -> plt.Figure:
@@ -202,12 +207,7 @@ def profiles_by_step_figure(runs: list[Run], steps: list[int] | None = None) -> 
             i = int(np.abs(run.record["step"] - step).argmin())
             semilogy_positive(ax, run.record["dL_dz"][i], " ".join(run.overrides) or run.label,
                               color=color)
-        at_least_one_decade(ax)
-        ax.set_title(f"training step {step}", fontsize=9)
-        ax.set_xlabel("timestep t")
-        ax.set_ylabel("||dL/dz_t||")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_profile_axes(ax, f"training step {step}", fontsize=9)
     fig.tight_layout()
     return fig
 
