@@ -205,7 +205,7 @@ def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
     cases = []
     for cell in cells:
         for T in lengths + ([10_000] if cell == "lstm" and not quick else []):
-            every = 50 if T <= 1000 else 10
+            every = 50 if T <= 1000 else 3
             warmup = 3 if T <= 1000 else 1
             # Long T: per-step parameter probes would need T × parameters (GiB); the monitored
             # step keeps every 100th state and recomputes the rest.
