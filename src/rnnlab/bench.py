@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 B, H, ENCODER = 64, 128, 32
+LR = 3e-3  # conf/model/default.yaml's: the same training dynamics, so the same subnormals
 FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
@@ -92,7 +93,7 @@ def run_raw(cell: str, T: int, warmup: int, steps: int, device: str) -> dict:
                  else RawNODE(ENCODER, H, width=H, dt=0.1))
     decoder = nn.Linear(H, 1)
     modules = nn.ModuleList([encoder, recurrent, decoder]).to(device)
-    optimizer = torch.optim.Adam(modules.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(modules.parameters(), lr=LR)
     data = adding_batches(T, device)
     for i in range(warmup + steps):
         if i == warmup:
@@ -111,7 +112,8 @@ def run_raw(cell: str, T: int, warmup: int, steps: int, device: str) -> dict:
 
 def rnnlab_overrides(cell: str, T: int, device: str) -> list[str]:
     return [f"cell={cell}", "task=adding", f"task.seq_len={T}", f"task.batch_size={B}",
-            f"cell.hidden_size={H}", f"model.encoder_size={ENCODER}", "task.train_batches=1000000",
+            f"cell.hidden_size={H}", f"model.encoder_size={ENCODER}", f"model.optimizer.lr={LR}",
+            "task.train_batches=1000000",
             "task.val_batches=1", "+trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             "callbacks.model_checkpoint=null", "callbacks.progress_bar=null",
@@ -125,7 +127,8 @@ def run_rnnlab(cell: str, T: int, warmup: int, steps: int, device: str, every: i
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "timing.json"
-        monitor = ["~monitor"] if every is None else [f"monitor.every_n_steps={every}", *extra]
+        monitor = (["~monitor"] if every is None else [f"monitor.every_n_steps={every}"]) + [
+            o for o in extra if every is not None or not o.startswith("monitor.")]
         cfg = compose_config(
             [*rnnlab_overrides(cell, T, device), *monitor,
              f"trainer.max_steps={warmup + steps}",
@@ -167,6 +170,8 @@ def run_probed(cell: str, T: int, repeats: int, device: str) -> dict:
 
 def run_case(case: dict) -> dict:
     torch.set_num_threads(case.get("threads") or torch.get_num_threads())
+    flush = case.get("flush_denormal", False)
+    torch.set_flush_denormal(flush)  # raw and probed; rnnlab's train sets it from its config
     device = case["device"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -178,7 +183,8 @@ def run_case(case: dict) -> dict:
     else:
         every = case["every"] if mode == "monitor" else None
         result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every,
-                            case.get("monitor_overrides", []))
+                            [*case.get("monitor_overrides", []),
+                             f"flush_denormal={str(flush).lower()}"])
     if device == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -227,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", default="100,1000")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench.json", help="where the JSON results go")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="every mode flushes subnormal floats to 0 (flush_denormal=true)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = plan(args.quick, cells, lengths)
     for case in cases:
         case["device"] = args.device
+        case["flush_denormal"] = args.flush_denormal
     results = []
     for case in track(cases, description="benchmarking"):
         results.append({**case, **measure(case)})
@@ -251,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"case {case} failed: {results[-1]['error']}\n{results[-1]['stderr'][-500:]}")
         Path(args.out).write_text(json.dumps({"cases": results}, indent=2) + "\n")  # so far
 
-    table = Table(title=f"rnnlab vs raw PyTorch (B={B}, H={H}, adding, {args.device}, "
-                        f"{torch.get_num_threads()} threads)")
+    table = Table(title=f"rnnlab vs raw PyTorch (B={B}, H={H}, adding, lr {LR}, {args.device}, "
+                        f"{torch.get_num_threads()} threads"
+                        + (", subnormals flushed)" if args.flush_denormal else ")"))
     for column in ("cell", "T", "raw steps/s", "off/raw", "monitor/raw", "probed/plain",
                    "raw MB", "off MB", "monitor MB"):
         table.add_column(column, justify="right")

@@ -133,6 +133,8 @@ def validate(cfg: DictConfig) -> None:
     require(threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
                                   and threads >= 1), "threads", threads,
             "auto or an integer >= 1")
+    flush = cfg.get("flush_denormal", False)
+    require(isinstance(flush, bool), "flush_denormal", flush, "true or false")
     validate_trainer(cfg.trainer)
     if cfg.get("monitor") is not None:
         require_int("monitor.every_n_steps", cfg.monitor.get("every_n_steps"), minimum=1)

@@ -195,7 +195,17 @@ class RecurrentModel(pl.LightningModule):
         param_probes = (self.make_param_probes(x.shape[1])
                         if self.probe_next_step and self.probe_parameters else None)
         loss = self.loss_fn(self(x, batch.get("dt"), probes, param_probes), batch["y"])
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Every process must skip (or stop) together: one alone would leave the others
+            # waiting in DDP's gradient all-reduce.
+            everywhere = trainer.strategy.reduce_boolean_decision(finite, all=True)
+            if finite and not everywhere:
+                self.nonfinite(f"non-finite training loss on another process (this one's: "
+                               f"{loss.item():.4g})", "the forward pass overflowed there")
+                return None
+        if not finite:
             self.nonfinite(f"non-finite training loss {loss.item()}",
                            "the forward pass overflowed, so this step has no gradient profile")
             return None  # Lightning then skips the backward pass and the optimizer step

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -46,8 +47,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, seed, build task → model → callbacks → trainer, fit, write ``metrics.json``.
 
     Returns the final validation metrics (``val/loss``, ``val/baseline``, the task's metrics).
+    ``flush_denormal`` holds for the run only (PyTorch's default, off, is restored after).
     """
     validate(cfg)
+    torch.set_flush_denormal(cfg.get("flush_denormal", False))
+    try:
+        return fit(cfg)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """`train` after validation."""
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
     checkpoint = (find_checkpoint(str(cfg.ckpt_path), output_dir.parent)
