@@ -382,3 +382,11 @@ def test_bad_monitor_setting_names_key_and_fix_before_training(make_cfg, tmp_pat
     key = overrides[-1].split("=")[0]
     assert message in str(error.value) and f"(set {key}=...)" in str(error.value)
     assert not (tmp_path / "run" / "grad_flow").exists()
+
+
+def test_images_are_drawn_every_nth_record_and_at_the_last(make_cfg, tmp_path):
+    train(make_cfg("task.seq_len=6", "trainer.max_steps=5", "monitor.figure_every_n_records=3"))
+    accumulator = events(tmp_path / "run")
+    assert gradflow.load(tmp_path / "run")["step"].tolist() == [0, 1, 2, 3, 4]
+    for tag in ("grad_flow/profile", "grad_flow/heatmap"):
+        assert [e.step for e in accumulator.Images(tag)] == [0, 3, 4]
