@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import torch
 
 from rnnlab import gradflow
+from rnnlab.tasks import Adding
 from rnnlab.train import train
 
 from .conftest import ROOT
@@ -42,3 +45,41 @@ def test_ddp_profile_equals_the_single_process_profile_on_the_same_global_batch(
     # only rank 0 wrote: one record per step, one metrics file, one event directory
     assert len(list((ddp_dir / "grad_flow").iterdir())) == 3
     assert (ddp_dir / "metrics.json").is_file() and (ddp_dir / "tensorboard").is_dir()
+
+
+class PoisonedAdding(Adding):
+    """The adding task with a nan input in the last sequence of about half of the batches: with
+    two processes, only process 1 (the second half of the rows) sees it."""
+
+    def generate(self, batch_size: int, generator: torch.Generator) -> dict:
+        batch = super().generate(batch_size, generator)
+        if poisoned(generator):
+            batch["x"][-1, 0, 0] = float("nan")
+        return batch
+
+
+def poisoned(generator: torch.Generator) -> bool:
+    return bool(torch.rand((), generator=generator) < 0.5)
+
+
+def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
+    from rnnlab.tasks.base import batch_generator
+
+    def poisoned_batch(index: int) -> bool:
+        generator = batch_generator(0, "train", index)
+        PoisonedAdding(seq_len=10, batch_size=8).generate(8, generator)  # as the task draws
+        return poisoned(generator)
+
+    assert any(poisoned_batch(i) for i in range(4))  # some of the first batches are poisoned
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "trainer=ddp", *SETTINGS,
+         f"task._target_={__name__}.PoisonedAdding", "monitor.on_nonfinite=skip",
+         "trainer.max_steps=4", f"hydra.run.dir={run}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]  # no process waited forever
+    logs = result.stdout + result.stderr + "".join(p.read_text() for p in run.glob("*.log"))
+    assert "non-finite training loss on another process" in logs  # process 0 skipped too
+    assert "non-finite training loss nan" in logs  # process 1, which saw it
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4

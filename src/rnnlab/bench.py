@@ -95,10 +95,12 @@ def run_raw(cell: str, T: int, warmup: int, steps: int, device: str) -> dict:
     modules = nn.ModuleList([encoder, recurrent, decoder]).to(device)
     optimizer = torch.optim.Adam(modules.parameters(), lr=LR)
     data = adding_batches(T, device)
+    step_ms = []  # every step's time, warm-up included
     for i in range(warmup + steps):
+        sync(torch.device(device))
+        begin = time.perf_counter()
         if i == warmup:
-            sync(torch.device(device))
-            start = time.perf_counter()
+            start = begin
         x, y = next(data)
         outputs, last = recurrent(encoder(x))
         z = outputs[:, -1] if outputs is not None else last
@@ -106,8 +108,20 @@ def run_raw(cell: str, T: int, warmup: int, steps: int, device: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    sync(torch.device(device))
-    return {"steps_per_s": steps / (time.perf_counter() - start)}
+        sync(torch.device(device))
+        step_ms.append(round(1000 * (time.perf_counter() - begin)))
+    return {"steps_per_s": steps / (time.perf_counter() - start), "step_ms": step_ms}
+
+
+def subnormal_cost(T: int = 1000, steps: int = 20) -> None:
+    """Print the ms per step of the raw tanh-RNN loop over its first ``steps`` steps, with
+    subnormal floats kept and flushed to 0 (each in a fresh process)."""
+    for flush in (False, True):
+        case = {"cell": "rnn", "T": T, "mode": "raw", "warmup": 0, "steps": steps,
+                "device": "cpu", "flush_denormal": flush}
+        result = measure(case)
+        label = "flushed to 0" if flush else "kept (PyTorch's default)"
+        print(f"subnormals {label:<25} ms per step: {result.get('step_ms', result.get('error'))}")
 
 
 def rnnlab_overrides(cell: str, T: int, device: str) -> list[str]:
@@ -235,10 +249,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench.json", help="where the JSON results go")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="every mode flushes subnormal floats to 0 (flush_denormal=true)")
+    parser.add_argument("--subnormals", action="store_true",
+                        help="only: ms per step of a raw tanh RNN (T=1000) over its first 20 "
+                             "steps, subnormals kept and flushed")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.subnormals:
+        subnormal_cost()
         return
 
     from rich.console import Console
