@@ -48,7 +48,7 @@ def test_ddp_profile_equals_the_single_process_profile_on_the_same_global_batch(
 
 
 class PoisonedAdding(Adding):
-    """The adding task with a nan input in the last sequence of about half of the batches: with
+    """The adding task with a nan input in the last sequence of about 30% of the batches: with
     two processes, only process 1 (the second half of the rows) sees it."""
 
     def generate(self, batch_size: int, generator: torch.Generator) -> dict:
@@ -59,7 +59,7 @@ class PoisonedAdding(Adding):
 
 
 def poisoned(generator: torch.Generator) -> bool:
-    return bool(torch.rand((), generator=generator) < 0.5)
+    return bool(torch.rand((), generator=generator) < 0.3)
 
 
 def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
@@ -67,7 +67,7 @@ def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(tmp_pat
 
     def poisoned_batch(index: int) -> bool:
         generator = batch_generator(0, "train", index)
-        PoisonedAdding(seq_len=10, batch_size=8).generate(8, generator)  # as the task draws
+        Adding(seq_len=10, batch_size=8).generate(8, generator)  # what the task draws first
         return poisoned(generator)
 
     assert any(poisoned_batch(i) for i in range(4))  # some of the first batches are poisoned

@@ -129,3 +129,21 @@ def test_skip_counts_skipped_steps_in_tensorboard(make_cfg, tmp_path, poisoned_r
     paths = sorted((tmp_path / "run").rglob("events.out.tfevents.*"))
     events = EventAccumulator(str(paths[0].parent)).Reload()
     assert [e.value for e in events.Scalars("train/skipped_steps")] == [1.0, 2.0]
+
+
+def test_a_step_skipped_under_ddp_leaves_parameters_and_adam_state_as_they_were(make_cfg):
+    # Under DDP a skipped step still runs a backward (of `skipped_loss`) so that every process
+    # takes part in the all-reduce; the optimizer then finds no gradients.
+    cfg = make_cfg()
+    model = build_model(cfg, build(cfg.task))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = model.skipped_loss()
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())  # every parameter took part
+    model.on_after_backward()
+    optimizer.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    assert not optimizer.state  # Adam took no step: no moments, no step count

@@ -93,6 +93,7 @@ class RecurrentModel(pl.LightningModule):
         self.on_nonfinite = "stop"
         self.last_finite_profile = "none yet (no monitored step finished)"
         self.skipped_steps = 0
+        self.skip_step = False  # drop this step's gradients after backward (`skipped_loss`)
         self._compiled_step: CompiledStep | None = None  # made on first use
 
     # --- the unrolled network ------------------------------------------------------------------
@@ -200,18 +201,32 @@ class RecurrentModel(pl.LightningModule):
         if trainer is not None and trainer.world_size > 1:
             # Every process must skip (or stop) together: one alone would leave the others
             # waiting in DDP's gradient all-reduce.
-            everywhere = trainer.strategy.reduce_boolean_decision(finite, all=True)
-            if finite and not everywhere:
-                self.nonfinite(f"non-finite training loss on another process (this one's: "
-                               f"{loss.item():.4g})", "the forward pass overflowed there")
-                return None
-        if not finite:
+            if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+                self.nonfinite(f"non-finite training loss {loss.item()}" if not finite else
+                               f"non-finite training loss on another process (this one's: "
+                               f"{loss.item():.4g})", "the forward pass overflowed")
+                return self.skipped_loss()
+        elif not finite:
             self.nonfinite(f"non-finite training loss {loss.item()}",
                            "the forward pass overflowed, so this step has no gradient profile")
             return None  # Lightning then skips the backward pass and the optimizer step
         self.probes, self.param_probes, self.probed_loss = probes, param_probes, loss.detach()
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def skipped_loss(self) -> Tensor:
+        """A zero loss on every parameter, for a step skipped under DDP (where Lightning does not
+        allow training_step to return None): its backward all-reduces zeros, and
+        `on_after_backward` then drops the gradients, so the optimizer leaves every parameter
+        and its state as they were."""
+        self.skip_step = True
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def on_after_backward(self) -> None:
+        if self.skip_step:
+            for p in self.parameters():
+                p.grad = None
+            self.skip_step = False
 
     def nonfinite(self, what: str, where: str) -> None:
         """Apply the non-finite policy to this step: raise (``stop``) or count and warn (``skip``).
