@@ -292,3 +292,12 @@ def test_bad_node_setting_names_key_and_fix(override, key, message):
     with pytest.raises(ConfigError) as error:
         node(**override)
     assert message in str(error.value) and f"(set cell.{key}=...)" in str(error.value)
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"solver": "manual_euler"}, False), ({"solver": "euler"}, True), ({"solver": "rk4"}, True),
+    ({"solver": "explicit_adams"}, False), ({"solver": "dopri5"}, False),
+    ({"solver": "rk4", "adjoint": True}, False)])
+def test_whole_sequence_auto_takes_the_whole_sequence_path_where_it_is_the_same_model(settings,
+                                                                                      expected):
+    assert node(whole_sequence="auto", **settings).whole_sequence is expected

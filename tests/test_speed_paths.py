@@ -23,6 +23,7 @@ CELLS = sorted(p.stem for p in (CONF / "cell").glob("*.yaml"))
 FAST_VARIANTS = {
     **{cell: [f"cell={cell}"] for cell in CELLS},
     "node_whole_sequence": ["cell=node", "cell.solver=euler", "cell.whole_sequence=true"],
+    "node_rk4_auto": ["cell=node", "cell.solver=rk4"],  # whole_sequence=auto takes it
     "rnn_relu": ["cell=rnn", "cell.nonlinearity=relu"],
 }
 STEPS = 6

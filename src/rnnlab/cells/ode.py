@@ -97,6 +97,9 @@ class NeuralODE(Cell):
       the discrete scheme; the two differ by O(δt).
     - ``whole_sequence: true`` gives `sequence`: one odeint over all T intervals (time τ = t/δt on
       the integer grid 0 … T, h_k looked up by interval index k), used on unmonitored steps.
+      ``auto`` (the default) takes it for the fixed-grid methods without the adjoint, where it is
+      the same model and saves odeint's per-call overhead (measured, B = 64, H = 128, T = 1000,
+      euler: 0.79 s a step against 1.10 s interval by interval, manual Euler 0.65 s).
       Fixed-grid single-step methods match stepping to float rounding; adaptive methods keep
       their step size across intervals and match to their tolerance. Only for
       `WHOLE_SEQUENCE_SOLVERS` and without the adjoint: one `odeint_adjoint` over T intervals
@@ -110,7 +113,7 @@ class NeuralODE(Cell):
     def __init__(self, input_size: int, hidden_size: int = 64, width: int = 64, depth: int = 2,
                  activation: str = "tanh", dt: float = 0.1, solver: str = "manual_euler",
                  rtol: float = 1e-4, atol: float = 1e-6, adjoint: bool = False,
-                 whole_sequence: bool = False):
+                 whole_sequence: bool | str = "auto"):
         super().__init__(input_size, hidden_size)
         require_int("cell.width", width)
         require_int("cell.depth", depth)
@@ -120,8 +123,11 @@ class NeuralODE(Cell):
         require(is_positive_number(rtol), "cell.rtol", rtol, "a finite number > 0")
         require(is_positive_number(atol), "cell.atol", atol, "a finite number > 0")
         require(isinstance(adjoint, bool), "cell.adjoint", adjoint, "true or false")
-        require(isinstance(whole_sequence, bool), "cell.whole_sequence", whole_sequence,
-                "true or false")
+        require(isinstance(whole_sequence, bool) or whole_sequence == "auto",
+                "cell.whole_sequence", whole_sequence, "auto, true or false")
+        if whole_sequence == "auto":  # where it is the same model, and faster (module docs)
+            whole_sequence = (solver in FIXED_GRID and solver in WHOLE_SEQUENCE_SOLVERS
+                              and not adjoint)
         require(not (adjoint and solver == "manual_euler"), "cell.adjoint", adjoint,
                 "false with cell.solver=manual_euler (the adjoint needs a torchdiffeq solver)")
         require(adjoint or solver != "scipy_solver", "cell.adjoint", adjoint,
