@@ -27,6 +27,8 @@ PATHS = {  # name → cell arguments; "step" loops over cell.step, "sequence" ca
     "direct, odeint per interval (step)": ({}, "step"),
     "direct, one odeint (sequence)": ({"whole_sequence": True}, "sequence"),
     "adjoint, odeint_adjoint per interval (step)": ({"adjoint": True}, "step"),
+    "adjoint, one odeint_adjoint (whole grid)": ({"adjoint": True, "whole_sequence": True},
+                                                 "inputs"),
 }
 
 
@@ -62,8 +64,13 @@ def child(args: argparse.Namespace) -> None:
             for u_t in u.unbind(1):
                 state = cell.step(u_t, state, None)
             z_last = state[0]
-        else:
+        elif path == "sequence":
             z_last = cell.sequence(u, cell.init_state(args.batch_size))[1][0]
+        else:  # the encoder (here the identity) inside g: no gradient for u
+            z_last = cell.sequence_from_inputs(u, torch.nn.Identity(),
+                                               cell.init_state(args.batch_size), 1)[:, -1]
+            loss = (z_last - target).square().mean()
+            return (None, *torch.autograd.grad(loss, list(cell.parameters())))
         loss = (z_last - target).square().mean()
         return torch.autograd.grad(loss, [u, *cell.parameters()])
 

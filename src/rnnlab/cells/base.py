@@ -80,6 +80,15 @@ class Cell(nn.Module):
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
         return None
 
+    def sequence_from_inputs(self, x: Tensor, encoder: nn.Module, state: State,
+                             n_out: int) -> Tensor | None:
+        """Optional, before `sequence` on unmonitored steps: z[0] on the last ``n_out`` steps,
+        (B, n_out, hidden), from the raw inputs x (B, T, features) with u_t = encoder(x_t)
+        evaluated inside the cell. For a cell whose backward must not carry a gradient for
+        every u_t (the ODE's whole-grid adjoint); None: not offered.
+        """
+        return None
+
     def forward_mode_step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         """`step` as a map torch.func can trace (jvp/vjp, for the transition Jacobians).
 
