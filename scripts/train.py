@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from rnnlab.config import ConfigError, register_resolvers
 from rnnlab.sweep import run
 
-register_resolvers()
+register_resolvers(exit_on_error=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -124,9 +124,10 @@ def test_train_script_names_an_unwritable_log_dir(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
                              f"paths.log_dir={blocker}"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode != 0
-    assert f"paths.log_dir: cannot create {blocker}" in result.stderr
+    assert result.returncode == 2
+    assert f"Config error: paths.log_dir: cannot create {blocker}" in result.stderr
     assert "(set paths.log_dir=...)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_report_on_an_empty_dir_says_no_runs(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rnnlab import gradflow
-from rnnlab.callbacks import at_least_one_decade, draw_heatmap, semilogy_positive
+from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive
 from rnnlab.report import (
     NoRunsError,
     decay_vs_gain_figure,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,29 @@ def short_override(override: str) -> str:
     return re.sub(r"^[\w.]*/(?:[\w.]*/)*(\w+)@\w+=", r"\1=", override)
 
 
-def register_resolvers() -> None:
-    """``${unique_dir:...}`` for run and sweep directories, ``${safe_dirname:...}`` for jobs."""
+def register_resolvers(exit_on_error: bool = False) -> None:
+    """``${unique_dir:...}`` for run and sweep directories, ``${safe_dirname:...}`` for jobs.
+
+    ``exit_on_error`` (the scripts): Hydra resolves the run directory before any of our code runs
+    and would show a ConfigError there under its own traceback; instead print it and exit (2).
+    """
     if not OmegaConf.has_resolver("unique_dir"):
-        OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, use_cache=True)
+        resolver = exiting_on_config_error(claim_unique_dir) if exit_on_error else claim_unique_dir
+        OmegaConf.register_new_resolver("unique_dir", resolver, use_cache=True)
     if not OmegaConf.has_resolver("safe_dirname"):
         OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
+
+
+def exiting_on_config_error(function):
+    """``function``, printing a `ConfigError` as ``Config error: …`` and exiting with status 2."""
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except ConfigError as error:
+            print(f"Config error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return call
 
 
 def compose_config(overrides: list[str], output_dir: str | Path,

@@ -41,8 +41,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
-from rnnlab.callbacks import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
 from rnnlab.config import short_override  # noqa: E402
+from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
 
 FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
 COLUMNS = ("run", "overrides", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
