@@ -30,9 +30,13 @@ def require(condition: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key} must be {allowed}, got {value!r} (set {key}=...)")
 
 
+def is_int(value: Any, minimum: int) -> bool:
+    """An int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def require_int(key: str, value: Any, minimum: int = 1) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    require(ok, key, value, f"an integer >= {minimum}")
+    require(is_int(value, minimum), key, value, f"an integer >= {minimum}")
     return value
 
 
@@ -147,10 +151,7 @@ def validate(cfg: DictConfig) -> None:
     inside Lightning (or only once training has started).
     """
     require_int("seed", cfg.get("seed"), minimum=0)
-    threads = cfg.get("threads", "auto")
-    require(threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
-                                  and threads >= 1), "threads", threads,
-            "auto or an integer >= 1")
+    validate_threads(cfg.get("threads", "auto"))
     flush = cfg.get("flush_denormal", False)
     require(isinstance(flush, bool), "flush_denormal", flush, "true or false")
     validate_trainer(cfg.trainer)
@@ -163,22 +164,26 @@ def validate(cfg: DictConfig) -> None:
     require(is_number(lr) and lr > 0, "model.optimizer.lr", lr, "a finite number > 0")
 
 
+def validate_threads(threads: Any) -> int | str:
+    """``threads``: ``auto`` or a number of torch threads."""
+    require(threads == "auto" or is_int(threads, 1), "threads", threads,
+            "auto or an integer >= 1")
+    return threads
+
+
 def validate_trainer(trainer: DictConfig) -> None:
     """The Trainer keys users set (conf/trainer/), with the values Lightning accepts."""
-    def integer(value: Any, minimum: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
     max_steps = trainer.get("max_steps", -1)
-    require(max_steps == -1 or integer(max_steps, 1),
+    require(max_steps == -1 or is_int(max_steps, 1),
             "trainer.max_steps", max_steps, "-1 (no limit) or an integer >= 1")
     max_epochs = trainer.get("max_epochs")
-    require(max_epochs is None or max_epochs == -1 or integer(max_epochs, 1),
+    require(max_epochs is None or max_epochs == -1 or is_int(max_epochs, 1),
             "trainer.max_epochs", max_epochs, "null, -1 (no limit) or an integer >= 1")
     require_choice("trainer.accelerator", trainer.get("accelerator", "auto"), ACCELERATORS)
     devices = trainer.get("devices", "auto")
-    require(devices in ("auto", -1) or integer(devices, 1)
+    require(devices in ("auto", -1) or is_int(devices, 1)
             or (isinstance(devices, (list, ListConfig)) and len(devices) > 0
-                and all(integer(d, 0) for d in devices)),
+                and all(is_int(d, 0) for d in devices)),
             "trainer.devices", devices, "auto, -1 (all), an integer >= 1 or a list of device ids")
     clip = trainer.get("gradient_clip_val")
     require(clip is None or (is_number(clip) and clip >= 0), "trainer.gradient_clip_val", clip,
@@ -187,7 +192,7 @@ def validate_trainer(trainer: DictConfig) -> None:
                    trainer.get("gradient_clip_algorithm") or "norm", ("norm", "value"))
     for key in ("log_every_n_steps", "check_val_every_n_epoch"):
         value = trainer.get(key, 1)
-        require(value is None or integer(value, 1), f"trainer.{key}", value, "an integer >= 1")
+        require(value is None or is_int(value, 1), f"trainer.{key}", value, "an integer >= 1")
     require_int("trainer.num_sanity_val_steps", trainer.get("num_sanity_val_steps", 0),
                 minimum=-1)
     for key in ("enable_progress_bar", "enable_model_summary", "deterministic"):

@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.config import ConfigError, require, require_choice, require_int
+from rnnlab.config import ConfigError, is_int, require, require_choice, require_int
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ class RecurrentModel(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         require(isinstance(compile, bool), "model.compile", compile, "true or false")
-        require(isinstance(checkpoint_steps, int) and not isinstance(checkpoint_steps, bool)
-                and checkpoint_steps >= 0, "model.checkpoint_steps", checkpoint_steps,
+        require(is_int(checkpoint_steps, 0), "model.checkpoint_steps", checkpoint_steps,
                 "0 (keep every step's activations) or an integer >= 1 (steps per recomputed "
                 "segment)")
         require_choice("task.loss", loss, ("mse", "cross_entropy"))

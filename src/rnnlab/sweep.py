@@ -36,7 +36,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlab.config import ConfigError, require
+from rnnlab.config import ConfigError, is_number, require, validate_threads
 from rnnlab.train import report_finish, train
 
 log = logging.getLogger(__name__)
@@ -90,17 +90,13 @@ def isolated_job(threads: int | None) -> Iterator[None]:
 def failure_value(cfg: DictConfig) -> float:
     """``sweep.failure_value``: what a failed job returns to the sweeper (finite)."""
     penalty = (cfg.get("sweep") or {}).get("failure_value", 1.0e6)
-    require(isinstance(penalty, (int, float)) and not isinstance(penalty, bool)
-            and math.isfinite(penalty), "sweep.failure_value", penalty, "a finite number")
+    require(is_number(penalty), "sweep.failure_value", penalty, "a finite number")
     return float(penalty)
 
 
 def check_job_settings(cfg: DictConfig) -> tuple[int | None, str]:
     """``threads`` and ``sweep.objective``, checked before training."""
-    threads = cfg.get("threads", "auto")
-    require(threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool)
-                                  and threads >= 1),
-            "threads", threads, "auto or an integer >= 1")
+    threads = validate_threads(cfg.get("threads", "auto"))
     objective = (cfg.get("sweep") or {}).get("objective", "val/loss")
     require(isinstance(objective, str) and objective.startswith("val/"), "sweep.objective",
             objective, "a validation metric such as val/loss")

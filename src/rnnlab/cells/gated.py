@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.config import require, require_choice
+from rnnlab.config import is_number, require, require_choice
 
 INITS = ("default", "orthogonal")
 
@@ -99,8 +99,7 @@ class LSTM(GatedCell):
     def __init__(self, input_size: int, hidden_size: int = 64, init: str = "default",
                  forget_bias: float = 1.0):
         super().__init__(input_size, hidden_size, init)
-        require(isinstance(forget_bias, (int, float)) and not isinstance(forget_bias, bool)
-                and math.isfinite(forget_bias), "cell.forget_bias", forget_bias, "a finite number")
+        require(is_number(forget_bias), "cell.forget_bias", forget_bias, "a finite number")
         H = hidden_size
         with torch.no_grad():
             self.bias_ih[H:2 * H].fill_(forget_bias)

@@ -9,14 +9,13 @@ method of torchdiffeq, backpropagating through the solver or (``adjoint: true``)
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.config import require, require_choice, require_int
+from rnnlab.config import is_number, require, require_choice, require_int
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +36,7 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "silu"
 
 
 def is_positive_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
+    return is_number(value) and value > 0
 
 
 class CompactGradient(torch.autograd.Function):

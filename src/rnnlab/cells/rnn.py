@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.config import require, require_choice
+from rnnlab.config import is_number, require, require_choice
 
 NONLINEARITIES = {
     "tanh": torch.tanh,
@@ -67,7 +67,7 @@ class ElmanRNN(Cell):
         super().__init__(input_size, hidden_size)
         self.nonlinearity = require_choice("cell.nonlinearity", nonlinearity, tuple(NONLINEARITIES))
         require_choice("cell.init", init, INITS)
-        require(isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0,
+        require(is_number(gain) and gain > 0,
                 "cell.gain", gain, "a finite number > 0")
         require_choice("cell.constraint", constraint, CONSTRAINTS)
         self.phi = NONLINEARITIES[nonlinearity]

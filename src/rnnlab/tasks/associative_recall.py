@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnlab.config import require, require_int
+from rnnlab.config import is_int, require, require_int
 from rnnlab.tasks.base import Batch, Task
 
 
@@ -55,8 +55,7 @@ class AssociativeRecall(Task):
                     "query must fit in T)")
         # Keys and values are distinct within a sequence, so each vocabulary needs N of them.
         for key, size in (("task.num_keys", num_keys), ("task.num_values", num_values)):
-            require(isinstance(size, int) and not isinstance(size, bool)
-                    and size >= max(num_pairs, 2), key, size,
+            require(is_int(size, max(num_pairs, 2)), key, size,
                     f"an integer >= max(task.num_pairs, 2) = {max(num_pairs, 2)}")
         self.num_keys, self.num_values = num_keys, num_values
         require(isinstance(power_a, (int, float)) and 0 < power_a <= 1, "task.power_a", power_a,

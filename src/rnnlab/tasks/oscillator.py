@@ -34,15 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rnnlab.config import require, require_choice, require_int
+from rnnlab.config import is_number, require, require_choice, require_int
 from rnnlab.tasks.base import Batch, Task, batch_generator
 
 FORCES = ("linear", "pendulum")
 RK4_STEP = 0.1  # largest RK4 step, in units of 1/ω
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def mean_matrix_exp(M: Tensor, low: float, high: float) -> Tensor:
