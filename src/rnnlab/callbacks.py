@@ -87,7 +87,7 @@ class GradFlowMonitor(pl.Callback):
         jacobian_every_n_steps: measure the transition Jacobians on monitored steps that are a
             multiple of this (0: never); a multiple of ``every_n_steps``.
         jacobian_iterations: power iterations per Jacobian (each one jvp and one vjp of the cell
-            over all T·B steps at once).
+            over batches of (timestep, sequence) rows, `gradflow.JACOBIAN_ROWS` at most).
         on_nonfinite: a non-finite loss or gradient ``stop``s training with a FloatingPointError,
             or ``skip``s that optimizer step (counted as ``train/skipped_steps``); either way the
             message names the step, the last finite profile and the offending timesteps.
@@ -278,10 +278,10 @@ class GradFlowMonitor(pl.Callback):
         record["grad_norm_total_clipped"] = float(clipped)
         self.last_record = record
         if np.isfinite(record["dL_dz"]).all():
-            path = self.dirpath / f"step_{step:07d}.npz"  # as gradflow.save names it
             pl_module.last_finite_profile = (
                 f"step {step}, decay_rate {record['decay_rate']:.4g}, log10_first_last "
-                f"{record['log10_first_last']:.4g}, record {path}")
+                f"{record['log10_first_last']:.4g}, record "
+                f"{gradflow.record_path(self.dirpath, step)}")
         if trainer.is_global_zero:
             gradflow.save(self.dirpath, step, record)
             self.log_tensorboard(trainer, step, record)
@@ -289,8 +289,8 @@ class GradFlowMonitor(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         pl_module.probe_next_step = pl_module.probe_parameters = False
         writer = tensorboard_writer(trainer)
-        drawn = (len(self.history_steps) - 1) % self.figure_every == 0
-        if writer is not None and trainer.is_global_zero and self.last_record and not drawn:
+        if (writer is not None and trainer.is_global_zero and self.last_record
+                and not self.figures_due()):  # the last record's were not drawn
             self.draw_figures(writer, self.history_steps[-1], self.last_record)
 
     # --- TensorBoard ---------------------------------------------------------------------------
@@ -312,8 +312,12 @@ class GradFlowMonitor(pl.Callback):
         for key in ("spectral_norm", "spectral_radius"):
             if f"recurrent_{key}" in record:
                 writer.add_scalar(f"recurrent/{key}", record[f"recurrent_{key}"], step)
-        if (len(self.history_steps) - 1) % self.figure_every == 0:
+        if self.figures_due():
             self.draw_figures(writer, step, record)
+
+    def figures_due(self) -> bool:
+        """Whether the latest record is one whose figures are drawn (every n-th, from the first)."""
+        return (len(self.history_steps) - 1) % self.figure_every == 0
 
     def draw_figures(self, writer, step: int, record: dict) -> None:
         writer.add_figure("grad_flow/profile", profile_figure(record, step), step)

@@ -309,11 +309,15 @@ def grad_flow(model, batch: dict[str, Tensor], param_contributions: bool = False
     return record
 
 
+def record_path(directory: str | Path, step: int) -> Path:
+    """Where `save` writes the record of ``step``: ``<directory>/step_<step:07d>.npz``."""
+    return Path(directory) / f"step_{step:07d}.npz"
+
+
 def save(directory: str | Path, step: int, record: dict) -> Path:
     """Write one monitored step as ``step_<step:07d>.npz`` (float64 arrays, scalars as 0-d)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{step:07d}.npz"
+    path = record_path(directory, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in record.items()}
     arrays["step"] = np.asarray(step, dtype=np.int64)
     arrays["T"] = np.asarray(len(record["dL_dz"]), dtype=np.int64)
