@@ -39,6 +39,13 @@ def is_positive_number(value) -> bool:
     return is_number(value) and value > 0
 
 
+def interval(grid: Tensor, tau: Tensor) -> int:
+    """The interval k of the integer grid 0 … T that holds time τ ∈ [k, k+1), by comparing τ with
+    the grid (never by dividing a float time); clamped to 0 … T−1."""
+    k = int(torch.searchsorted(grid, tau.detach().reshape(1).to(grid.dtype), right=True))
+    return min(max(k - 1, 0), len(grid) - 2)
+
+
 class CompactGradient(torch.autograd.Function):
     """Identity whose backward copies the incoming gradient.
 
@@ -228,8 +235,7 @@ class NeuralODE(Cell):
         def f(tau: Tensor, z: Tensor) -> Tensor:
             # The interval is found by comparing τ with the grid, never by dividing a float time;
             # a stage on a grid time is nudged into its own interval (`solver_options`).
-            k = int(torch.searchsorted(grid, tau.detach().reshape(1).to(grid.dtype), right=True))
-            return self.rate(inputs[min(max(k - 1, 0), T - 1)], z, self.dt)
+            return self.rate(inputs[interval(grid, tau)], z, self.dt)
 
         states: list[Tensor] = []  # z at grid times 0 … T−1, in order
 
@@ -269,8 +275,7 @@ class NeuralODE(Cell):
         steps = x.unbind(1)
 
         def f(tau: Tensor, z: Tensor) -> Tensor:
-            k = int(torch.searchsorted(grid, tau.detach().reshape(1).to(grid.dtype), right=True))
-            return self.rate(encoder(steps[min(max(k - 1, 0), T - 1)]), z, self.dt)
+            return self.rate(encoder(steps[interval(grid, tau)]), z, self.dt)
 
         times = torch.cat([grid[:1], grid[T - n_out + 1:]])  # 0, then the read grid times
         params = (*encoder.parameters(), *self.g.parameters())
