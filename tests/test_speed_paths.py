@@ -19,11 +19,14 @@ from .conftest import CONF
 
 CELLS = sorted(p.stem for p in (CONF / "cell").glob("*.yaml"))
 # Cells whose unmonitored steps take another path than the probed loop: the fused kernels
-# (rnn tanh, gru, lstm), the whole-sequence odeint, and the compiled loop.
+# (rnn tanh, gru, lstm), the whole-sequence odeint (and odeint_adjoint), and the compiled loop.
 FAST_VARIANTS = {
     **{cell: [f"cell={cell}"] for cell in CELLS},
     "node_whole_sequence": ["cell=node", "cell.solver=euler", "cell.whole_sequence=true"],
     "node_rk4_auto": ["cell=node", "cell.solver=rk4"],  # whole_sequence=auto takes it
+    # segments of one interval: the whole-grid adjoint's gradients are stepping's
+    "node_adjoint_segments": ["cell=node", "cell.solver=rk4", "cell.adjoint=true",
+                              "cell.adjoint_segment=1"],
     "rnn_relu": ["cell=rnn", "cell.nonlinearity=relu"],
 }
 STEPS = 6

@@ -12,6 +12,7 @@ import logging
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torchdiffeq import odeint, odeint_adjoint
 
 from rnnlab.cells.base import Cell, State
@@ -102,17 +103,20 @@ class NeuralODE(Cell):
       the discrete scheme; the two differ by O(δt).
     - ``whole_sequence: true`` gives `sequence`: one odeint over all T intervals (time τ = t/δt on
       the integer grid 0 … T, h_k looked up by interval index k), used on unmonitored steps.
-      ``auto`` (the default) takes it for the fixed-grid methods without the adjoint, where it is
-      the same model and saves odeint's per-call overhead (measured, B = 64, H = 128, T = 1000,
-      euler: 0.79 s a step against 1.10 s interval by interval, manual Euler 0.65 s).
-      Fixed-grid single-step methods match stepping to float rounding; adaptive methods keep
-      their step size across intervals and match to their tolerance. Only for
-      `WHOLE_SEQUENCE_SOLVERS`. With the adjoint (fixed-grid methods; never chosen by ``auto``):
-      one `odeint_adjoint` over the whole grid with the encoder inside g
-      (`sequence_from_inputs`), memory flat in T. Its backward reconstructs z by integrating
-      backwards from z_T instead of restarting each interval from the stored z_k, so its
-      gradients differ from stepping's adjoint by the solver's error (measured, δt = 0.2: 1e-3
-      for euler, 1e-6 midpoint, 1e-10 rk4).
+      ``auto`` (the default) takes it for the fixed-grid methods, where it is the same model and
+      saves odeint's per-call overhead (measured, B = 64, H = 128, T = 1000, euler: 0.79 s a step
+      against 1.10 s interval by interval, manual Euler 0.65 s). Fixed-grid single-step methods
+      match stepping to float rounding; adaptive methods (``true`` only) keep their step size
+      across intervals and match to their tolerance. Only for `WHOLE_SEQUENCE_SOLVERS`.
+    - With the adjoint, the whole-sequence path (fixed-grid methods) is `sequence_from_inputs`:
+      `odeint_adjoint` over segments of ``adjoint_segment`` intervals with the encoder inside g,
+      keeping the two end states of each segment where stepping keeps the end states and the
+      input of every interval (measured, euler, H = 128, T = 10,000: 10 MiB against 765 MiB).
+      Its backward reconstructs z backwards from each segment's end instead of from every z_k,
+      so its gradients differ from stepping's adjoint, which monitored steps use (the probes
+      sit between intervals), by the solver's error over one segment (segments of one
+      interval: identical). ``adjoint_segment=0`` takes one segment: memory flat in T, but a
+      reconstruction that drifts over long sequences (87% at T = 10,000, euler).
 
     The model probes z at every grid time t_k, so ``dL_dz`` is exact for every solver.
     `diagnostics` reports the number of evaluations of g (NFE) per training step.
@@ -121,7 +125,7 @@ class NeuralODE(Cell):
     def __init__(self, input_size: int, hidden_size: int = 64, width: int = 64, depth: int = 2,
                  activation: str = "tanh", dt: float = 0.1, solver: str = "manual_euler",
                  rtol: float = 1e-4, atol: float = 1e-6, adjoint: bool = False,
-                 whole_sequence: bool | str = "auto"):
+                 whole_sequence: bool | str = "auto", adjoint_segment: int = 100):
         super().__init__(input_size, hidden_size)
         require_int("cell.width", width)
         require_int("cell.depth", depth)
@@ -133,9 +137,9 @@ class NeuralODE(Cell):
         require(isinstance(adjoint, bool), "cell.adjoint", adjoint, "true or false")
         require(isinstance(whole_sequence, bool) or whole_sequence == "auto",
                 "cell.whole_sequence", whole_sequence, "auto, true or false")
-        if whole_sequence == "auto":  # where it is the same model, and faster (module docs)
-            whole_sequence = (solver in FIXED_GRID and solver in WHOLE_SEQUENCE_SOLVERS
-                              and not adjoint)
+        require_int("cell.adjoint_segment", adjoint_segment, minimum=0)
+        if whole_sequence == "auto":  # where it is the same model, and faster (class docs)
+            whole_sequence = solver in FIXED_GRID and solver in WHOLE_SEQUENCE_SOLVERS
         require(not (adjoint and solver == "manual_euler"), "cell.adjoint", adjoint,
                 "false with cell.solver=manual_euler (the adjoint needs a torchdiffeq solver)")
         require(adjoint or solver != "scipy_solver", "cell.adjoint", adjoint,
@@ -151,6 +155,7 @@ class NeuralODE(Cell):
         self.g = Dynamics(input_size, hidden_size, width, depth, activation)
         self.dt, self.rtol, self.atol = float(dt), float(rtol), float(atol)
         self.adjoint, self.whole_sequence = adjoint, whole_sequence
+        self.adjoint_segment = adjoint_segment
         self.nfe = 0  # evaluations of g for training since the last `diagnostics()` …
         self.nfe_forward = 0  # … of which in forward passes (the rest: the adjoint's backward)
         if adjoint:
@@ -159,11 +164,14 @@ class NeuralODE(Cell):
                         "gradients of the discrete scheme; they differ by O(dt)", solver)
 
     # --- the dynamics --------------------------------------------------------------------------
-    def rate(self, h: Tensor, z: Tensor, scale: float | Tensor) -> Tensor:
-        """dz/ds = δt·g(h, z): s in units of the interval; ``scale`` δt, a float or (B, 1)."""
+    def rate(self, h: Tensor, z: Tensor, scale: float | Tensor,
+             weights: dict[str, Tensor] | None = None) -> Tensor:
+        """dz/ds = δt·g(h, z): s in units of the interval; ``scale`` δt, a float or (B, 1);
+        ``weights``: g's parameters to use instead of its own."""
         if self.training:
             self.nfe += 1
-        return scale * self.g(h, z)
+        return scale * (self.g(h, z) if weights is None else
+                        functional_call(self.g, weights, (h, z)))
 
     def solver_options(self, grid: Tensor) -> dict:
         """Options that end a solver step exactly on every grid time after the first.
@@ -209,8 +217,12 @@ class NeuralODE(Cell):
                 # odeint_adjoint sends gradients only to its adjoint_params: h_k must be one of
                 # them, or the encoder would get no gradient.
                 u_t = CompactGradient.apply(u_t)
-                params = (u_t, *([scale] if torch.is_tensor(scale) else []), *self.g.parameters())
-                z_next = odeint_adjoint(lambda s, y: self.rate(u_t, y, scale), z, unit,
+                # The adjoint's backward evaluates g again after this step has returned, so it
+                # gets the weights in use now: under the monitor's per-step parameter probes
+                # (`torch.func.functional_call`) they are W + q_t, not g's own W.
+                weights = dict(self.g.named_parameters())
+                params = (u_t, *([scale] if torch.is_tensor(scale) else []), *weights.values())
+                z_next = odeint_adjoint(lambda s, y: self.rate(u_t, y, scale, weights), z, unit,
                                         adjoint_params=params, **kwargs)[-1]
             else:
                 z_next = odeint(lambda s, y: self.rate(u_t, y, scale), z, unit, **kwargs)[-1]
@@ -258,32 +270,44 @@ class NeuralODE(Cell):
 
     def sequence_from_inputs(self, x: Tensor, encoder: nn.Module, state: State,
                              n_out: int) -> Tensor | None:
-        """With the adjoint: one `odeint_adjoint` over the T intervals, h_k = encoder(x_k)
-        evaluated inside g, z returned at the last ``n_out`` grid times (B, n_out, hidden).
+        """With the adjoint: `odeint_adjoint` over the T intervals in segments of
+        ``adjoint_segment`` intervals, h_k = encoder(x_k) evaluated inside g, z returned at the
+        last ``n_out`` grid times (B, n_out, hidden).
 
         The adjoint parameters are the encoder's and g's, never the encoded sequence: the
         backward then carries O(parameters) per evaluation instead of a (B, T, input) gradient
-        of every h_k (O(T²) in all), and keeps no state per interval, so its memory is flat in T.
+        of every h_k (O(T²) in all). Each segment keeps only the states at its ends (and at the
+        read times in it); its backward reconstructs z backwards from its own end, so the
+        reconstruction's error grows over one segment, not over the whole sequence. Memory:
+        one (B, hidden) state per segment, ``adjoint_segment=0`` (one segment) flat in T.
         The fixed grid is the integer one (step 1 in τ = t/δt); ``perturb`` keeps each stage
         on its own interval's input in both directions.
         """
         if not (self.whole_sequence and self.adjoint):
             return None
-        (z0,) = state
+        (z,) = state
         T = x.shape[1]
-        grid = torch.arange(T + 1, dtype=z0.dtype, device=z0.device)
-        steps = x.unbind(1)
+        grid = torch.arange(T + 1, dtype=z.dtype, device=z.device)
 
         def f(tau: Tensor, z: Tensor) -> Tensor:
-            return self.rate(encoder(steps[interval(grid, tau)]), z, self.dt)
+            # x indexed per evaluation: x.unbind(1) would hold T tensor objects (~1 KiB each)
+            return self.rate(encoder(x[:, interval(grid, tau)]), z, self.dt)
 
-        times = torch.cat([grid[:1], grid[T - n_out + 1:]])  # 0, then the read grid times
         params = (*encoder.parameters(), *self.g.parameters())
+        first_read = T - n_out + 1  # z is read at grid times first_read … T
+        segment = self.adjoint_segment or T
         before = self.nfe
-        path = odeint_adjoint(f, z0, times, method=self.solver, adjoint_params=params,
-                              options={"perturb": True, "step_size": 1.0})
+        outputs = []
+        for start in range(0, T, segment):
+            end = min(start + segment, T)
+            reads = range(max(start + 1, first_read), end + 1)
+            times = grid[[start, *reads]] if reads else grid[[start, end]]
+            path = odeint_adjoint(f, z, times, method=self.solver, adjoint_params=params,
+                                  options={"perturb": True, "step_size": 1.0})
+            outputs.append(path[1:] if reads else path[:0])
+            z = path[-1]
         self.nfe_forward += self.nfe - before
-        return path[1:].transpose(0, 1)
+        return torch.cat(outputs).transpose(0, 1)
 
     def diagnostics(self) -> dict[str, float]:
         """Evaluations of g since the last call, counted in training mode: ``nfe_forward`` in
