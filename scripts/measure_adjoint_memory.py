@@ -4,9 +4,11 @@
     python scripts/measure_adjoint_memory.py --seq-lens 100 1000 --solver rk4
 
 Each configuration runs in a fresh process (CPU, one thread) and reports the growth of its peak
-resident memory (VmHWM, reset before the pass) over the memory held before the pass, the wall time,
-and how far the gradient of g's parameters is from the exact gradient of the discrete scheme
-(backprop through manual Euler for euler, through the same solver otherwise).
+resident memory (VmHWM, reset before the pass) over the memory held before the pass, and how far
+the gradient of g's parameters is from the exact gradient of the discrete scheme (backprop through
+manual Euler for euler, through the same solver otherwise). The wall time comes from a second
+fresh process with the default allocator (the first one's allocator settings, which make the
+resident set follow the live tensors, slow down paths that allocate many tensors).
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ PATHS = {  # name → cell arguments; "step" loops over cell.step, "sequence" ca
     "direct, odeint per interval (step)": ({}, "step"),
     "direct, one odeint (sequence)": ({"whole_sequence": True}, "sequence"),
     "adjoint, odeint_adjoint per interval (step)": ({"adjoint": True}, "step"),
-    "adjoint, one odeint_adjoint (whole grid)": ({"adjoint": True, "whole_sequence": True},
-                                                 "inputs"),
 }
+WHOLE_GRID = "adjoint, whole grid, segments of {}"  # + `--segments`: cell.adjoint_segment
+
+
+def path_settings(name: str) -> tuple[dict, str]:
+    if name in PATHS:
+        return PATHS[name]
+    segment = int(name.rsplit(" ", 1)[-1].replace("T", "0"))
+    return {"adjoint": True, "whole_sequence": True, "adjoint_segment": segment}, "inputs"
 
 
 # glibc serves allocations of 16 KiB and more (every tensor of B×hidden floats here) by mmap and
@@ -53,7 +61,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cell_args, path = PATHS[args.path]
+    cell_args, path = path_settings(args.path)
     cell = NeuralODE(args.input_size, args.hidden_size, width=args.width, depth=args.depth,
                      dt=args.dt, **{"solver": args.solver, **cell_args})
     target = torch.randn(args.batch_size, args.hidden_size)
@@ -99,6 +107,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--dt", type=float, default=0.05)
+    parser.add_argument("--segments", nargs="*", default=["T"],
+                        help="cell.adjoint_segment values of the whole-grid adjoint (T: one "
+                             "segment, 0 in the config)")
     parser.add_argument("--skip", nargs="*", default=[], help="path names to leave out")
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)  # child only
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -112,30 +123,38 @@ def main() -> None:
           "one forward + backward, CPU, 1 thread")
     print(f"{'T':>5}  {'path':<45} {'peak MiB':>9} {'seconds':>8} {'NFE fwd/bwd':>12} "
           f"{'grad rel. diff':>14}")
+    names = [*PATHS, *(WHOLE_GRID.format(k) for k in args.segments)]
+    reference = "direct, manual Euler (step)" if args.solver == "euler" else \
+        "direct, odeint per interval (step)"  # the exact gradient of the discrete scheme
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k in ("solver", "batch_size", "input_size", "hidden_size", "width", "depth",
+                         "dt")]
     with tempfile.TemporaryDirectory() as tmp:
         for T in args.seq_lens:
             exact = None
-            for name in PATHS:
+            for name in names:
                 if name in args.skip or (name.startswith("direct, manual") and
                                          args.solver != "euler"):
                     continue
                 save = Path(tmp) / "grad.npy"
                 command = [sys.executable, __file__, "--path", name, "--seq-len", str(T),
-                           "--save", str(save)] + [
-                    f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                    if k in ("solver", "batch_size", "input_size", "hidden_size", "width",
-                             "depth", "dt")]
-                result = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV)
-                if result.returncode != 0:
-                    print(f"{T:>5}  {name:<45} failed: {result.stderr.strip()[-300:]}")
+                           "--save", str(save), *settings]
+                memory = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV)
+                timing = subprocess.run(command, capture_output=True, text=True)
+                failed = next((r for r in (memory, timing) if r.returncode != 0), None)
+                if failed is not None:
+                    print(f"{T:>5}  {name:<45} failed: {failed.stderr.strip()[-300:]}")
                     continue
-                out = json.loads(result.stdout.strip().splitlines()[-1])
+                out = json.loads(memory.stdout.strip().splitlines()[-1])
+                seconds = json.loads(timing.stdout.strip().splitlines()[-1])["seconds"]
                 grad = np.load(save)
-                exact = grad if exact is None else exact  # the first path is the discrete one
-                diff = np.linalg.norm(grad - exact) / np.linalg.norm(exact)
+                if name == reference:
+                    exact = grad
+                diff = "n/a" if exact is None else \
+                    f"{np.linalg.norm(grad - exact) / np.linalg.norm(exact):.2e}"
                 nfe = f"{out['nfe']['nfe_forward']:.0f}/{out['nfe']['nfe_backward']:.0f}"
-                print(f"{T:>5}  {name:<45} {out['peak_mib']:>9.1f} {out['seconds']:>8.2f} "
-                      f"{nfe:>12} {diff:>14.2e}", flush=True)
+                print(f"{T:>5}  {name:<45} {out['peak_mib']:>9.1f} {seconds:>8.2f} "
+                      f"{nfe:>12} {diff:>14}", flush=True)
 
 
 if __name__ == "__main__":
