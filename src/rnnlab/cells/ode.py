@@ -32,6 +32,8 @@ SOLVERS = ("manual_euler", *FIXED_GRID, *ADAPTIVE)
 # told where the input jumps, so the whole-sequence path is for these methods only.
 WHOLE_SEQUENCE_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "dopri5", "dopri8",
                           "bosh3", "fehlberg2", "adaptive_heun")
+# Fixed-grid methods with a stage at the end of the step (the Adams methods start with rk4).
+STAGE_AT_END = ("heun2", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "silu": nn.SiLU,
                "elu": nn.ELU, "sigmoid": nn.Sigmoid}
 
@@ -177,14 +179,16 @@ class NeuralODE(Cell):
         """Options that end a solver step exactly on every grid time after the first.
 
         Fixed-grid methods step from grid time to grid time; ``perturb`` moves a stage that
-        lands on t_{k+1} (rk4's last) just inside interval k, so it reads that interval's input.
-        Adaptive methods stop at each interior grid time (``jump_t``: the input may jump there)
-        and end a step on the last (``step_t``); otherwise torchdiffeq interpolates the output
-        within an overshooting step, with an error its tolerances do not control (measured
-        1e-6 for bosh3 at rtol 1e-9).
+        lands on t_{k+1} (`STAGE_AT_END`: heun2's and rk4's last) just inside interval k, so it
+        reads that interval's input (the other methods' stages all lie in [t_k, t_{k+1}), and
+        the nudge would cost each evaluation two more tensor operations). Adaptive methods stop
+        at each interior grid time (``jump_t``: the input may jump there) and end a step on the
+        last (``step_t``); otherwise torchdiffeq interpolates the output within an overshooting
+        step, with an error its tolerances do not control (measured 1e-6 for bosh3 at rtol
+        1e-9).
         """
         if self.solver in FIXED_GRID:
-            return {"perturb": True}
+            return {"perturb": self.solver in STAGE_AT_END}
         if self.solver == "scipy_solver":
             return {}
         return {"jump_t": grid[1:-1], "step_t": grid[-1:]}
