@@ -37,6 +37,10 @@ class Cell(nn.Module):
 
     The model owns the loop, so `step` must not keep state between calls other than counters
     for `diagnostics`: the probes that measure ``dL_dz`` are added to what `step` returns.
+    On monitored steps `step` runs under `torch.func.functional_call` with per-step weights
+    W + q_t (the parameter probes); a backward that evaluates a module again after `step` has
+    returned (an adjoint method, a custom autograd Function) must use the weights `step` read,
+    ``dict(module.named_parameters())`` taken inside `step`, as the ODE cell's adjoint does.
 
     Constructed by Hydra as ``instantiate(cfg.cell, input_size=...)``: the model passes
     ``input_size``; every other argument comes from the cell's YAML, whose ``_target_`` names the
