@@ -4,7 +4,8 @@
     python scripts/measure_adjoint_memory.py --seq-lens 100 1000 --solver rk4
 
 Each configuration runs in a fresh process (CPU, one thread) and reports the growth of its peak
-resident memory (VmHWM, reset before the pass) over the memory held before the pass, and how far
+resident memory (VmHWM, reset before the pass) over the memory held before the pass, the
+process's whole peak (torch, the model, the inputs and the pass: "process"), and how far
 the gradient of g's parameters is from the exact gradient of the discrete scheme (backprop through
 manual Euler for euler, through the same solver otherwise). The wall time comes from a second
 fresh process with the default allocator (the first one's allocator settings, which make the
@@ -93,7 +94,8 @@ def child(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = memory_kib("VmHWM")
     np.save(args.save, torch.cat([g.flatten() for g in grads[1:]]).double().numpy())
-    print(json.dumps({"peak_mib": (peak - before) / 1024, "seconds": seconds,
+    print(json.dumps({"peak_mib": (peak - before) / 1024, "process_mib": peak / 1024,
+                      "seconds": seconds,
                       "nfe": cell.diagnostics()}))
 
 
@@ -121,8 +123,8 @@ def main() -> None:
     print(f"neural ODE cell, solver={args.solver}, B={args.batch_size}, input={args.input_size}, "
           f"hidden={args.hidden_size}, g: {args.depth}×{args.width} tanh MLP, dt={args.dt}; "
           "one forward + backward, CPU, 1 thread")
-    print(f"{'T':>5}  {'path':<45} {'peak MiB':>9} {'seconds':>8} {'NFE fwd/bwd':>12} "
-          f"{'grad rel. diff':>14}")
+    print(f"{'T':>5}  {'path':<45} {'peak MiB':>9} {'process':>8} {'seconds':>8} "
+          f"{'NFE fwd/bwd':>12} {'grad rel. diff':>14}")
     names = [*PATHS, *(WHOLE_GRID.format(k) for k in args.segments)]
     reference = "direct, manual Euler (step)" if args.solver == "euler" else \
         "direct, odeint per interval (step)"  # the exact gradient of the discrete scheme
@@ -153,8 +155,8 @@ def main() -> None:
                 diff = "n/a" if exact is None else \
                     f"{np.linalg.norm(grad - exact) / np.linalg.norm(exact):.2e}"
                 nfe = f"{out['nfe']['nfe_forward']:.0f}/{out['nfe']['nfe_backward']:.0f}"
-                print(f"{T:>5}  {name:<45} {out['peak_mib']:>9.1f} {seconds:>8.2f} "
-                      f"{nfe:>12} {diff:>14}", flush=True)
+                print(f"{T:>5}  {name:<45} {out['peak_mib']:>9.1f} {out['process_mib']:>8.0f} "
+                      f"{seconds:>8.2f} {nfe:>12} {diff:>14}", flush=True)
 
 
 if __name__ == "__main__":
