@@ -320,8 +320,10 @@ def test_optuna_study_goes_on_past_failed_trials_and_reports_the_best_finished_o
                        if j["status"] == "completed")
 
 
-def test_slurm_launcher_config_composes_with_the_submitit_plugin(make_cfg):
-    launcher = make_cfg("hydra/launcher=slurm").hydra.launcher
+def test_slurm_launcher_config_composes_with_the_submitit_plugin(make_cfg, tmp_path):
+    # An explicit sweep dir: resolving the default one would create it under ./outputs.
+    launcher = make_cfg("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}").hydra.launcher
     assert launcher._target_ == \
         "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.cpus_per_task == 4 and launcher.submitit_folder.endswith(".submitit/%j")
+    assert launcher.cpus_per_task == 4
+    assert launcher.submitit_folder == f"{tmp_path}/.submitit/%j"
