@@ -32,8 +32,6 @@ SOLVERS = ("manual_euler", *FIXED_GRID, *ADAPTIVE)
 # told where the input jumps, so the whole-sequence path is for these methods only.
 WHOLE_SEQUENCE_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "dopri5", "dopri8",
                           "bosh3", "fehlberg2", "adaptive_heun")
-# Fixed-grid methods with a stage at the end of the step (the Adams methods start with rk4).
-STAGE_AT_END = ("heun2", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "silu": nn.SiLU,
                "elu": nn.ELU, "sigmoid": nn.Sigmoid}
 
@@ -178,18 +176,13 @@ class NeuralODE(Cell):
     def solver_options(self, grid: Tensor) -> dict:
         """Options that end a solver step exactly on every grid time after the first.
 
-        Fixed-grid methods step from grid time to grid time; ``perturb`` moves a stage that
-        lands on t_{k+1} (`STAGE_AT_END`: heun2's and rk4's last) just inside interval k, so it
-        reads that interval's input (the other methods' stages all lie in [t_k, t_{k+1}), and
-        the nudge would cost each evaluation two more tensor operations). Adaptive methods stop
+        Fixed-grid methods step from grid time to grid time by themselves. Adaptive methods stop
         at each interior grid time (``jump_t``: the input may jump there) and end a step on the
         last (``step_t``); otherwise torchdiffeq interpolates the output within an overshooting
         step, with an error its tolerances do not control (measured 1e-6 for bosh3 at rtol
         1e-9).
         """
-        if self.solver in FIXED_GRID:
-            return {"perturb": self.solver in STAGE_AT_END}
-        if self.solver == "scipy_solver":
+        if self.solver in FIXED_GRID or self.solver == "scipy_solver":
             return {}
         return {"jump_t": grid[1:-1], "step_t": grid[-1:]}
 
@@ -247,24 +240,28 @@ class NeuralODE(Cell):
         # Time τ = t/δt on the integer grid 0 … T: interval k is [k, k+1].
         grid = torch.arange(T + 1, dtype=z0.dtype, device=z0.device)
         inputs = u.unbind(1)  # split once: slicing u inside g would make backward quadratic in T
-
-        def f(tau: Tensor, z: Tensor) -> Tensor:
-            # The interval is found by comparing τ with the grid, never by dividing a float time;
-            # a stage on a grid time is nudged into its own interval (`solver_options`).
-            return self.rate(inputs[interval(grid, tau)], z, self.dt)
-
         states: list[Tensor] = []  # z at grid times 0 … T−1, in order
-
-        def on_grid_step(t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-            if len(states) < T and t0 == grid[len(states)]:
-                states.append(y0)
-
         options = self.solver_options(grid)
         if self.solver in FIXED_GRID:
-            f.callback_step = on_grid_step
+            # One solver step per interval, announced by callback_step before its stages: the
+            # interval is the number of steps begun, and every stage (rk4's last, on t_{k+1},
+            # too) reads that interval's input, with no lookup by time (nor a device sync).
+            def f(tau: Tensor, z: Tensor) -> Tensor:
+                return self.rate(inputs[len(states) - 1], z, self.dt)
+
+            f.callback_step = lambda t0, y0, dt: states.append(y0)
             options["grid_constructor"] = lambda func, y0, t: grid
         else:
-            f.callback_accept_step = on_grid_step
+            # Steps of any size: the interval is found by comparing τ with the grid, never by
+            # dividing a float time; the solver stops on every grid time (`solver_options`).
+            def f(tau: Tensor, z: Tensor) -> Tensor:
+                return self.rate(inputs[interval(grid, tau)], z, self.dt)
+
+            def on_accepted_step(t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+                if len(states) < T and t0 == grid[len(states)]:
+                    states.append(y0)
+
+            f.callback_accept_step = on_accepted_step
         before = self.nfe
         end = odeint(f, z0, grid[[0, -1]], method=self.solver, rtol=self.rtol, atol=self.atol,
                      options=options)[-1]
