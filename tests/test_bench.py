@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -52,3 +53,30 @@ def test_flush_denormal_holds_during_the_run_and_is_restored_after(make_cfg, flu
                    f"+callbacks.flush._target_={__name__}.RecordFlush"))
     assert RecordFlush.seen == [not flush]
     assert subnormal_survives()  # PyTorch's default again
+
+
+def test_ode_benchmark_times_every_solver_path_against_manual_euler(tmp_path, monkeypatch):
+    cases = bench.ode_plan(list(bench.ODE_PATHS), [4, 8], steps=1)
+    assert {c["path"] for c in cases} == set(bench.ODE_PATHS) and len(cases) == 14
+    # in-process (a fresh process per case is what the script does; the numbers are the same kind)
+    monkeypatch.setattr(bench, "measure", lambda case: {**bench.run_case({**case, "threads": 1}),
+                                                        "peak_mb": 100.0 + case["T"]})
+    out = tmp_path / "ode.json"
+    bench.main(["--ode", "--ode-lengths", "4,8", "--ode-steps", "1", "--out", str(out),
+                "--ode-paths", "manual Euler,euler,rk4 adjoint"])
+    summary = {(r["path"], r["T"]): r for r in json.loads(out.read_text())["summary"]}
+    assert set(summary) == {(p, T) for p in ("manual Euler", "euler", "rk4 adjoint")
+                            for T in (4, 8)}
+    for (path, T), row in summary.items():
+        assert row["s_per_step"] > 0
+        manual = summary[("manual Euler", T)]
+        assert row["over_manual_euler"] == pytest.approx(row["s_per_step"] / manual["s_per_step"])
+        assert row["time_over_shortest"] == pytest.approx(
+            row["s_per_step"] / summary[(path, 4)]["s_per_step"])
+        assert row["memory_over_shortest"] == pytest.approx((100.0 + T) / 104.0)
+
+
+def test_ode_benchmark_names_an_unknown_path(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--ode", "--ode-paths", "euler,leapfrog"])
+    assert "--ode-paths: unknown ['leapfrog']" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""scripts/measure_adjoint_memory.py runs every path and compares its gradient with the discrete one."""
+"""scripts/measure_adjoint_memory.py runs every path and compares its gradient with the discrete
+one."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_every_path_runs_and_segments_of_one_interval_give_the_stepping_adjoint(
     assert list(rows) == ["direct, manual Euler (step)", "direct, odeint per interval (step)",
                           "direct, one odeint (sequence)",
                           "adjoint, odeint_adjoint per interval (step)",
-                          "adjoint, whole grid, segments of 1", "adjoint, whole grid, segments of T"]
+                          "adjoint, whole grid, segments of 1",
+                          "adjoint, whole grid, segments of T"]
     assert rows["direct, manual Euler (step)"]["diff"] == 0  # the reference
     for name in ("direct, odeint per interval (step)", "direct, one odeint (sequence)"):
         assert rows[name]["diff"] < 1e-6  # torchdiffeq's euler is manual Euler, in float32

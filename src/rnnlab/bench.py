@@ -10,6 +10,9 @@ For each cell × T (B = 64, H = 128, the adding task):
 (d) ``probed``   one monitored (probed) forward+backward alone, against a plain unrolled
                  forward+backward of the same cell (the loop without probes).
 
+``--ode`` measures the neural ODE's solver paths instead (`ODE_PATHS`): seconds per rnnlab
+training step against manual Euler at the same T, and how time and peak memory grow with T.
+
 Each case runs in a fresh process, so its peak memory (max RSS, or CUDA max allocated) is its own.
 """
 
@@ -71,12 +74,13 @@ def adding_batches(T: int, device: str):
 
 
 class RawNODE(nn.Module):
-    """z ← z + g(cat(h_t, z))·δt, the Euler loop as written by hand (g: Linear-tanh-Linear)."""
+    """z ← z + g(cat(h_t, z))·δt, the Euler loop as written by hand, with rnnlab's g for the
+    benchmark's node (``cell.width=H``, ``cell.depth=2``): Linear-tanh-Linear-tanh-Linear."""
 
     def __init__(self, input_size: int, hidden: int, width: int, dt: float):
         super().__init__()
         self.g = nn.Sequential(nn.Linear(input_size + hidden, width), nn.Tanh(),
-                               nn.Linear(width, hidden))
+                               nn.Linear(width, width), nn.Tanh(), nn.Linear(width, hidden))
         self.hidden, self.dt = hidden, dt
 
     def forward(self, u):
@@ -126,7 +130,8 @@ def subnormal_cost(T: int = 1000, steps: int = 20) -> None:
 
 def rnnlab_overrides(cell: str, T: int, device: str) -> list[str]:
     return [f"cell={cell}", "task=adding", f"task.seq_len={T}", f"task.batch_size={B}",
-            f"cell.hidden_size={H}", f"model.encoder_size={ENCODER}", f"model.optimizer.lr={LR}",
+            f"cell.hidden_size={H}", *([f"cell.width={H}"] if cell == "node" else []),
+            f"model.encoder_size={ENCODER}", f"model.optimizer.lr={LR}",
             "task.train_batches=1000000",
             "task.val_batches=1", "+trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
@@ -197,7 +202,7 @@ def run_case(case: dict) -> dict:
     else:
         every = case["every"] if mode == "monitor" else None
         result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every,
-                            [*case.get("monitor_overrides", []),
+                            [*case.get("cell_overrides", []), *case.get("monitor_overrides", []),
                              f"flush_denormal={str(flush).lower()}"])
     if device == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -239,50 +244,30 @@ def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
     return cases
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="rnn, gru, lstm at T = 100 only (under a minute)")
-    parser.add_argument("--cells", default="rnn,gru,lstm,node")
-    parser.add_argument("--lengths", default="100,1000")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--out", default="bench.json", help="where the JSON results go")
-    parser.add_argument("--flush-denormal", action="store_true",
-                        help="every mode flushes subnormal floats to 0 (flush_denormal=true)")
-    parser.add_argument("--subnormals", action="store_true",
-                        help="only: ms per step of a raw tanh RNN (T=1000) over its first 20 "
-                             "steps, subnormals kept and flushed")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
-        return
-    if args.subnormals:
-        subnormal_cost()
-        return
+# bench --ode: the neural ODE's solver paths, each as rnnlab trains it (monitor off; the fast
+# path `cell.whole_sequence=auto` picks: one odeint for fixed-grid methods, odeint_adjoint over
+# segments of `cell.adjoint_segment` intervals with the adjoint, interval by interval for dopri5).
+ODE_PATHS = {
+    "manual Euler": ["cell.solver=manual_euler"],
+    "euler": ["cell.solver=euler"],
+    "rk4": ["cell.solver=rk4"],
+    "dopri5": ["cell.solver=dopri5"],
+    "euler adjoint": ["cell.solver=euler", "cell.adjoint=true"],
+    "rk4 adjoint": ["cell.solver=rk4", "cell.adjoint=true"],
+    "dopri5 adjoint": ["cell.solver=dopri5", "cell.adjoint=true"],
+}
 
-    from rich.console import Console
-    from rich.progress import track
+
+def ode_plan(paths: list[str], lengths: list[int], steps: int) -> list[dict]:
+    return [{"cell": "node", "path": path, "T": T, "mode": "off", "warmup": 1, "steps": steps,
+             "cell_overrides": ODE_PATHS[path]} for path in paths for T in lengths]
+
+
+def cell_table(cells: list[str], results: list[dict], title: str):
+    """The table of `plan`'s cases: each mode against raw PyTorch; and its summary rows."""
     from rich.table import Table
 
-    cells = [c for c in args.cells.split(",") if c]
-    lengths = [int(t) for t in args.lengths.split(",")]
-    if args.quick:
-        cells, lengths = [c for c in cells if c != "node"], [100]
-    cases = plan(args.quick, cells, lengths)
-    for case in cases:
-        case["device"] = args.device
-        case["flush_denormal"] = args.flush_denormal
-    results = []
-    for case in track(cases, description="benchmarking"):
-        results.append({**case, **measure(case)})
-        if "error" in results[-1]:
-            print(f"case {case} failed: {results[-1]['error']}\n{results[-1]['stderr'][-500:]}")
-        Path(args.out).write_text(json.dumps({"cases": results}, indent=2) + "\n")  # so far
-
-    table = Table(title=f"rnnlab vs raw PyTorch (B={B}, H={H}, adding, lr {LR}, {args.device}, "
-                        f"{torch.get_num_threads()} threads"
-                        + (", subnormals flushed)" if args.flush_denormal else ")"))
+    table = Table(title=title)
     for column in ("cell", "T", "raw steps/s", "off/raw", "monitor/raw", "probed/plain",
                    "raw MB", "off MB", "monitor MB"):
         table.add_column(column, justify="right")
@@ -306,6 +291,103 @@ def main(argv: list[str] | None = None) -> None:
                           f"{row['off_over_raw']:.2f}", f"{row['monitor_over_raw']:.2f}",
                           f"{row['probed_over_plain']:.2f}",
                           *(f"{row['peak_mb'][m]:.0f}" for m in ("raw", "off", "monitor")))
+    return table, summary
+
+
+def ode_table(results: list[dict], title: str):
+    """The table of `ode_plan`'s cases: seconds per training step against manual Euler at the
+    same T, and time and peak memory against the same path at the shortest T."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("path", "T", "s/step", "× manual Euler", "time × shortest T", "peak MB",
+                   "memory × shortest T"):
+        table.add_column(column, justify="right")
+    ok = {(r["path"], r["T"]): r for r in results if "error" not in r}
+    summary = []
+    for r in results:
+        if "error" in r:
+            summary.append({"path": r["path"], "T": r["T"], "failed": r["error"]})
+            table.add_row(r["path"], str(r["T"]), f"failed: {r['error']}", *[""] * 4)
+            continue
+        shortest = ok.get((r["path"], min(x["T"] for x in results if x["path"] == r["path"])))
+        manual = ok.get(("manual Euler", r["T"]))
+        row = {"path": r["path"], "T": r["T"], "s_per_step": 1 / r["steps_per_s"],
+               "over_manual_euler": manual and manual["steps_per_s"] / r["steps_per_s"],
+               "time_over_shortest": shortest and shortest["steps_per_s"] / r["steps_per_s"],
+               "peak_mb": r["peak_mb"],
+               "memory_over_shortest": shortest and r["peak_mb"] / shortest["peak_mb"]}
+        summary.append(row)
+        table.add_row(r["path"], str(r["T"]), f"{row['s_per_step']:.3f}",
+                      *(f"{row[k]:.2f}" if row[k] else "" for k in
+                        ("over_manual_euler", "time_over_shortest")),
+                      f"{row['peak_mb']:.0f}",
+                      f"{row['memory_over_shortest']:.2f}" if shortest else "")
+    return table, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="rnn, gru, lstm at T = 100 only (under a minute)")
+    parser.add_argument("--cells", default="rnn,gru,lstm,node")
+    parser.add_argument("--lengths", default="100,1000")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", default="bench.json", help="where the JSON results go")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="every mode flushes subnormal floats to 0 (flush_denormal=true)")
+    parser.add_argument("--subnormals", action="store_true",
+                        help="only: ms per step of a raw tanh RNN (T=1000) over its first 20 "
+                             "steps, subnormals kept and flushed")
+    parser.add_argument("--ode", action="store_true",
+                        help="only: the neural ODE's solver paths (cell=node, rnnlab training "
+                             "with the monitor off) at --ode-lengths; about 45 minutes")
+    parser.add_argument("--ode-paths", default=",".join(ODE_PATHS),
+                        help="which of: " + ", ".join(ODE_PATHS) + " (comma-separated)")
+    parser.add_argument("--ode-lengths", default="1000,10000")
+    parser.add_argument("--ode-steps", type=int, default=2,
+                        help="timed training steps per case, after one warm-up step")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.subnormals:
+        subnormal_cost()
+        return
+
+    from rich.console import Console
+    from rich.progress import track
+
+    if args.ode:
+        paths = [p.strip() for p in args.ode_paths.split(",") if p.strip()]
+        unknown = sorted(set(paths) - set(ODE_PATHS))
+        if unknown:
+            parser.error(f"--ode-paths: unknown {unknown}; choose from {list(ODE_PATHS)}")
+        cases = ode_plan(paths, [int(t) for t in args.ode_lengths.split(",")], args.ode_steps)
+    else:
+        cells = [c for c in args.cells.split(",") if c]
+        lengths = [int(t) for t in args.lengths.split(",")]
+        if args.quick:
+            cells, lengths = [c for c in cells if c != "node"], [100]
+        cases = plan(args.quick, cells, lengths)
+    for case in cases:
+        case["device"] = args.device
+        case["flush_denormal"] = args.flush_denormal
+    results = []
+    for case in track(cases, description="benchmarking"):
+        results.append({**case, **measure(case)})
+        if "error" in results[-1]:
+            print(f"case {case} failed: {results[-1]['error']}\n{results[-1]['stderr'][-500:]}")
+        Path(args.out).write_text(json.dumps({"cases": results}, indent=2) + "\n")  # so far
+
+    setting = (f"B={B}, H={H}, adding, lr {LR}, {args.device}, {torch.get_num_threads()} threads"
+               + (", subnormals flushed" if args.flush_denormal else ""))
+    if args.ode:
+        table, summary = ode_table(results, f"neural ODE solver paths, rnnlab training steps "
+                                            f"({setting}, g 2×{H} tanh, δt 0.1)")
+    else:
+        table, summary = cell_table(cells, results, f"rnnlab vs raw PyTorch ({setting})")
     Console(width=150).print(table)
     Path(args.out).write_text(json.dumps({"summary": summary, "cases": results}, indent=2) + "\n")
     print(f"wrote {args.out}")
