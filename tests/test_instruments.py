@@ -352,7 +352,9 @@ def test_hparams_tab_holds_the_config_and_the_final_metrics(make_cfg, tmp_path):
                 "final/decay_rate": record["decay_rate"][-1],
                 "final/log10_first_last": record["log10_first_last"][-1],
                 "final/horizon": record["horizon"][-1],
-                "final/jacobian_rate": record["jacobian_rate"][-1]}
+                "final/jacobian_rate": record["jacobian_rate"][-1],
+                "final/train_seconds_per_step": metrics["train/seconds_per_step"],
+                "final/train_peak_memory_mb": metrics["train/peak_memory_mb"]}
     assert sorted(metric_tags) == sorted(expected)
     for tag, value in expected.items():
         (event,) = accumulator.Scalars(tag)

@@ -97,6 +97,8 @@ def test_resumed_run_has_the_same_tensorboard_points_without_duplicates(runs):
     assert a.keys() == b.keys()
     for tag in a:
         assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag  # no step twice or missing
+        if tag in ("final/train_seconds_per_step", "final/train_peak_memory_mb"):
+            continue  # what the machine took, not what the model computed
         np.testing.assert_allclose([v for _, v in b[tag]], [v for _, v in a[tag]], rtol=1e-6,
                                    err_msg=tag)
 

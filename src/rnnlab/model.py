@@ -93,6 +93,7 @@ class RecurrentModel(pl.LightningModule):
         self.last_finite_profile = "none yet (no monitored step finished)"
         self.skipped_steps = 0
         self.skip_step = False  # drop this step's gradients after backward (`skipped_loss`)
+        self.cell_totals: dict[str, float] = {}  # sums of the cell's diagnostics over training
         self._compiled_step: CompiledStep | None = None  # made on first use
 
     # --- the unrolled network ------------------------------------------------------------------
@@ -250,6 +251,7 @@ class RecurrentModel(pl.LightningModule):
         # After the backward pass, so a cell's counts include it (e.g. the adjoint's NFE).
         for name, value in self.cell.diagnostics().items():
             self.log(f"cell/{name}", float(value), on_step=True, on_epoch=False)
+            self.cell_totals[name] = self.cell_totals.get(name, 0.0) + float(value)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         y_hat = self(batch["x"], batch.get("dt"))

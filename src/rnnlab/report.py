@@ -45,8 +45,11 @@ from rnnlab.config import short_override  # noqa: E402
 from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
 
 FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
+RECORD_COLUMNS = ("decay_rate", "log10_first_last", "horizon", "jacobian_rate")  # last record
+COST_COLUMNS = {"s/step": "train/seconds_per_step", "peak MB": "train/peak_memory_mb",
+                "NFE fwd": "cell/nfe_forward", "NFE bwd": "cell/nfe_backward"}  # metrics.json
 COLUMNS = ("run", "overrides", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
-           "decay_rate", "log10_first_last", "horizon", "jacobian_rate")
+           *RECORD_COLUMNS, *COST_COLUMNS)
 
 
 class NoRunsError(FileNotFoundError):
@@ -83,8 +86,10 @@ class Run:
             "steps": int(self.metrics.get("step", self.record["step"][-1])),
             "val/loss": float(self.metrics.get("val/loss", math.nan)),
             "val/baseline": float(self.metrics.get("val/baseline", math.nan))}
-        for key in COLUMNS[8:]:
+        for key in RECORD_COLUMNS:
             row[key] = float(self.record[key][-1]) if key in self.record else math.nan
+        for column, key in COST_COLUMNS.items():
+            row[column] = float(self.metrics.get(key, math.nan))
         return row
 
 

@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from rnnlab.callbacks import GradFlowMonitor
 from rnnlab.config import ConfigError, check_writable, validate, validate_timesteps
+from rnnlab.cost import RunCost
 from rnnlab.model import RecurrentModel
 from rnnlab.resume import carry_history, find_checkpoint
 
@@ -93,6 +94,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/baseline"] = float(task.baseline)  # exact, not the float32 that was logged
     metrics["step"] = trainer.global_step
+    cost = next((c for c in callbacks if isinstance(c, RunCost)), None)
+    if cost is not None:
+        metrics.update(cost.metrics(model.cell_totals))
     if trainer.is_global_zero:  # only rank 0 writes
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True)
