@@ -23,6 +23,7 @@ from tensorboard.util import tensor_util
 from rnnlab import gradflow
 from rnnlab.callbacks import chosen_timesteps
 from rnnlab.config import ConfigError
+from rnnlab.figures import BOUND_DECADES, profile_figure
 from rnnlab.model import MODULES, RecurrentModel
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
@@ -189,6 +190,22 @@ def test_jacobian_bound_holds_for_a_tanh_rnn_read_at_the_last_step():
 def test_jacobian_bound_is_the_last_norm_times_the_later_jacobian_norms():
     bound = gradflow.jacobian_bound(np.array([9.0, 9.0, 9.0, 5.0]), np.array([7.0, 2.0, 3.0, 4.0]))
     np.testing.assert_allclose(bound, [5.0 * 2 * 3 * 4, 5.0 * 3 * 4, 5.0 * 4, 5.0])
+
+
+@pytest.mark.parametrize("jacobian_norm", [2.0, 1e4])  # 10^300 and past float64: inf
+def test_profile_figure_draws_a_bound_hundreds_of_decades_above_the_profile(jacobian_norm):
+    T = 1000
+    dL_dz = np.linspace(0.01, 0.02, T)
+    record = {"dL_dz": dL_dz, "jacobian_norm": np.full(T, jacobian_norm)}
+    fig = profile_figure(record, step=7)
+    fig.canvas.draw()  # ticks and layout: a log axis up to 1e300 overflowed here
+    profile, bound = fig.axes[0].get_lines()
+    drawn = bound.get_ydata()
+    assert np.nanmax(drawn) <= dL_dz.max() * 10.0 ** BOUND_DECADES
+    assert np.isfinite(drawn).sum() >= 1  # the bound's end, where it meets the profile
+    np.testing.assert_array_equal(profile.get_ydata(), dL_dz)
+    low, high = fig.axes[0].get_ylim()
+    assert 0 < low <= dL_dz.min() and high <= dL_dz.max() * 10.0 ** (BOUND_DECADES + 1)
 
 
 def test_recurrent_spectrum_matches_numpy():
