@@ -23,7 +23,7 @@ from tensorboard.util import tensor_util
 from rnnlab import gradflow
 from rnnlab.callbacks import chosen_timesteps
 from rnnlab.config import ConfigError
-from rnnlab.figures import BOUND_DECADES, profile_figure
+from rnnlab.figures import BOUND_DECADES, plt, profile_figure
 from rnnlab.model import MODULES, RecurrentModel
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
@@ -409,3 +409,22 @@ def test_images_are_drawn_every_nth_record_and_at_the_last(make_cfg, tmp_path):
     assert gradflow.load(tmp_path / "run")["step"].tolist() == [0, 1, 2, 3, 4]
     for tag in ("grad_flow/profile", "grad_flow/heatmap"):
         assert [e.step for e in accumulator.Images(tag)] == [0, 3, 4]
+
+
+def test_a_figure_that_cannot_be_drawn_is_a_warning_and_training_goes_on(make_cfg, tmp_path,
+                                                                         monkeypatch, caplog):
+    from rnnlab import callbacks
+
+    def broken(record, step):
+        plt.figure()  # left open by the failure: the monitor closes it
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(callbacks, "profile_figure", broken)
+    open_before = set(plt.get_fignums())
+    metrics = train(make_cfg("task.seq_len=6", "trainer.max_steps=3"))
+    assert metrics["step"] == 3
+    assert gradflow.load(tmp_path / "run")["step"].tolist() == [0, 1, 2]  # every record kept
+    assert "grad_flow figures of step 0 not drawn (OverflowError" in caplog.text
+    assert str(gradflow.record_path(tmp_path / "run" / "grad_flow", 0)) in caplog.text
+    assert set(plt.get_fignums()) == open_before
+    assert not events(tmp_path / "run").Tags()["images"]

@@ -24,6 +24,7 @@ and norms down to ~1e-308 are exact where float32 rounds everything below ~1e-45
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -35,8 +36,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from rnnlab import gradflow
 from rnnlab.config import ConfigError, require, require_choice, require_int
-from rnnlab.figures import heatmap_figure, profile_figure
+from rnnlab.figures import heatmap_figure, plt, profile_figure
 from rnnlab.model import MODULES, offending_timesteps
+
+log = logging.getLogger(__name__)
 
 # Values per parameter per timestep on a monitored step with param_contributions: the probe, its
 # gradient and the per-step weights in the graph, with allocator slack (measured ≈ 5.2 for an LSTM).
@@ -320,9 +323,19 @@ class GradFlowMonitor(pl.Callback):
         return (len(self.history_steps) - 1) % self.figure_every == 0
 
     def draw_figures(self, writer, step: int, record: dict) -> None:
-        writer.add_figure("grad_flow/profile", profile_figure(record, step), step)
-        writer.add_figure("grad_flow/heatmap",
-                          heatmap_figure(self.history_steps, self.history_log10), step)
+        """The two images. One that cannot be drawn is a warning, not the end of the run: the
+        record on disk holds every number the images show."""
+        open_before = set(plt.get_fignums())
+        try:
+            writer.add_figure("grad_flow/profile", profile_figure(record, step), step)
+            writer.add_figure("grad_flow/heatmap",
+                              heatmap_figure(self.history_steps, self.history_log10), step)
+        except Exception as error:  # matplotlib on data it cannot lay out
+            for number in set(plt.get_fignums()) - open_before:
+                plt.close(number)
+            log.warning("grad_flow figures of step %d not drawn (%s: %s); the record %s holds "
+                        "their values", step, type(error).__name__, error,
+                        gradflow.record_path(self.dirpath, step))
 
 
 def custom_scalars_layout(state_names: tuple[str, ...]) -> dict:
