@@ -158,6 +158,22 @@ def test_whole_sequence_matches_interval_by_interval_for_fixed_grid_methods(solv
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_out", [1, 4, 9])
+@pytest.mark.parametrize("solver", ["euler", "rk4"])
+def test_whole_sequence_from_inputs_gives_the_read_states_and_their_gradients(solver, n_out):
+    cell = node(solver=solver, whole_sequence=True)
+    encoder = torch.nn.Linear(2, 3).double()
+    x = torch.randn(3, 9, 2, dtype=torch.float64, requires_grad=True)
+    read = cell.sequence_from_inputs(x, encoder, cell.init_state(3), n_out)
+    expected = step_through(cell, encoder(x))[0][:, 9 - n_out:]
+    torch.testing.assert_close(read, expected, rtol=1e-12, atol=1e-12)
+    inputs = [x, *encoder.parameters(), *cell.parameters()]
+    weights = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad((read * weights).sum(), inputs),
+                    torch.autograd.grad((expected * weights).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("solver", RK_ADAPTIVE)
 def test_whole_sequence_matches_interval_by_interval_to_tolerance_for_adaptive_methods(solver):
     cell = node(whole_sequence=True, **solver_settings(solver))

@@ -88,8 +88,9 @@ class Cell(nn.Module):
                              n_out: int) -> Tensor | None:
         """Optional, before `sequence` on unmonitored steps: z[0] on the last ``n_out`` steps,
         (B, n_out, hidden), from the raw inputs x (B, T, features) with u_t = encoder(x_t)
-        evaluated inside the cell. For a cell whose backward must not carry a gradient for
-        every u_t (the ODE's whole-grid adjoint); None: not offered.
+        evaluated by the cell. For a cell that gains from knowing what is read (the ODE stacks
+        only those states) or whose backward must not carry a gradient for every u_t (the
+        ODE's whole-grid adjoint, the encoder inside g); None: not offered.
         """
         return None
 

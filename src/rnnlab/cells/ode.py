@@ -108,6 +108,7 @@ class NeuralODE(Cell):
       against 1.10 s interval by interval, manual Euler 0.65 s). Fixed-grid single-step methods
       match stepping to float rounding; adaptive methods (``true`` only) keep their step size
       across intervals and match to their tolerance. Only for `WHOLE_SEQUENCE_SOLVERS`.
+      The model takes it through `sequence_from_inputs`, which stacks only the states it reads.
     - With the adjoint, the whole-sequence path (fixed-grid methods) is `sequence_from_inputs`:
       `odeint_adjoint` over segments of ``adjoint_segment`` intervals with the encoder inside g,
       keeping the two end states of each segment where stepping keeps the end states and the
@@ -227,14 +228,20 @@ class NeuralODE(Cell):
         return (z_next,)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
-        """One odeint over the T intervals of u: (B, T, input) → outputs (B, T, hidden).
+        """One odeint over the T intervals of u: (B, T, input) → outputs (B, T, hidden)."""
+        if not self.whole_sequence or self.adjoint:  # the adjoint: `sequence_from_inputs`
+            return None
+        path, end = self.integrate_sequence(u, state, n_out=u.shape[1])
+        return path, (end,)
+
+    def integrate_sequence(self, u: Tensor, state: State, n_out: int) -> tuple[Tensor, Tensor]:
+        """One odeint over the T intervals of u: (B, T, input) → z at the last ``n_out`` grid
+        times (B, n_out, hidden), and z_T.
 
         torchdiffeq writes each requested output into one preallocated tensor, which makes plain
         backprop quadratic in T (DESIGN.md §5); so only [0, T] is requested, and the states at the
         grid times are collected by the solver's step callbacks as it reaches them.
         """
-        if not self.whole_sequence or self.adjoint:  # the adjoint: `sequence_from_inputs`
-            return None
         (z0,) = state
         T = u.shape[1]
         # Time τ = t/δt on the integer grid 0 … T: interval k is [k, k+1].
@@ -266,15 +273,18 @@ class NeuralODE(Cell):
         end = odeint(f, z0, grid[[0, -1]], method=self.solver, rtol=self.rtol, atol=self.atol,
                      options=options)[-1]
         self.nfe_forward += self.nfe - before
-        path = torch.stack([*states[1:], end], dim=1)
-        return path, (end,)
+        return torch.stack([*states[T - n_out + 1:], end], dim=1), end
 
     def sequence_from_inputs(self, x: Tensor, encoder: nn.Module, state: State,
                              n_out: int) -> Tensor | None:
-        """With the adjoint: `odeint_adjoint` over the T intervals in segments of
-        ``adjoint_segment`` intervals, h_k = encoder(x_k) evaluated inside g, z returned at the
-        last ``n_out`` grid times (B, n_out, hidden).
+        """z on the last ``n_out`` grid times (B, n_out, hidden) from the raw inputs x.
 
+        Without the adjoint: `integrate_sequence` over encoder(x), stacking only the states
+        that are read (stacking all T and slicing cost a (B, T, hidden) copy forward and a
+        zero gradient of that size backward: 5% of a step, euler at T = 1000).
+
+        With the adjoint: `odeint_adjoint` over the T intervals in segments of
+        ``adjoint_segment`` intervals, h_k = encoder(x_k) evaluated inside g.
         The adjoint parameters are the encoder's and g's, never the encoded sequence: the
         backward then carries O(parameters) per evaluation instead of a (B, T, input) gradient
         of every h_k (O(T²) in all). Each segment keeps only the states at its ends (and at the
@@ -284,8 +294,10 @@ class NeuralODE(Cell):
         The fixed grid is the integer one (step 1 in τ = t/δt); ``perturb`` keeps each stage
         on its own interval's input in both directions.
         """
-        if not (self.whole_sequence and self.adjoint):
+        if not self.whole_sequence:
             return None
+        if not self.adjoint:
+            return self.integrate_sequence(encoder(x), state, n_out)[0]
         (z,) = state
         T = x.shape[1]
         grid = torch.arange(T + 1, dtype=z.dtype, device=z.device)
