@@ -211,3 +211,14 @@ def test_nested_group_overrides_are_shortened_in_labels(tmp_path):
     fake_run(tmp_path / "b", 1.0, overrides=["experiment/urnn_model@_global_=tanh_rnn", "seed=1"])
     assert [run.overrides for run in load_runs([tmp_path])] == [["urnn_model=lstm"],
                                                                  ["urnn_model=tanh_rnn"]]
+
+
+def test_table_status_tells_a_failed_job_and_an_unfinished_one_from_a_completed_one(sweep):
+    (sweep / "1" / "failed.json").write_text(json.dumps(
+        {"error_type": "FloatingPointError", "message": "loss is nan at step 20"}))
+    (sweep / "1" / "metrics.json").unlink()
+    (sweep / "2" / "metrics.json").unlink()
+    rows = [run.final() for run in load_runs([sweep])]
+    assert [row["status"] for row in rows] == ["completed", "failed (FloatingPointError)",
+                                               "incomplete"]
+    assert math.isnan(rows[1]["val/loss"]) and rows[1]["steps"] == 20  # its last record

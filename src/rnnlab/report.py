@@ -48,7 +48,8 @@ FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
 RECORD_COLUMNS = ("decay_rate", "log10_first_last", "horizon", "jacobian_rate")  # last record
 COST_COLUMNS = {"s/step": "train/seconds_per_step", "peak MB": "train/peak_memory_mb",
                 "NFE fwd": "cell/nfe_forward", "NFE bwd": "cell/nfe_backward"}  # metrics.json
-COLUMNS = ("run", "overrides", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
+FAILED_FILE = "failed.json"  # written by rnnlab.sweep for a job that raised
+COLUMNS = ("run", "overrides", "status", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
            *RECORD_COLUMNS, *COST_COLUMNS)
 
 
@@ -66,6 +67,15 @@ class Run:
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    failure: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """``failed (<error type>)`` for a job that raised (its records are up to the failure),
+        ``completed`` once metrics.json is written, ``incomplete`` before (running or killed)."""
+        if self.failure:
+            return f"failed ({self.failure.get('error_type', '?')})"
+        return "completed" if self.metrics else "incomplete"
 
     @property
     def gain(self) -> float:
@@ -81,7 +91,8 @@ class Run:
     def final(self) -> dict[str, float | str]:
         """The table row: final metrics and the last record's summary scalars."""
         row: dict[str, float | str] = {
-            "run": self.label, "overrides": " ".join(self.overrides), "cell": self.cell,
+            "run": self.label, "overrides": " ".join(self.overrides), "status": self.status,
+            "cell": self.cell,
             "gain": self.gain, "T": int(self.record["T"][-1]),
             "steps": int(self.metrics.get("step", self.record["step"][-1])),
             "val/loss": float(self.metrics.get("val/loss", math.nan)),
@@ -123,10 +134,12 @@ def load_run(path: Path, label: str) -> Run:
     metrics_file, config_file = path / "metrics.json", path / ".hydra" / "config.yaml"
     overrides_file = path / ".hydra" / "overrides.yaml"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    failure = (json.loads((path / FAILED_FILE).read_text()) if (path / FAILED_FILE).is_file()
+               else {})
     config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
     overrides = ([short_override(o) for o in OmegaConf.load(overrides_file)]
                  if overrides_file.is_file() else [])
-    return Run(path, label, gradflow.load(path), metrics, config, overrides)
+    return Run(path, label, gradflow.load(path), metrics, config, overrides, failure)
 
 
 def load_runs(paths: list[str | Path], console: Console | None = None) -> list[Run]:
@@ -290,7 +303,7 @@ def format_value(value) -> str:
 def metrics_table(runs: list[Run]) -> Table:
     table = Table(title="final metrics (grad-flow columns: the last record)")
     for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("run", "overrides", "cell")
+        table.add_column(column, justify="left" if column in ("run", "overrides", "status", "cell")
                          else "right")
     for run in runs:
         row = run.final()

@@ -37,11 +37,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab.config import ConfigError, is_number, require, validate_threads
+from rnnlab.report import FAILED_FILE
 from rnnlab.train import report_finish, train
 
 log = logging.getLogger(__name__)
 
-FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
