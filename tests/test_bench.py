@@ -74,6 +74,9 @@ def test_ode_benchmark_times_every_solver_path_against_manual_euler(tmp_path, mo
         assert row["time_over_shortest"] == pytest.approx(
             row["s_per_step"] / summary[(path, 4)]["s_per_step"])
         assert row["memory_over_shortest"] == pytest.approx((100.0 + T) / 104.0)
+        stages = 4 if path == "rk4 adjoint" else 1  # evaluations of g per interval
+        assert row["nfe_forward"] == stages * T
+        assert row["nfe_backward"] == (stages * T if path == "rk4 adjoint" else 0)
 
 
 def test_ode_benchmark_names_an_unknown_path(capsys):

@@ -155,8 +155,9 @@ def run_rnnlab(cell: str, T: int, warmup: int, steps: int, device: str, every: i
              f"+callbacks.step_timer.out={out}", f"+callbacks.step_timer.warmup={warmup}",
              f"+callbacks.step_timer.steps={steps}"],
             Path(tmp) / "run")
-        train(cfg)
-        return json.loads(out.read_text())
+        metrics = train(cfg)
+        cell = {k.removeprefix("cell/"): v for k, v in metrics.items() if k.startswith("cell/")}
+        return {**json.loads(out.read_text()), **cell}  # the ODE's NFE per step among them
 
 
 def run_probed(cell: str, T: int, repeats: int, device: str) -> dict:
@@ -301,14 +302,14 @@ def ode_table(results: list[dict], title: str):
 
     table = Table(title=title)
     for column in ("path", "T", "s/step", "× manual Euler", "time × shortest T", "peak MB",
-                   "memory × shortest T"):
+                   "memory × shortest T", "NFE fwd", "NFE bwd"):
         table.add_column(column, justify="right")
     ok = {(r["path"], r["T"]): r for r in results if "error" not in r}
     summary = []
     for r in results:
         if "error" in r:
             summary.append({"path": r["path"], "T": r["T"], "failed": r["error"]})
-            table.add_row(r["path"], str(r["T"]), f"failed: {r['error']}", *[""] * 4)
+            table.add_row(r["path"], str(r["T"]), f"failed: {r['error']}", *[""] * 6)
             continue
         shortest = ok.get((r["path"], min(x["T"] for x in results if x["path"] == r["path"])))
         manual = ok.get(("manual Euler", r["T"]))
@@ -316,13 +317,16 @@ def ode_table(results: list[dict], title: str):
                "over_manual_euler": manual and manual["steps_per_s"] / r["steps_per_s"],
                "time_over_shortest": shortest and shortest["steps_per_s"] / r["steps_per_s"],
                "peak_mb": r["peak_mb"],
-               "memory_over_shortest": shortest and r["peak_mb"] / shortest["peak_mb"]}
+               "memory_over_shortest": shortest and r["peak_mb"] / shortest["peak_mb"],
+               "nfe_forward": r.get("nfe_forward"), "nfe_backward": r.get("nfe_backward")}
         summary.append(row)
         table.add_row(r["path"], str(r["T"]), f"{row['s_per_step']:.3f}",
                       *(f"{row[k]:.2f}" if row[k] else "" for k in
                         ("over_manual_euler", "time_over_shortest")),
                       f"{row['peak_mb']:.0f}",
-                      f"{row['memory_over_shortest']:.2f}" if shortest else "")
+                      f"{row['memory_over_shortest']:.2f}" if shortest else "",
+                      *(f"{row[k]:.0f}" if row[k] is not None else "" for k in
+                        ("nfe_forward", "nfe_backward")))
     return table, summary
 
 
