@@ -247,16 +247,25 @@ class NeuralODE(Cell):
         # Time τ = t/δt on the integer grid 0 … T: interval k is [k, k+1].
         grid = torch.arange(T + 1, dtype=z0.dtype, device=z0.device)
         inputs = u.unbind(1)  # split once: slicing u inside g would make backward quadratic in T
-        states: list[Tensor] = []  # z at grid times 0 … T−1, in order
+        # z at grid times T − n_out + 1 … T − 1, in order: only the states that are returned are
+        # kept (the graph does not hold z itself; keeping every z_k cost (B, hidden) a step).
+        first_kept, reached, states = T - n_out + 1, 0, []
         options = self.solver_options(grid)
+
+        def reach(y0: Tensor) -> None:
+            nonlocal reached
+            if reached >= first_kept:
+                states.append(y0)
+            reached += 1
+
         if self.solver in FIXED_GRID:
             # One solver step per interval, announced by callback_step before its stages: the
             # interval is the number of steps begun, and every stage (rk4's last, on t_{k+1},
             # too) reads that interval's input, with no lookup by time (nor a device sync).
             def f(tau: Tensor, z: Tensor) -> Tensor:
-                return self.rate(inputs[len(states) - 1], z, self.dt)
+                return self.rate(inputs[reached - 1], z, self.dt)
 
-            f.callback_step = lambda t0, y0, dt: states.append(y0)
+            f.callback_step = lambda t0, y0, dt: reach(y0)
             options["grid_constructor"] = lambda func, y0, t: grid
         else:
             # Steps of any size: the interval is found by comparing τ with the grid, never by
@@ -265,15 +274,15 @@ class NeuralODE(Cell):
                 return self.rate(inputs[interval(grid, tau)], z, self.dt)
 
             def on_accepted_step(t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-                if len(states) < T and t0 == grid[len(states)]:
-                    states.append(y0)
+                if reached < T and t0 == grid[reached]:
+                    reach(y0)
 
             f.callback_accept_step = on_accepted_step
         before = self.nfe
         end = odeint(f, z0, grid[[0, -1]], method=self.solver, rtol=self.rtol, atol=self.atol,
                      options=options)[-1]
         self.nfe_forward += self.nfe - before
-        return torch.stack([*states[T - n_out + 1:], end], dim=1), end
+        return torch.stack([*states, end], dim=1), end
 
     def sequence_from_inputs(self, x: Tensor, encoder: nn.Module, state: State,
                              n_out: int) -> Tensor | None:
