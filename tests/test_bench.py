@@ -57,7 +57,7 @@ def test_flush_denormal_holds_during_the_run_and_is_restored_after(make_cfg, flu
 
 def test_ode_benchmark_times_every_solver_path_against_manual_euler(tmp_path, monkeypatch):
     cases = bench.ode_plan(list(bench.ODE_PATHS), [4, 8], steps=1)
-    assert {c["path"] for c in cases} == set(bench.ODE_PATHS) and len(cases) == 14
+    assert {c["path"] for c in cases} == set(bench.ODE_PATHS) and len(cases) == 2 * 9
     # in-process (a fresh process per case is what the script does; the numbers are the same kind)
     monkeypatch.setattr(bench, "measure", lambda case: {**bench.run_case({**case, "threads": 1}),
                                                         "peak_mb": 100.0 + case["T"]})

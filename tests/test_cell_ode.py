@@ -202,16 +202,10 @@ def test_whole_sequence_is_refused_for_methods_that_cannot_take_it(solver):
         node(solver=solver, whole_sequence=True, adjoint=solver == "scipy_solver")
 
 
-def test_whole_sequence_with_the_adjoint_is_refused_for_adaptive_methods():
-    with pytest.raises(ConfigError, match=r"cell.whole_sequence must be false with "
-                                          r"cell.adjoint=true and cell.solver=dopri5 .*\(set "):
-        node(solver="dopri5", whole_sequence=True, adjoint=True)
-
-
 def adjoint_gradients(solver: str, whole_sequence: bool, dt: float, segment: int = 0,
-                      n_out: int = 3) -> tuple[Tensor, Tensor]:
+                      n_out: int = 3, **cell) -> tuple[Tensor, Tensor]:
     model = node_model(solver=solver, adjoint=True, whole_sequence=whole_sequence, dt=dt,
-                       adjoint_segment=segment)
+                       adjoint_segment=segment, **cell)
     model.n_out = n_out
     x = torch.randn(5, 12, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y_hat = model(x)
@@ -402,3 +396,23 @@ def test_bad_node_setting_names_key_and_fix(override, key, message):
 def test_whole_sequence_auto_takes_the_whole_sequence_path_where_it_is_the_same_model(settings,
                                                                                       expected):
     assert node(whole_sequence="auto", **settings).whole_sequence is expected
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3"])
+def test_adaptive_adjoint_segments_match_the_stepping_adjoint_to_the_tolerance(solver):
+    # A step ends on every grid time, the input jumping there, forwards and backwards; within a
+    # segment the step size carries over from one interval to the next, so longer segments
+    # agree with stepping to the tolerance, and segments of one interval exactly.
+    tolerance = {"rtol": 1e-10, "atol": 1e-12}
+    out_step, grad_step = adjoint_gradients(solver, False, 0.2, **tolerance)
+    for segment, bound in ((1, 1e-12), (4, 1e-6), (0, 1e-6)):  # bosh3: 6.7e-8 at 4
+        out, grad = adjoint_gradients(solver, True, 0.2, segment=segment, **tolerance)
+        torch.testing.assert_close(out, out_step, rtol=0, atol=1e-10)
+        assert float((grad - grad_step).norm() / grad_step.norm()) < bound, segment
+    # and both are the gradient of the discrete scheme, to the tolerance
+    direct = node_model(solver=solver, dt=0.2, **tolerance)
+    direct.n_out = 3
+    x = torch.randn(5, 12, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    direct.loss_fn(direct(x), torch.ones(5, 3, 1, dtype=torch.float64)).backward()
+    exact = torch.cat([p.grad.flatten() for p in direct.parameters()])
+    assert float((grad - exact).norm() / exact.norm()) < 1e-6

@@ -247,7 +247,9 @@ def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
 
 # bench --ode: the neural ODE's solver paths, each as rnnlab trains it (monitor off; the fast
 # path `cell.whole_sequence=auto` picks: one odeint for fixed-grid methods, odeint_adjoint over
-# segments of `cell.adjoint_segment` intervals with the adjoint, interval by interval for dopri5).
+# segments of `cell.adjoint_segment` intervals with the adjoint, interval by interval for dopri5),
+# and dopri5 with `cell.whole_sequence=true` (the same paths, agreeing with stepping to the
+# tolerance: its step size carries over from one interval to the next).
 ODE_PATHS = {
     "manual Euler": ["cell.solver=manual_euler"],
     "euler": ["cell.solver=euler"],
@@ -256,6 +258,9 @@ ODE_PATHS = {
     "euler adjoint": ["cell.solver=euler", "cell.adjoint=true"],
     "rk4 adjoint": ["cell.solver=rk4", "cell.adjoint=true"],
     "dopri5 adjoint": ["cell.solver=dopri5", "cell.adjoint=true"],
+    "dopri5 whole sequence": ["cell.solver=dopri5", "cell.whole_sequence=true"],
+    "dopri5 adjoint segments": ["cell.solver=dopri5", "cell.adjoint=true",
+                                "cell.whole_sequence=true"],
 }
 
 

@@ -109,7 +109,7 @@ class NeuralODE(Cell):
       match stepping to float rounding; adaptive methods (``true`` only) keep their step size
       across intervals and match to their tolerance. Only for `WHOLE_SEQUENCE_SOLVERS`.
       The model takes it through `sequence_from_inputs`, which stacks only the states it reads.
-    - With the adjoint, the whole-sequence path (fixed-grid methods) is `sequence_from_inputs`:
+    - With the adjoint, the whole-sequence path is `sequence_from_inputs`:
       `odeint_adjoint` over segments of ``adjoint_segment`` intervals with the encoder inside g,
       keeping the two end states of each segment where stepping keeps the end states and the
       input of every interval (measured, euler, H = 128, T = 10,000: 10 MiB against 765 MiB).
@@ -117,7 +117,9 @@ class NeuralODE(Cell):
       so its gradients differ from stepping's adjoint, which monitored steps use (the probes
       sit between intervals), by the solver's error over one segment (segments of one
       interval: identical). ``adjoint_segment=0`` takes one segment: memory flat in T, but a
-      reconstruction that drifts over long sequences (87% at T = 10,000, euler).
+      reconstruction that drifts over long sequences (87% at T = 10,000, euler). Adaptive
+      methods (``whole_sequence: true``) end a step on every grid time in both directions and
+      agree with stepping's adjoint to their tolerance.
 
     The model probes z at every grid time t_k, so ``dL_dz`` is exact for every solver.
     `diagnostics` reports the number of evaluations of g (NFE) per training step.
@@ -148,11 +150,6 @@ class NeuralODE(Cell):
         require(not whole_sequence or solver in WHOLE_SEQUENCE_SOLVERS, "cell.whole_sequence",
                 whole_sequence, f"false with cell.solver={solver} (the whole-sequence path "
                 "takes " + ", ".join(WHOLE_SEQUENCE_SOLVERS) + ")")
-        require(not (whole_sequence and adjoint and solver not in FIXED_GRID),
-                "cell.whole_sequence", whole_sequence,
-                f"false with cell.adjoint=true and cell.solver={solver} (the whole-grid adjoint "
-                "takes the fixed-grid methods " + ", ".join(
-                    m for m in FIXED_GRID if m in WHOLE_SEQUENCE_SOLVERS) + ")")
         self.g = Dynamics(input_size, hidden_size, width, depth, activation)
         self.dt, self.rtol, self.atol = float(dt), float(rtol), float(atol)
         self.adjoint, self.whole_sequence = adjoint, whole_sequence
@@ -301,7 +298,8 @@ class NeuralODE(Cell):
         reconstruction's error grows over one segment, not over the whole sequence. Memory:
         one (B, hidden) state per segment, ``adjoint_segment=0`` (one segment) flat in T.
         The fixed grid is the integer one (step 1 in τ = t/δt); ``perturb`` keeps each stage
-        on its own interval's input in both directions.
+        on its own interval's input in both directions. Adaptive methods end a step on every
+        grid time (`solver_options`; torchdiffeq flips them for the backward pass).
         """
         if not self.whole_sequence:
             return None
@@ -311,9 +309,14 @@ class NeuralODE(Cell):
         T = x.shape[1]
         grid = torch.arange(T + 1, dtype=z.dtype, device=z.device)
 
-        def f(tau: Tensor, z: Tensor) -> Tensor:
-            # x indexed per evaluation: x.unbind(1) would hold T tensor objects (~1 KiB each)
-            return self.rate(encoder(x[:, interval(grid, tau)]), z, self.dt)
+        def rate_within(start: int, end: int):
+            """g on the segment [start, end]: its end belongs to its last interval, in both
+            directions (an adaptive step ends there without a perturbed evaluation)."""
+            def f(tau: Tensor, z: Tensor) -> Tensor:
+                # x indexed per evaluation: x.unbind(1) would hold T tensors (~1 KiB each)
+                k = min(max(interval(grid, tau), start), end - 1)
+                return self.rate(encoder(x[:, k]), z, self.dt)
+            return f
 
         params = (*encoder.parameters(), *self.g.parameters())
         first_read = T - n_out + 1  # z is read at grid times first_read … T
@@ -324,8 +327,14 @@ class NeuralODE(Cell):
             end = min(start + segment, T)
             reads = range(max(start + 1, first_read), end + 1)
             times = grid[[start, *reads]] if reads else grid[[start, end]]
-            path = odeint_adjoint(f, z, times, method=self.solver, adjoint_params=params,
-                                  options={"perturb": True, "step_size": 1.0})
+            # Fixed grid: one step per interval, its last stage perturbed onto the interval's
+            # input; adaptive: a step ends on every grid time, the input jumping there, in the
+            # forward and (torchdiffeq flips the times) the adjoint's backward pass.
+            options = ({"perturb": True, "step_size": 1.0} if self.solver in FIXED_GRID else
+                       self.solver_options(grid[start:end + 1]))
+            path = odeint_adjoint(rate_within(start, end), z, times, method=self.solver,
+                                  rtol=self.rtol, atol=self.atol, adjoint_params=params,
+                                  options=options)
             outputs.append(path[1:] if reads else path[:0])
             z = path[-1]
         self.nfe_forward += self.nfe - before
