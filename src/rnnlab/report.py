@@ -49,6 +49,7 @@ RECORD_COLUMNS = ("decay_rate", "log10_first_last", "horizon", "jacobian_rate") 
 COST_COLUMNS = {"s/step": "train/seconds_per_step", "peak MB": "train/peak_memory_mb",
                 "NFE fwd": "cell/nfe_forward", "NFE bwd": "cell/nfe_backward"}  # metrics.json
 FAILED_FILE = "failed.json"  # written by rnnlab.sweep for a job that raised
+METRICS_FILE = "metrics.json"  # written by rnnlab.train when training ends
 COLUMNS = ("run", "overrides", "status", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
            *RECORD_COLUMNS, *COST_COLUMNS)
 
@@ -67,15 +68,15 @@ class Run:
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    outcome: str = "incomplete"  # `read_outcome`'s
     failure: dict = field(default_factory=dict)
 
     @property
     def status(self) -> str:
-        """``failed (<error type>)`` for a job that raised (its records are up to the failure),
-        ``completed`` once metrics.json is written, ``incomplete`` before (running or killed)."""
-        if self.failure:
+        """The outcome, a failure with its error type (its records are up to the failure)."""
+        if self.outcome == "failed":
             return f"failed ({self.failure.get('error_type', '?')})"
-        return "completed" if self.metrics else "incomplete"
+        return self.outcome
 
     @property
     def gain(self) -> float:
@@ -129,17 +130,26 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return runs
 
 
+def read_outcome(path: Path) -> tuple[str, dict, dict]:
+    """How a run (or sweep job) ended, from the files it left: ``failed`` (failed.json; it wins),
+    ``completed`` (metrics.json) or ``incomplete`` (running, or killed from outside); and the
+    two files' contents, {} where absent."""
+    failed, metrics = path / FAILED_FILE, path / METRICS_FILE
+    failure = json.loads(failed.read_text()) if failed.is_file() else {}
+    values = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    outcome = "failed" if failed.is_file() else "completed" if metrics.is_file() else "incomplete"
+    return outcome, failure, values
+
+
 def load_run(path: Path, label: str) -> Run:
     """Read one run directory (its records must exist; metrics and config are optional)."""
-    metrics_file, config_file = path / "metrics.json", path / ".hydra" / "config.yaml"
+    config_file = path / ".hydra" / "config.yaml"
     overrides_file = path / ".hydra" / "overrides.yaml"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    failure = (json.loads((path / FAILED_FILE).read_text()) if (path / FAILED_FILE).is_file()
-               else {})
+    outcome, failure, metrics = read_outcome(path)
     config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
     overrides = ([short_override(o) for o in OmegaConf.load(overrides_file)]
                  if overrides_file.is_file() else [])
-    return Run(path, label, gradflow.load(path), metrics, config, overrides, failure)
+    return Run(path, label, gradflow.load(path), metrics, config, overrides, outcome, failure)
 
 
 def load_runs(paths: list[str | Path], console: Console | None = None) -> list[Run]:

@@ -37,12 +37,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab.config import ConfigError, is_number, require, validate_threads
-from rnnlab.report import FAILED_FILE
+from rnnlab.report import FAILED_FILE, METRICS_FILE, read_outcome
 from rnnlab.train import report_finish, train
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -151,14 +150,15 @@ def job_status(job_dir: Path) -> dict[str, Any]:
     hydra_dir = job_dir / ".hydra"
     overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
     num = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.get("num")
-    row: dict[str, Any] = {"job": job_dir.name, "num": num, "overrides": overrides}
-    if (job_dir / FAILED_FILE).is_file():
-        failure = json.loads((job_dir / FAILED_FILE).read_text())
-        row.update(status="failed", error=f"{failure['error_type']}: {failure['message']}")
-    elif (job_dir / METRICS_FILE).is_file():
-        row.update(status="completed", metrics=json.loads((job_dir / METRICS_FILE).read_text()))
+    status, failure, metrics = read_outcome(job_dir)
+    row: dict[str, Any] = {"job": job_dir.name, "num": num, "overrides": overrides,
+                           "status": status}
+    if status == "failed":
+        row["error"] = f"{failure['error_type']}: {failure['message']}"
+    elif status == "completed":
+        row["metrics"] = metrics
     else:  # killed from outside (OOM killer, cluster time limit) or still running
-        row.update(status="incomplete", error="no metrics.json and no failed.json")
+        row["error"] = f"no {METRICS_FILE} and no {FAILED_FILE}"
     return row
 
 
