@@ -144,3 +144,46 @@ def test_a_callback_naming_a_module_that_is_not_recurrent_fails_before_training(
     with pytest.raises(ValueError, match="'head' is a Linear, not a recurrent module"):
         trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(4, T, 3), batch_size=4))
     assert not any(tmp_path.iterdir())
+
+
+def test_wandb_takes_the_scalars_and_the_figures(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=tmp_path, project="rnnlab-test")
+    logged = []  # what reached the logger (an offline run's file is W&B's own binary format)
+    plain = logger.log_metrics
+    monkeypatch.setattr(logger, "log_metrics", lambda metrics, step=None: (
+        logged.append((step, dict(metrics))), plain(metrics, step))[1])
+    fit(tmp_path, callback=True, logger=logger)
+    wandb.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    images = sorted(p.name.rsplit("_", 2)[0] for p in
+                    (run / "files" / "media" / "images" / "grad_flow" / "lstm").iterdir())
+    assert images == ["heatmap"] * 3 + ["profile"] * 3  # records 0, 2 and the last, 3
+    records = gradflow.load(tmp_path / "grad_flow", module="lstm")
+    decay = [(step, m["grad_flow/lstm/l1/decay_rate"]) for step, m in logged
+             if "grad_flow/lstm/l1/decay_rate" in m]
+    assert [step for step, _ in decay] == records["step"].tolist()
+    np.testing.assert_allclose([v for _, v in decay], records["decay_rate"][:, 1], rtol=1e-12)
+
+
+def test_mlflow_takes_the_scalars_and_the_figures_as_artifacts(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="rnnlab-test", tracking_uri=uri,
+                          artifact_location=str(tmp_path / "artifacts"))
+    fit(tmp_path, callback=True, logger=logger)
+    client = MlflowClient(uri)
+    history = client.get_metric_history(logger.run_id, "grad_flow/lstm/l0/decay_rate")
+    records = gradflow.load(tmp_path / "grad_flow", module="lstm")
+    assert [m.step for m in history] == records["step"].tolist()
+    np.testing.assert_allclose([m.value for m in history], records["decay_rate"][:, 0],
+                               rtol=1e-12)
+    artifacts = {a.path for a in client.list_artifacts(logger.run_id, "grad_flow/lstm/profile")}
+    assert artifacts == {f"grad_flow/lstm/profile/step_{s:07d}.png" for s in (0, 2, 3)}

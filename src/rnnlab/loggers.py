@@ -81,9 +81,8 @@ class WandbAdapter(LoggerAdapter):
     takes_figures = True
 
     def figure(self, tag: str, figure, step: int) -> None:
-        import wandb
-
-        self.logger.experiment.log({tag: wandb.Image(figure_image(figure))}, step=step)
+        # Through the logger, which puts the step beside the image (W&B's own step only grows).
+        self.logger.log_image(tag, [figure_image(figure)], step=step)
 
 
 class MLflowAdapter(LoggerAdapter):
