@@ -187,3 +187,31 @@ def test_mlflow_takes_the_scalars_and_the_figures_as_artifacts(tmp_path):
                                rtol=1e-12)
     artifacts = {a.path for a in client.list_artifacts(logger.run_id, "grad_flow/lstm/profile")}
     assert artifacts == {f"grad_flow/lstm/profile/step_{s:07d}.png" for s in (0, 2, 3)}
+
+
+def test_the_callback_leaves_no_attribute_on_the_models_modules(tmp_path):
+    pl.seed_everything(0)
+    model = lstm_classifier.LSTMClassifier(features=3, hidden=5)
+    before = {name: set(vars(m)) for name, m in model.named_modules() if name}
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[rnnlab.GradFlowCallback(tmp_path, every_n_steps=1)])
+    trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(8, T, 3), batch_size=4))
+    assert {name: set(vars(m)) for name, m in model.named_modules() if name} == before
+
+
+class Failing(lstm_classifier.LSTMClassifier):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)  # the probed forward pass runs …
+        raise RuntimeError("the user's step failed")  # … and then the step fails
+
+
+def test_a_step_that_raises_leaves_the_module_on_its_fused_path(tmp_path):
+    model = Failing(features=3, hidden=5)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[rnnlab.GradFlowCallback(tmp_path, every_n_steps=1)])
+    with pytest.raises(RuntimeError, match="the user's step failed"):
+        trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(8, T, 3), batch_size=4))
+    assert "forward" not in vars(model.lstm)
+    assert model.lstm.forward.__func__ is torch.nn.LSTM.forward  # the fused kernel's
