@@ -25,11 +25,15 @@ import errno
 import json
 import math
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 GRAD_FLOW = "grad_flow"
 TENSORBOARD = "tensorboard"
@@ -271,3 +275,45 @@ class RunDir:
             p.rmdir() if p.is_dir() else p.unlink()
         self.path.rmdir()
         return True
+
+
+# --- claiming a directory ---------------------------------------------------------------------
+def slurm_requeued() -> bool:
+    """Whether this is a SLURM job started again by a requeue (it continues in its directory)."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: refuse an explicit ``hydra.run.dir`` (or ``hydra.sweep.dir``) that holds
+    another run, before Hydra writes its config and log there. (The default directories are
+    claimed fresh by ``${unique_dir:...}``; a requeued SLURM job and the other processes of a
+    data-parallel run come back to their own directory and pass.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.explicit(config, "run"):
+            self.refuse_if_taken("hydra.run.dir", Path(config.hydra.run.dir),
+                                 RunDir(config.hydra.run.dir).run_files())
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.explicit(config, "sweep"):
+            sweep = Path(config.hydra.sweep.dir)
+            taken = [str(job.relative_to(sweep)) for job in sorted(sweep.glob("*"))
+                     if job.is_dir() and RunDir(job).run_files()] if sweep.is_dir() else []
+            self.refuse_if_taken("hydra.sweep.dir", sweep, taken)
+
+    @staticmethod
+    def explicit(config: DictConfig, mode: str) -> bool:
+        written = OmegaConf.to_container(config.hydra[mode], resolve=False)["dir"]
+        return "unique_dir" not in str(written)
+
+    @staticmethod
+    def refuse_if_taken(key: str, path: Path, taken: list[str]) -> None:
+        from pytorch_lightning.utilities import rank_zero_only
+
+        if not taken or slurm_requeued() or rank_zero_only.rank != 0:
+            return
+        print(f"Config error: {key}: {path} holds another run ({', '.join(taken)}); a run "
+              f"never writes into another's directory: omit {key} (a fresh directory is made), "
+              f"choose a new one ({key}=...), or resume that run into a new directory with "
+              f"ckpt_path=<its run directory>", file=sys.stderr)
+        sys.exit(2)
