@@ -200,7 +200,8 @@ def test_summary_lists_every_job_with_its_status_in_job_order(tmp_path):
     assert [(j["job"], j["num"], j["status"]) for j in summary["jobs"]] == [
         ("2_cell.gain=0", 2, "failed"), ("3_cell.gain=2", 3, "incomplete"),
         ("10_cell.gain=1.0", 10, "completed")]
-    assert summary["counts"] == {"completed": 1, "failed": 1, "incomplete": 1}
+    assert summary["counts"] == {"completed": 1, "failed": 1, "interrupted": 0, "incomplete": 1,
+                                 "unreadable": 0}
     assert summary["jobs"][0]["error"] == "ConfigError: cell.gain must be …"
     assert summary["jobs"][2]["metrics"]["val/loss"] == 0.25
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
