@@ -81,13 +81,17 @@ class RunCheckpoint(ModelCheckpoint):
         every_n_train_steps: also write ``last.ckpt`` every n training steps (null: only at the
             moments above; a kill from outside then loses at most one epoch).
         save_top_k: keep this many other checkpoints too (0: none; -1: every one written), the
-            best by ``monitor`` (default: the latest).
-        Other keyword arguments go to `ModelCheckpoint`.
+            best by ``monitor`` (default: the latest), in ``mode`` min or max.
+        every_n_epochs, train_time_interval, save_weights_only, save_on_exception, verbose: as
+            for `ModelCheckpoint` (``last.ckpt`` itself is always written as above).
     """
 
     def __init__(self, dirpath: str, filename: str = "step_{step:07d}",
                  every_n_train_steps: int | None = None, save_top_k: int = 0,
-                 monitor: str | None = None, mode: str = "min", **kwargs: Any):
+                 monitor: str | None = None, mode: str = "min",
+                 every_n_epochs: int | None = None, train_time_interval: Any = None,
+                 save_weights_only: bool = False, save_on_exception: bool = False,
+                 verbose: bool = False):
         require(every_n_train_steps is None or is_int(every_n_train_steps, 1),
                 "callbacks.model_checkpoint.every_n_train_steps", every_n_train_steps,
                 "null or an integer >= 1")
@@ -99,8 +103,11 @@ class RunCheckpoint(ModelCheckpoint):
                 "a file name without '/' such as step_{step:07d}")
         super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode,
                          save_last=True, save_top_k=save_top_k, auto_insert_metric_name=False,
-                         every_n_train_steps=every_n_train_steps,
-                         enable_version_counter=False, save_on_train_epoch_end=False, **kwargs)
+                         every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
+                         train_time_interval=train_time_interval,
+                         save_weights_only=save_weights_only, save_on_exception=save_on_exception,
+                         verbose=verbose, enable_version_counter=False,
+                         save_on_train_epoch_end=False)
         self.signum: int | None = None  # the stop signal received, if any
         self.saved_state: tuple[int, int | None] | None = None  # what the latest save holds
 

@@ -249,6 +249,11 @@ def validate_top_level(cfg: DictConfig) -> None:
 
 # --- arguments of the components ------------------------------------------------------------------
 HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+TARGET_EXAMPLES = {"cell": "rnnlab.cells.rnn.ElmanRNN", "task": "rnnlab.tasks.adding.Adding",
+                   "model": "rnnlab.model.RecurrentModel", "trainer": "pytorch_lightning.Trainer",
+                   "monitor": "rnnlab.callbacks.GradFlowMonitor",
+                   "logger": "pytorch_lightning.loggers.TensorBoardLogger",
+                   "callbacks": "rnnlab.checkpointing.RunCheckpoint"}
 # Arguments the code passes itself, not the config.
 PASSED = {"cell": {"input_size"}, "model": {"cell", "input_size", "output_size", "n_out", "loss"},
           "trainer": {"callbacks", "logger"}}
@@ -283,9 +288,11 @@ def validate_component(key: str, node: Any) -> None:
     try:
         target = get_object(node._target_)
     except Exception as error:
-        raise ConfigError(f"{key}._target_={node._target_} cannot be imported "
-                          f"({str(error).splitlines()[0]}); give a class path such as "
-                          f"rnnlab.cells.rnn.ElmanRNN (set {key}._target_=...)") from None
+        why = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        example = TARGET_EXAMPLES.get(key.split(".")[0], "package.module.Class")
+        raise ConfigError(f"{key}._target_={node._target_} cannot be imported ({why}); give "
+                          f"an importable class such as {example} (set {key}._target_=...)"
+                          ) from None
     accepted = accepted_arguments(target)
     if accepted is None:
         return
@@ -295,8 +302,9 @@ def validate_component(key: str, node: Any) -> None:
             continue
         close = difflib.get_close_matches(name, sorted(accepted), n=1)
         hint = f" (did you mean {key}.{close[0]}?)" if close else ""
+        takes = ", ".join(sorted(accepted)) or "no arguments"
         raise ConfigError(f"{key}.{name} is not an argument of {node._target_}{hint}; it takes "
-                          f"{', '.join(sorted(accepted))}; remove it (~{key}.{name})")
+                          f"{takes}; remove it (~{key}.{name})")
 
 
 def validate_arguments(cfg: DictConfig) -> None:
