@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from rnnlab.report import NoRunsError, write_report
+from rnnlab.rundir import RunFileError
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         page = write_report(args.paths, args.out, args.steps)
-    except NoRunsError as error:
+    except (NoRunsError, RunFileError) as error:
         print(f"Report error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"Report: {page}")

@@ -3,6 +3,9 @@ from deep inside: random override sets from a grammar of keys × valid and inval
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,12 +41,13 @@ override = st.sampled_from(sorted(GRAMMAR)).flatmap(
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.lists(override, min_size=1, max_size=4, unique_by=lambda o: o.split("=")[0]))
-def test_random_overrides_train_or_fail_naming_the_key(make_cfg, overrides):
+def test_random_overrides_train_or_fail_naming_the_key(make_cfg, tmp_path, overrides):
     # Group choices first, as on a command line: a group's keys are set after it is chosen.
     ordered = sorted(overrides, key=lambda o: "." in o.split("=")[0])
     keys = [o.split("=")[0] for o in ordered]
     try:
-        cfg = make_cfg(*ordered, "trainer.max_steps=1", "monitor.jacobian_iterations=1")
+        cfg = make_cfg(*ordered, "trainer.max_steps=1", "monitor.jacobian_iterations=1",
+                       output_dir=Path(tempfile.mkdtemp(dir=tmp_path)))  # a run per example
     except (MissingConfigException, ConfigCompositionException) as error:
         assert any(key.split(".")[0] in str(error) for key in keys), str(error)
         return

@@ -200,7 +200,8 @@ def test_summary_lists_every_job_with_its_status_in_job_order(tmp_path):
     assert [(j["job"], j["num"], j["status"]) for j in summary["jobs"]] == [
         ("2_cell.gain=0", 2, "failed"), ("3_cell.gain=2", 3, "incomplete"),
         ("10_cell.gain=1.0", 10, "completed")]
-    assert summary["counts"] == {"completed": 1, "failed": 1, "incomplete": 1}
+    assert summary["counts"] == {"completed": 1, "failed": 1, "interrupted": 0, "incomplete": 1,
+                                 "unreadable": 0}
     assert summary["jobs"][0]["error"] == "ConfigError: cell.gain must be …"
     assert summary["jobs"][2]["metrics"]["val/loss"] == 0.25
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
@@ -222,7 +223,7 @@ def test_summary_command_rewrites_the_summary_of_an_interrupted_sweep(tmp_path, 
 def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY, QUIET_NAMES,
                f"hydra.sweep.dir={sweep_dir}", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}  # tests.helpers
     return subprocess.run(command, cwd=sweep_dir.parent, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -305,6 +306,30 @@ def test_joblib_multirun_runs_jobs_in_workers_with_shared_out_threads(tmp_path):
     expected = max(available_cpus() // 2, 1)
     for job in ("0_cell.hidden_size=4", "1_cell.hidden_size=8"):
         assert f"torch threads: {expected}" in (sweep / job / "train.log").read_text()
+
+
+def test_joblib_job_killed_from_outside_is_recorded_failed_and_the_sweep_goes_on(tmp_path):
+    # As the out-of-memory killer would: job 0 gets SIGKILL after 1 step, while job 1 runs
+    # beside it and job 2 still waits for a worker.
+    sweep = tmp_path / "multirun"
+    result = multirun(sweep, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                      "+callbacks.fault._target_=tests.helpers.faults.SignalAt",
+                      "+callbacks.fault.step=1,100,100", "trainer.max_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["failed", "completed", "completed"]
+    assert summary["jobs"][0]["error"].startswith(
+        "JobDied: the job's process was killed by SIGKILL before it finished")
+    assert "Sweep: 2 completed, 1 failed, 0 incomplete" in result.stdout
+
+
+def test_an_explicit_sweep_dir_that_holds_runs_is_refused(sweep_2x2):
+    sweep, _ = sweep_2x2
+    before = sorted(p.name for p in sweep.iterdir())
+    result = multirun(sweep, "cell.gain=1.0")
+    assert result.returncode == 2
+    assert f"Config error: hydra.sweep.dir: {sweep} holds another run" in result.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == before
 
 
 def test_optuna_study_goes_on_past_failed_trials_and_reports_the_best_finished_one(tmp_path):

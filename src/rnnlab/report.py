@@ -40,9 +40,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
-from rnnlab.config import short_override  # noqa: E402
+from rnnlab.config import short_override, unwritable_reason  # noqa: E402
 from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
-from rnnlab.rundir import GRAD_FLOW, RunDir  # noqa: E402
+from rnnlab.rundir import GRAD_FLOW, RunDir, RunFileError, atomic_write  # noqa: E402
 
 FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
 RECORD_COLUMNS = ("decay_rate", "log10_first_last", "horizon", "jacobian_rate")  # last record
@@ -93,14 +93,19 @@ class Run:
             "run": self.label, "overrides": " ".join(self.overrides), "status": self.status,
             "cell": self.cell,
             "gain": self.gain, "T": int(self.record["T"][-1]),
-            "steps": int(self.metrics.get("step", self.record["step"][-1])),
-            "val/loss": float(self.metrics.get("val/loss", math.nan)),
-            "val/baseline": float(self.metrics.get("val/baseline", math.nan))}
+            "steps": int(self.metrics.get("step") or self.record["step"][-1]),
+            "val/loss": number(self.metrics.get("val/loss")),
+            "val/baseline": number(self.metrics.get("val/baseline"))}
         for key in RECORD_COLUMNS:
             row[key] = float(self.record[key][-1]) if key in self.record else math.nan
         for column, key in COST_COLUMNS.items():
-            row[column] = float(self.metrics.get(key, math.nan))
+            row[column] = number(self.metrics.get(key))
         return row
+
+
+def number(value) -> float:
+    """A metric as a float; absent or null (metrics.json writes NaN as null) is NaN."""
+    return math.nan if value is None else float(value)
 
 
 def natural_key(path: Path) -> list:
@@ -129,14 +134,27 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_run(path: Path, label: str) -> Run:
-    """Read one run directory (its records must exist; metrics and config are optional)."""
+    """Read one run directory (its records must exist; metrics and config are optional).
+
+    A file that exists but cannot be read is a `RunFileError` naming it."""
     run = RunDir(path)
     outcome = run.outcome()
-    config = OmegaConf.to_container(OmegaConf.load(run.config)) if run.config.is_file() else {}
-    overrides = ([short_override(o) for o in OmegaConf.load(run.overrides)]
+    config = read_yaml(run.config) if run.config.is_file() else {}
+    overrides = ([short_override(str(o)) for o in read_yaml(run.overrides)]
                  if run.overrides.is_file() else [])
     return Run(path, label, gradflow.load(path), outcome.metrics, config, overrides,
                outcome.status, outcome.failure)
+
+
+def read_yaml(path: Path):
+    """A run's Hydra file as plain containers, or `RunFileError` naming it."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as error:
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise RunFileError(f"{path} cannot be read ({type(error).__name__}: {first}); it was "
+                           "cut short or edited: restore it, or delete it (the report then "
+                           "shows that run without its settings)") from None
 
 
 def load_runs(paths: list[str | Path], console: Console | None = None) -> list[Run]:
@@ -274,10 +292,10 @@ def loss_figure(runs: list[Run]) -> plt.Figure:
         color = f"C{i % 10}"
         ax.plot(run.record["step"], run.record["loss"], ".-", color=color,
                 label=" ".join([run.label, *run.overrides]))
-        if "val/loss" in run.metrics:
+        if run.metrics.get("val/loss") is not None:
             ax.plot([run.metrics.get("step", run.record["step"][-1])], [run.metrics["val/loss"]],
                     "*", color=color, ms=10)
-        if "val/baseline" in run.metrics:
+        if run.metrics.get("val/baseline") is not None:
             ax.axhline(run.metrics["val/baseline"], color=color, ls="--", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
@@ -339,21 +357,29 @@ def figure_png(fig: plt.Figure) -> bytes:
 def write_report(paths: list[str | Path], out: str | Path, steps: list[int] | None = None,
                  console: Console | None = None) -> Path:
     """Load the runs under ``paths``, write the PNGs and ``report.html`` into ``out``, print the
-    table; return the page's path. Raises `NoRunsError` when a path holds no run."""
+    table; return the page's path. Raises `NoRunsError` when a path holds no run, and
+    `RunFileError` naming the file when a run's file cannot be read or ``out`` written."""
     console = console or Console()
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console.width = max(console.width, 200)
-    runs = load_runs(paths, console)
     out = Path(out)
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise RunFileError(f"--out {out}: cannot write there ({reason}); choose another --out")
+    runs = load_runs(paths, console)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"profiles": profiles_figure(runs, steps),
                "profiles_by_step": profiles_by_step_figure(runs, steps),
                "heatmaps": heatmaps_figure(runs),
                "decay_vs_gain": decay_vs_gain_figure(runs), "loss": loss_figure(runs)}
     images = {name: figure_png(fig) for name, fig in figures.items()}
-    for name, png in images.items():
-        (out / f"{name}.png").write_bytes(png)
     page = out / "report.html"
-    page.write_text(html_page(runs, images))
+    files = {out / f"{name}.png": png for name, png in images.items()}
+    files[page] = html_page(runs, images).encode()
+    for path, content in files.items():
+        try:
+            atomic_write(path, lambda f, content=content: f.write(content))
+        except OSError as error:
+            raise RunFileError(f"--out {out}: cannot write {path} ({error})") from None
     console.print(metrics_table(runs))
     return page

@@ -9,6 +9,9 @@
   written to ``<job dir>/failed.json`` (type, message, traceback), logged, and the job returns the
   finite ``sweep.failure_value`` so that a sweeper such as Optuna records a bad trial and goes on;
   in a single run the exception propagates (scripts/train.py turns a ConfigError into exit 2);
+- under the joblib launcher each job runs in a process of its own, so that a job killed from
+  outside (the out-of-memory killer) is recorded as failed and the sweep goes on;
+- a signal (Ctrl-C, SIGTERM) stops the job at a checkpoint and the whole sweep with it;
 - it returns ``metrics[sweep.objective]`` (default ``val/loss``), the value a sweeper optimises.
 
 `SweepSummary` (a Hydra callback, ``hydra.callbacks`` in conf/hydra/default.yaml) writes
@@ -20,12 +23,12 @@ directories, so it works for every launcher. ``python -m rnnlab.sweep <sweep dir
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import sys
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +39,19 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from rnnlab.checkpointing import RunInterrupted
 from rnnlab.config import ConfigError, is_number, require, validate_threads
-from rnnlab.rundir import FAILED_FILE, METRICS_FILE, OUTCOMES, OVERRIDES_FILE, RunDir
+from rnnlab.rundir import (
+    FAILED_FILE,
+    METRICS_FILE,
+    OUTCOMES,
+    OVERRIDES_FILE,
+    RunDir,
+    RunFileError,
+    atomic_write,
+    finite_json,
+    write_json,
+)
 from rnnlab.train import report_finish, train
 
 log = logging.getLogger(__name__)
@@ -104,12 +118,7 @@ def check_job_settings(cfg: DictConfig) -> tuple[int | None, str]:
 
 def record_failure(job_dir: str | Path, error: BaseException) -> dict[str, str]:
     """Write ``<job dir>/failed.json``: the error's type, message and traceback."""
-    record = {"error_type": type(error).__name__, "message": str(error),
-              "traceback": "".join(traceback.format_exception(error))}
-    run = RunDir(job_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.failed.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return RunDir(job_dir).write_failure(error)
 
 
 def train_job(cfg: DictConfig) -> tuple[dict[str, float], float]:
@@ -126,40 +135,135 @@ def train_job(cfg: DictConfig) -> tuple[dict[str, float], float]:
 
 
 def run(cfg: DictConfig) -> float:
-    """Train one job and return its objective; in a multirun a failed job returns the penalty."""
+    """Train one job and return its objective; in a multirun a failed job returns the penalty.
+
+    A single run refused for a config error leaves no directory behind (what Hydra wrote there
+    before the run started is removed).
+    """
     penalty = failure_value(cfg)
     if not in_multirun():
-        metrics, value = train_job(cfg)
-    else:
         try:
             metrics, value = train_job(cfg)
-            if not math.isfinite(value):  # a sweeper cannot rank a NaN
-                raise FloatingPointError(f"the objective is {value} after {metrics['step']} steps")
-        except Exception as error:
+        except ConfigError:
+            if RunDir(cfg.paths.output_dir).discard_if_fresh():
+                log.info("removed %s: the run was refused before it started",
+                         cfg.paths.output_dir)
+            raise
+        report_finish(cfg, metrics)
+        return value
+    if in_joblib_worker():
+        return run_in_child(cfg, penalty)
+    return run_job(cfg, penalty)
+
+
+def run_job(cfg: DictConfig, penalty: float) -> float:
+    """One job of a multirun: its objective, or the penalty with its error in failed.json."""
+    try:
+        metrics, value = train_job(cfg)
+        if not math.isfinite(value):  # a sweeper cannot rank a NaN
+            raise FloatingPointError(f"the objective is {value} after {metrics['step']} steps")
+    except Exception as error:
+        try:
             record_failure(cfg.paths.output_dir, error)
-            log.error("job failed (traceback in %s), returning sweep.failure_value=%g: %s: %s",
-                      FAILED_FILE, penalty, type(error).__name__, error)
-            return penalty
+        except OSError as write_error:  # a full disk, say: the log still has it
+            log.error("could not write %s: %s", FAILED_FILE, write_error)
+        log.error("job failed (traceback in %s), returning sweep.failure_value=%g: %s: %s",
+                  FAILED_FILE, penalty, type(error).__name__, error)
+        return penalty
     report_finish(cfg, metrics)
     return value
 
 
+def in_joblib_worker() -> bool:
+    return in_multirun() and "joblib" in str(HydraConfig.get().launcher.get("_target_"))
+
+
+class JobDied(RuntimeError):
+    """The process of a job ended without a result: it was killed from outside."""
+
+
+def run_in_child(cfg: DictConfig, penalty: float) -> float:
+    """`run_job` in a forked child of this joblib worker, which waits for it.
+
+    The out-of-memory killer kills the process that holds the memory: the child. The worker
+    lives on, records the job as failed and takes the next one; had the worker died, joblib
+    would have cancelled every job in flight and the sweep would have ended without its
+    summary. The worker itself runs no torch code, so forking it is safe.
+    """
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=child_job, args=(cfg, penalty, writer))
+    child.start()
+    writer.close()
+    try:
+        message = reader.recv()
+    except EOFError:  # the child died before it could answer
+        message = None
+    finally:
+        child.join()
+    if message is None:
+        how = (f"was killed by {signal.Signals(-child.exitcode).name}" if child.exitcode < 0
+               else f"exited with status {child.exitcode}")
+        error = JobDied(f"the job's process {how} before it finished (SIGKILL comes most often "
+                        "from the out-of-memory killer: see dmesg)")
+        record_failure(cfg.paths.output_dir, error)
+        log.error("job failed: %s; returning sweep.failure_value=%g", error, penalty)
+        return penalty
+    if message[0] == "interrupted":
+        raise RunInterrupted(*message[1:])
+    return message[1]
+
+
+def child_job(cfg: DictConfig, penalty: float, writer: Any) -> None:
+    """The child's side of `run_in_child`: the objective, or the signal that stopped it."""
+    try:
+        writer.send(("value", run_job(cfg, penalty)))
+    except RunInterrupted as stop:
+        writer.send(("interrupted", stop.signum, stop.step, stop.checkpoint))
+    finally:
+        writer.close()
+
+
 # --- the sweep's summary -------------------------------------------------------------------------
+STATUSES = (*OUTCOMES, "unreadable")  # unreadable: a job whose files cannot be read
+
+
 def job_status(job_dir: Path) -> dict[str, Any]:
-    """One job's row: its directory, number, overrides, status, final metrics and error."""
+    """One job's row: its directory, number, overrides, status, final metrics and error.
+
+    A file that cannot be read makes the row ``unreadable``, its error naming the file."""
     run = RunDir(job_dir)
-    overrides = OmegaConf.to_container(OmegaConf.load(run.overrides))
-    num = OmegaConf.load(run.overrides.with_name("hydra.yaml")).hydra.job.get("num")
-    outcome = run.outcome()
-    row: dict[str, Any] = {"job": job_dir.name, "num": num, "overrides": overrides,
-                           "status": outcome.status}
+    row: dict[str, Any] = {"job": job_dir.name, "num": None, "overrides": []}
+    try:
+        row["overrides"] = read_yaml(run.overrides)
+        row["num"] = read_yaml(run.overrides.with_name("hydra.yaml"))["hydra"]["job"].get("num")
+        outcome = run.outcome()
+    except RunFileError as error:
+        row.update(status="unreadable", error=str(error))
+        return row
+    row["status"] = outcome.status
     if outcome.status == "failed":
-        row["error"] = f"{outcome.failure['error_type']}: {outcome.failure['message']}"
+        row["error"] = (f"{outcome.failure.get('error_type', '?')}: "
+                        f"{outcome.failure.get('message', '')}")
+    elif outcome.status == "interrupted":
+        row["error"] = (f"{outcome.interruption.get('signal')} at step "
+                        f"{outcome.interruption.get('step')}; resume: "
+                        f"{outcome.interruption.get('resume')}")
     elif outcome.status == "completed":
-        row["metrics"] = outcome.metrics
+        row["metrics"] = finite_json(outcome.metrics)  # one written before NaN became null
     else:  # killed from outside (OOM killer, cluster time limit) or still running
         row["error"] = f"no {METRICS_FILE} and no {FAILED_FILE}"
     return row
+
+
+def read_yaml(path: Path) -> Any:
+    """A job's Hydra file, or `RunFileError` naming it."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as error:
+        raise RunFileError(f"{path} cannot be read ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}); it was cut "
+                           "short or edited: delete the job directory or rerun the job") from None
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -170,7 +274,8 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 def markdown_table(jobs: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        text = ("" if value is None else f"{value:.4g}" if isinstance(value, float)
+                else str(value))
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| job | overrides | status | val/loss | val/baseline | step | error |",
@@ -178,23 +283,43 @@ def markdown_table(jobs: list[dict[str, Any]]) -> str:
     for row in jobs:
         metrics = row.get("metrics", {})
         lines.append("| " + " | ".join(cell(v) for v in (
-            row["job"], " ".join(row["overrides"]), row["status"], metrics.get("val/loss", ""),
-            metrics.get("val/baseline", ""), metrics.get("step", ""), row.get("error", ""))) + " |")
+            row["job"], " ".join(map(str, row["overrides"])), row["status"],
+            metrics.get("val/loss", ""), metrics.get("val/baseline", ""), metrics.get("step", ""),
+            row.get("error", ""))) + " |")
     return "\n".join(lines)
 
 
 def write_summary(sweep_dir: str | Path) -> dict[str, Any]:
-    """Write ``summary.json`` and ``summary.md`` into ``sweep_dir``; return the summary."""
+    """Write ``summary.json`` and ``summary.md`` into ``sweep_dir``; return the summary.
+
+    Raises `RunFileError` when ``sweep_dir`` is not a directory or cannot be written."""
     sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise RunFileError(f"{sweep_dir} is not a directory: give a sweep directory "
+                           "(outputs/multirun/<date>_<time>)")
     jobs = collect(sweep_dir)
-    counts = {s: sum(r["status"] == s for r in jobs) for s in OUTCOMES}
+    counts = {s: sum(r["status"] == s for r in jobs) for s in STATUSES}
     summary = {"sweep_dir": str(sweep_dir), "counts": counts, "jobs": jobs}
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    (sweep_dir / "summary.md").write_text(
-        f"# Sweep {sweep_dir}\n\n{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in
-                                                              counts.items()) +
-        f"\n\n{markdown_table(jobs)}\n\nTensorBoard: `tensorboard --logdir {sweep_dir}`\n")
+    text = (f"# Sweep {sweep_dir}\n\n{len(jobs)} jobs: {counts_line(counts)}\n\n"
+            f"{markdown_table(jobs)}\n\nTensorBoard: `tensorboard --logdir {sweep_dir}`\n")
+    try:
+        write_json(sweep_dir / "summary.json", summary)
+        atomic_write(sweep_dir / "summary.md", lambda f: f.write(text.encode()))
+    except OSError as error:
+        raise RunFileError(f"cannot write the summary into {sweep_dir} ({error}); free space "
+                           "or make it writable, then run python -m rnnlab.sweep "
+                           f"{sweep_dir}") from None
     return summary
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    """``2 completed, 1 failed, 0 incomplete`` (and the other statuses when there are any)."""
+    return ", ".join(f"{n} {s}" for s, n in counts.items()
+                     if n or s in ("completed", "failed", "incomplete"))
+
+
+def unreadable(summary: dict[str, Any]) -> list[str]:
+    return [row["error"] for row in summary["jobs"] if row["status"] == "unreadable"]
 
 
 class SweepSummary(Callback):
@@ -202,17 +327,35 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        counts = write_summary(sweep_dir)["counts"]
-        print(f"\nSweep: {counts['completed']} completed, {counts['failed']} failed, "
-              f"{counts['incomplete']} incomplete; summary in {sweep_dir / 'summary.md'}")
+        try:
+            summary = write_summary(sweep_dir)
+        except RunFileError as error:
+            print(f"Summary error: {error}", file=sys.stderr)
+            return
+        for problem in unreadable(summary):
+            print(f"Summary error: {problem}", file=sys.stderr)
+        print(f"\nSweep: {counts_line(summary['counts'])}; summary in "
+              f"{sweep_dir / 'summary.md'}")
         print(f"TensorBoard: tensorboard --logdir {sweep_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m rnnlab.sweep <sweep dir>...``: (re)write each sweep's summary."""
+    """``python -m rnnlab.sweep <sweep dir>...``: (re)write each sweep's summary; exit 2 when a
+    directory or a job's file cannot be read, naming it."""
+    failed = False
     for sweep_dir in (argv if argv is not None else sys.argv[1:]):
-        counts = write_summary(sweep_dir)["counts"]
-        print(f"{sweep_dir}: {counts}")
+        try:
+            summary = write_summary(sweep_dir)
+        except RunFileError as error:
+            print(f"Summary error: {error}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{sweep_dir}: {summary['counts']}")
+        for problem in unreadable(summary):
+            print(f"Summary error: {problem}", file=sys.stderr)
+            failed = True
+    if failed:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

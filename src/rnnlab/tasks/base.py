@@ -8,6 +8,8 @@ validation set is fixed, nothing is held in memory, and T = 10,000 costs no more
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -52,16 +54,24 @@ class SyntheticBatches(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """Yields batch indices ``e*n … e*n + n − 1`` in epoch ``e`` (Lightning calls `set_epoch`).
+    """Yields batch indices ``e*n … e*n + n − 1`` in epoch ``e``.
 
-    After `resume_at(i)` the next pass starts at index ``i`` if it falls in that epoch.
+    The epoch is read when a pass starts, from ``epoch_of_next_pass`` (the trainer's
+    ``current_epoch``), not from `set_epoch`: when a run resumes, Lightning draws the first pass
+    (and prefetches from it) before it calls `set_epoch`, and after a checkpoint written at an
+    epoch's end it passes an epoch one too high. After `resume_at(i)` the next pass yields ``i``
+    up to the end of the epoch ``i`` lies in.
     """
 
-    def __init__(self, num_batches: int):
-        self.num_batches, self.epoch, self.resume_index = num_batches, 0, 0
+    def __init__(self, num_batches: int, epoch_of_next_pass: Callable[[], int] | None = None):
+        self.num_batches, self.epoch_of_next_pass = num_batches, epoch_of_next_pass
+        self.epoch = 0  # the epoch of the current pass
+        self.resume_index: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """The epoch of the next pass, where no ``epoch_of_next_pass`` is given."""
+        if self.epoch_of_next_pass is None:
+            self.epoch = epoch
 
     def resume_at(self, index: int) -> None:
         self.resume_index = index
@@ -70,9 +80,13 @@ class EpochSampler(Sampler[int]):
         return self.num_batches
 
     def __iter__(self):
-        start, stop = self.epoch * self.num_batches, (self.epoch + 1) * self.num_batches
-        start, self.resume_index = max(start, min(self.resume_index, stop)), 0
-        return iter(range(start, stop))
+        n = self.num_batches
+        epoch = self.epoch_of_next_pass() if self.epoch_of_next_pass else self.epoch
+        start = epoch * n
+        if self.resume_index is not None:
+            start, self.resume_index = self.resume_index, None
+        self.epoch = start // n
+        return iter(range(start, (self.epoch + 1) * n))
 
 
 class ResumableLoader(DataLoader):
@@ -146,8 +160,12 @@ class Task(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
+
+        def current_epoch() -> int:
+            return trainer.current_epoch if trainer else 0
+
         return ResumableLoader(self._dataset("train", self.train_batches), batch_size=None,
-                               sampler=EpochSampler(self.train_batches),
+                               sampler=EpochSampler(self.train_batches, current_epoch),
                                num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0,
                                trainer_ref=lambda: trainer)
