@@ -340,9 +340,8 @@ class GradFlowMonitor(pl.Callback):
 
 def custom_scalars_layout(state_names: tuple[str, ...]) -> dict:
     """TensorBoard custom-scalars layout: each instrument's chosen timesteps on one chart."""
-    profiles = {f"||dL/d{name}_t|| at the chosen t": ["Multiline", [rf"^{key}/t_\d+$"]]
-                for key, name in ((gradflow.profile_key(n, i), n if i else "z")
-                                  for i, n in enumerate(state_names))}
+    profiles = {f"||dL/d{key.removeprefix('dL_d')}_t|| at the chosen t":
+                ["Multiline", [rf"^{key}/t_\d+$"]] for key in gradflow.state_keys(state_names)}
     contributions = {f"||dL/dW(t)|| of the {m} at the chosen t":
                      ["Multiline", [rf"^dL_dW_{m}/t_\d+$"]] for m in MODULES}
     return {

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rnnlab.cells.base import Cell, State
+from rnnlab.cells.base import Cell, State, state_key, state_keys
 from rnnlab.model import MODULES
 
 HORIZON_THRESHOLD = 1e-3
@@ -40,8 +40,8 @@ JACOBIAN_SEED = 0  # the power iteration starts from the same vector on every ca
 
 
 def profile_key(state_name: str, index: int) -> str:
-    """``dL_dz`` for the first state (what the decoder reads); ``dL_d<name>`` for the others."""
-    return "dL_dz" if index == 0 else f"dL_d{state_name}"
+    """The record key of state ``index`` named ``state_name``: `rnnlab.cells.base.state_keys`."""
+    return state_key(state_name, index)
 
 
 def probe_profile(state_names: tuple[str, ...], probe_grads: tuple[Tensor, ...],
@@ -53,11 +53,11 @@ def probe_profile(state_names: tuple[str, ...], probe_grads: tuple[Tensor, ...],
     √(Σ_r ||∂L_r/∂z_t||²) / R: squared norms are summed with ``sum_over_processes``.
     """
     record = {}
-    for i, (name, g) in enumerate(zip(state_names, probe_grads)):
+    for key, g in zip(state_keys(state_names), probe_grads):
         squares = g.double().square().sum(dim=tuple(range(1, g.dim())))
         if sum_over_processes is not None:
             squares = sum_over_processes(squares)
-        record[profile_key(name, i)] = (squares.sqrt() / world_size).cpu().numpy()
+        record[key] = (squares.sqrt() / world_size).cpu().numpy()
     return record
 
 
@@ -134,12 +134,16 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     graph of the step: Jᵀw by a vector-Jacobian product, Jv by differentiating w ↦ Jᵀw (linear
     in w) along v, so any differentiable step works, torchdiffeq's solvers included. The result
     is ||J_t v|| for the final unit vector v: a lower bound on σ_max that converges from below,
-    at a rate (σ₂/σ₁)^(2·iterations).
+    at a rate (σ₂/σ₁)^(2·iterations). A cell with ``jacobian_norms`` (a diagonal J) gives the
+    exact norms itself, and ``iterations`` is not used.
     """
     B, T = u.shape[:2]
     z = tuple(torch.cat(parts).detach() for parts in zip(*previous_states))  # row t·B + b
     u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)
     dt_rows = dt.detach().transpose(0, 1).reshape(T * B) if dt is not None else None
+    if cell.jacobian_norms is not None:
+        with torch.no_grad():
+            return cell.jacobian_norms(u_rows, z, dt_rows).reshape(T, B)
     generator = torch.Generator().manual_seed(JACOBIAN_SEED)
     v = tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device) for s in z)
     steps = max(1, JACOBIAN_ROWS // B)  # timesteps per batch

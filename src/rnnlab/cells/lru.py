@@ -1,0 +1,143 @@
+"""LRU, the Linear Recurrent Unit (Orvieto, Smith, Gu, Fernando, Gulcehre, Pascanu & De,
+ICML 2023)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rnnlab.cells.base import Cell, State
+from rnnlab.config import is_int, is_number, require
+
+CHUNK = 64  # steps per chunk of the scan: a (CHUNK, CHUNK) Toeplitz product per unit
+
+
+class LRU(Cell):
+    """x_t = λ ⊙ x_{t−1} + γ ⊙ (B u_t), x ∈ ℂ^N, a diagonal linear recurrence:
+
+        λ = exp(−exp(ν) + i·exp(θ))          γ = exp(γ_log), initially √(1 − |λ|²)
+
+    Orvieto, Smith, Gu, Fernando, Gulcehre, Pascanu & De, "Resurrecting Recurrent Neural Networks
+    for Long Sequences", ICML 2023 (their appendix's JAX code). ν, θ, γ_log, B = B_re + i·B_im are
+    trained; the paper's output y_t = Re(C x_t) + D u_t is the model's linear decoder on
+    (Re x, Im x) (Re(C x) = C_re Re x − C_im Im x, any C), without the skip D u_t.
+
+    State (x,): the N = hidden_size/2 complex units as one real (B, hidden_size) tensor
+    (Re x, Im x), so the profile is ||∂L/∂x_t|| over the complex state and the decoder reads all
+    of it. On it ∂x_t/∂x_{t−1} is a 2×2 block [[Re λ_j, −Im λ_j], [Im λ_j, Re λ_j]] per unit,
+    |λ_j| times a rotation, so its spectral norm is max_j |λ_j| (`jacobian_norms`), the same for
+    every step and input: the profile decays at most like (max |λ|)^(T−1−t).
+
+    Options (the ring initialisation): |λ| uniform on the ring r_min ≤ |λ| ≤ r_max (area-uniform,
+    as the paper), phase uniform in [0, max_phase]. Defaults r_min 0.9, r_max 0.999 (the paper's
+    setting for long-range tasks; its code's defaults are 0, 1, 2π), max_phase 2π. B_re, B_im ~
+    N(0, 1/(2·input)).
+
+    `sequence` scans in chunks of `CHUNK` steps: inside a chunk x = T_λ b with the lower
+    triangular Toeplitz T_λ[k, j] = λ^{k−j} (one batched product per unit), then the chunks'
+    last states are carried by a log-depth scan with λ^CHUNK, and each chunk adds λ^{k+1}
+    times the state before it. Equal to stepping to 1e-10 in float64 (tests).
+    """
+
+    state_names = ("x",)
+
+    def __init__(self, input_size: int, hidden_size: int = 64, r_min: float = 0.9,
+                 r_max: float = 0.999, max_phase: float = 6.283):
+        super().__init__(input_size, hidden_size)
+        require(is_int(hidden_size, 2) and hidden_size % 2 == 0, "cell.hidden_size", hidden_size,
+                "an even integer >= 2 (real and imaginary parts of hidden_size/2 complex units)")
+        require(is_number(r_min) and 0 <= r_min < 1, "cell.r_min", r_min,
+                "a finite number in [0, 1) (the smallest initial |λ|)")
+        require(is_number(r_max) and r_min <= r_max < 1, "cell.r_max", r_max,
+                f"a finite number in [cell.r_min = {r_min}, 1) (the largest initial |λ|; 1 "
+                "would make γ = √(1 − |λ|²) zero)")
+        require(is_number(max_phase) and max_phase > 0, "cell.max_phase", max_phase,
+                "a finite number > 0 (the largest initial arg λ, radians)")
+        N = hidden_size // 2
+        tiny = torch.finfo(torch.get_default_dtype()).tiny  # keeps both logs finite
+        u1 = torch.rand(N).clamp_min(tiny)
+        u2 = torch.rand(N).clamp_min(tiny)
+        nu_log = torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+        self.nu_log = nn.Parameter(nu_log)
+        self.theta_log = nn.Parameter(torch.log(max_phase * u2))
+        modulus = torch.exp(-torch.exp(nu_log))
+        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - modulus**2)))
+        self.B_re = nn.Parameter(torch.randn(N, input_size) / math.sqrt(2 * input_size))
+        self.B_im = nn.Parameter(torch.randn(N, input_size) / math.sqrt(2 * input_size))
+
+    def log_lambda(self) -> Tensor:
+        """log λ = −exp(ν) + i·exp(θ), (N,) complex."""
+        return torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))
+
+    def drive(self, u: Tensor) -> Tensor:
+        """γ ⊙ (B u), complex, for u (…, input) → (…, N)."""
+        gamma = torch.exp(self.gamma_log)
+        return torch.complex(u @ (gamma[:, None] * self.B_re).T, u @ (gamma[:, None] * self.B_im).T)
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        x = unpack(state[0])
+        x = torch.exp(self.log_lambda()) * x + self.drive(u_t)
+        return (pack(x),)
+
+    def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        """u: (B, T, input) → x_t at every t as (B, T, hidden), by the chunked scan."""
+        x = diagonal_scan(self.log_lambda(), self.drive(u), unpack(state[0]), CHUNK)
+        out = pack(x)
+        return out, (out[:, -1],)
+
+    def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
+        """max_j |λ_j| for every row: each unit's block is |λ_j| times a rotation."""
+        modulus = torch.exp(-torch.exp(self.nu_log)).amax()
+        return modulus.expand(u_t.shape[0])
+
+
+def pack(x: Tensor) -> Tensor:
+    """Complex (…, N) → real (…, 2N): (Re x, Im x)."""
+    return torch.cat([x.real, x.imag], dim=-1)
+
+
+def unpack(state: Tensor) -> Tensor:
+    """Real (…, 2N) → complex (…, N)."""
+    re, im = state.chunk(2, dim=-1)
+    return torch.complex(re, im)
+
+
+def diagonal_scan(log_lam: Tensor, b: Tensor, x0: Tensor, chunk: int) -> Tensor:
+    """x_t = λ ⊙ x_{t−1} + b_t for t = 0 … T−1 from x_{−1} = x0, all t at once.
+
+    log_lam: (N,) complex, log λ; b: (B, T, N); x0: (B, N). Returns (B, T, N).
+    Memory and work: O(B·T·N·chunk) for the in-chunk products, O(B·(T/chunk)·N·log(T/chunk))
+    for carrying the chunks' states; no Python loop over t.
+    """
+    B, T, N = b.shape
+    L = min(chunk, T)
+    C = -(-T // L)  # chunks
+    if C * L > T:  # pad the end with zero inputs: they change no earlier state
+        b = torch.cat([b, b.new_zeros(B, C * L - T, N)], dim=1)
+    k = torch.arange(L, device=b.device)
+    lag = k[:, None] - k[None, :]  # k − j
+    # T_λ[k, j] = λ^(k−j) below the diagonal, 0 above: (N, L, L)
+    toeplitz = torch.exp(lag.clamp_min(0)[None].to(log_lam.dtype) * log_lam[:, None, None])
+    toeplitz = toeplitz * (lag >= 0)
+    blocks = b.reshape(B * C, L, N).permute(2, 1, 0)  # (N, L, B·C)
+    local = torch.bmm(toeplitz, blocks).permute(2, 1, 0).reshape(B, C, L, N)  # from x_{−1} = 0
+    # the state before each chunk: carried over the chunks with λ^L, from x0
+    before = carry(torch.exp(L * log_lam), local[:, :, -1], x0)  # (B, C, N)
+    powers = torch.exp((k + 1)[:, None].to(log_lam.dtype) * log_lam)  # λ^(k+1): (L, N)
+    x = local + powers * before[:, :, None, :]
+    return x.reshape(B, C * L, N)[:, :T]
+
+
+def carry(lam_L: Tensor, ends: Tensor, x0: Tensor) -> Tensor:
+    """The state before each chunk c: s_0 = x0, s_{c+1} = λ^L ⊙ s_c + ends_c, by a log-depth
+    (Hillis–Steele) scan over the C chunks. lam_L: (N,); ends: (B, C, N); x0: (B, N)."""
+    # inclusive scan of e_c = λ^L e_{c−1} + ends_c with e_{−1} = x0, then shift by one
+    e = torch.cat([ends[:, :1] + lam_L * x0[:, None], ends[:, 1:]], dim=1)
+    C = e.shape[1]
+    d, factor = 1, lam_L
+    while d < C:
+        e = torch.cat([e[:, :d], e[:, d:] + factor * e[:, :-d]], dim=1)
+        d, factor = 2 * d, factor * factor
+    return torch.cat([x0[:, None], e[:, :-1]], dim=1)
