@@ -40,8 +40,8 @@ def check_state_names(cell: str, state_names: tuple[str, ...]) -> None:
 
     Refused: an empty or non-tuple ``state_names``; a name that is not a Python identifier (it
     becomes part of an .npz key and a tag) or is a keyword; a name starting ``W_`` (its key
-    ``dL_dW_…`` is read as a parameter contribution); two states with the same key (duplicate
-    names, or a name such as ``z_1`` that meets `state_keys`' rule for a later ``z``).
+    ``dL_dW_…`` is read as a parameter contribution); a name given to two states; two states
+    with the same key (a name such as ``z_1`` that meets `state_keys`' rule for a later ``z``).
     """
     def refuse(why: str) -> ConfigError:
         return ConfigError(f"{cell}.state_names = {state_names!r}: {why}; rename the state in "
@@ -57,6 +57,9 @@ def check_state_names(cell: str, state_names: tuple[str, ...]) -> None:
         if name.startswith(RESERVED_PREFIX):
             raise refuse(f"{name!r} would be recorded as dL_d{name}, a parameter "
                          "contribution's key")
+    for i, name in enumerate(state_names):
+        if name in state_names[:i]:
+            raise refuse(f"{name!r} names two states (#{state_names.index(name)} and #{i})")
     keys = state_keys(state_names)
     for i, key in enumerate(keys):
         if key in keys[:i]:
