@@ -12,7 +12,7 @@ import torch
 
 from rnnlab import gradflow
 from rnnlab.cells import LEM, LRU, AntisymmetricRNN, CoRNN, IndRNN, MinGRU
-from rnnlab.cells.lru import CHUNK
+from rnnlab.cells.scan import chunk_length, linear_scan
 from rnnlab.config import ConfigError
 
 from .test_cells import make_cell, step_through
@@ -131,14 +131,45 @@ def test_step_follows_the_papers_equations_in_float64(case):
 
 
 # --- fast paths: the scans against stepping -----------------------------------------------------
-@pytest.mark.parametrize("name", ["lru", "mingru"])
-@pytest.mark.parametrize("length", [1, 5, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
-def test_scan_equals_stepping_to_1e10_with_gradients(name, length):
+def stepped_recurrence(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    h, out = h0, []
+    for t in range(b.shape[1]):
+        h = (a if a.dim() == 1 else a[:, t]) * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("constant", [False, True], ids=["a_t", "a"])
+@pytest.mark.parametrize("length", [1, 2, 12, 37])  # 37: prime, the last chunk padded
+def test_linear_scan_equals_the_loop_and_its_gradients_pass_gradcheck(dtype, constant, length):
+    generator = torch.Generator().manual_seed(length)
+    # |a| < 1, as in the cells: the finite differences of gradcheck stay accurate at T = 100
+    a = 0.7 * torch.rand(*((4,) if constant else (3, length, 4)), generator=generator,
+                         dtype=dtype)
+    b = torch.randn(3, length, 4, generator=generator, dtype=dtype)
+    h0 = torch.randn(3, 4, generator=generator, dtype=dtype)
+    inputs = tuple(x.requires_grad_() for x in (a, b, h0))
+    torch.testing.assert_close(linear_scan(*inputs), stepped_recurrence(*inputs), rtol=1e-12,
+                               atol=1e-14)
+    assert torch.autograd.gradcheck(linear_scan, inputs)
+
+
+@pytest.mark.parametrize(("T", "L"), [(1, 1), (100, 10), (1000, 25), (10_000, 100), (37, 6)])
+def test_chunks_are_about_the_square_root_of_T_and_divide_it_where_they_can(T, L):
+    assert chunk_length(T) == L
+
+
+@pytest.mark.parametrize("path", ["lru", "mingru", "mingru_log_space"])
+@pytest.mark.parametrize("length", [1, 5, 64, 101, 257])
+def test_scan_equals_stepping_to_1e10_with_gradients(path, length):
+    name = path.split("_")[0]
     cell = make_cell(name)
+    sequence = cell.log_space_sequence if path == "mingru_log_space" else cell.sequence
     u = torch.randn(3, length, 3, dtype=torch.float64, requires_grad=True)
     # a non-zero initial state: the scans carry it separately
     start = (torch.rand(3, 6, dtype=torch.float64, requires_grad=True),)
-    fast, fast_last = cell.sequence(u, start)
+    fast, fast_last = sequence(u, start)
     state, outputs = start, []
     for u_t in u.unbind(1):
         state = cell.step(u_t, state, None)
@@ -154,11 +185,13 @@ def test_scan_equals_stepping_to_1e10_with_gradients(name, length):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_mingru_scan_stays_at_1e10_when_the_gates_close_over_long_sequences():
+@pytest.mark.parametrize("log_space", [False, True])
+def test_mingru_scans_stay_at_1e10_when_the_gates_close_over_long_sequences(log_space):
     # large gate pre-activations: 1 − z_t near 0 or 1, a*_t down to about −10^3
     cell = make_cell("mingru")
     u = 8 * torch.randn(2, 400, 3, dtype=torch.float64)
-    fast, _ = cell.sequence(u, cell.init_state(2))
+    sequence = cell.log_space_sequence if log_space else cell.sequence
+    fast, _ = sequence(u, cell.init_state(2))
     torch.testing.assert_close(fast, step_through(cell, u)[0], rtol=1e-10, atol=1e-12)
 
 
