@@ -76,7 +76,8 @@ def antisymmetric_reference(p, cell, u, h):
 
 
 def run_reference(name: str, cell, u: np.ndarray) -> list[np.ndarray]:
-    """Every step's first state (the LRU's packed as (Re x, Im x)) from zero initial states."""
+    """Every step's first state (the LRU's packed as (Re x_1, Im x_1, Re x_2, …)) from zero
+    initial states."""
     p = np_params(cell)
     H = cell.hidden_size
     y = z = np.zeros((u.shape[0], H))
@@ -91,7 +92,7 @@ def run_reference(name: str, cell, u: np.ndarray) -> list[np.ndarray]:
             y = indrnn_reference(p, cell, u_t, y)
         elif name == "lru":
             x = lru_reference(p, u_t, x)
-            y = np.concatenate([x.real, x.imag], axis=1)
+            y = np.stack([x.real, x.imag], axis=-1).reshape(x.shape[0], -1)
         elif name == "mingru":
             y = mingru_reference(p, u_t, y)
         elif name == "antisymmetric":
@@ -312,3 +313,23 @@ def test_bad_setting_names_key_and_fix(cell, override, message):
         cell(input_size=3, **override)
     key = list(override)[-1]
     assert message in str(error.value) and f"(set cell.{key}=...)" in str(error.value)
+
+
+# --- bench --scans ------------------------------------------------------------------------------
+def test_scan_benchmark_times_every_path_of_a_cell_and_tables_them():
+    from rnnlab import bench
+
+    case = {"cell": "mingru", "T": 6, "mode": "scan_time", "repeats": 2, "device": "cpu",
+            "threads": 1, "batch": 2, "hidden": 4}
+    timing = bench.run_case(case)
+    assert set(timing["seconds"]) == {"loop", "scan", "log_space"}
+    assert all(len(s) == 2 and min(s) > 0 for s in timing["all_seconds"].values())
+    memory = [{"cell": "mingru", "T": 6, "mode": "scan_memory", "path": p, "peak_mb": mb}
+              for p, mb in [("inputs only", 100.0), ("loop", 130.0), ("scan", 110.0),
+                            ("log_space", 120.0)]]
+    _, summary = bench.scan_table([{**case, **timing}, *memory], "t")
+    by_path = {row["path"]: row for row in summary}
+    loop = timing["seconds"]["loop"]
+    assert by_path["scan"]["loop_over_path"] == pytest.approx(loop / timing["seconds"]["scan"])
+    assert by_path["loop"]["loop_over_path"] == pytest.approx(1.0)
+    assert [by_path[p]["mb_above_inputs"] for p in ("loop", "scan", "log_space")] == [30, 10, 20]

@@ -23,9 +23,11 @@ class LRU(Cell):
     trained; the paper's output y_t = Re(C x_t) + D u_t is the model's linear decoder on
     (Re x, Im x) (Re(C x) = C_re Re x − C_im Im x, any C), without the skip D u_t.
 
-    State (x,): the N = hidden_size/2 complex units as one real (B, hidden_size) tensor
-    (Re x, Im x), so the profile is ||∂L/∂x_t|| over the complex state and the decoder reads all
-    of it. On it ∂x_t/∂x_{t−1} is a 2×2 block [[Re λ_j, −Im λ_j], [Im λ_j, Re λ_j]] per unit,
+    State (x,): the N = hidden_size/2 complex units as one real (B, hidden_size) tensor,
+    interleaved (Re x_1, Im x_1, Re x_2, …) — `torch.view_as_real`'s layout, so packing and
+    unpacking copy nothing — so the profile is ||∂L/∂x_t|| over the complex state and the decoder
+    reads all of it. On it ∂x_t/∂x_{t−1} is a 2×2 block [[Re λ_j, −Im λ_j], [Im λ_j, Re λ_j]] per
+    unit,
     |λ_j| times a rotation, so its spectral norm is max_j |λ_j| (`jacobian_norms`), the same for
     every step and input: the profile decays at most like (max |λ|)^(T−1−t).
 
@@ -69,9 +71,11 @@ class LRU(Cell):
         return torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))
 
     def drive(self, u: Tensor) -> Tensor:
-        """γ ⊙ (B u), complex, for u (…, input) → (…, N)."""
-        gamma = torch.exp(self.gamma_log)
-        return torch.complex(u @ (gamma[:, None] * self.B_re).T, u @ (gamma[:, None] * self.B_im).T)
+        """γ ⊙ (B u), complex, for u (…, input) → (…, N): one real product whose output rows
+        alternate Re, Im, viewed as complex."""
+        gamma = torch.exp(self.gamma_log)[:, None]
+        weight = torch.stack([gamma * self.B_re, gamma * self.B_im], dim=1)  # (N, 2, input)
+        return unpack(u @ weight.flatten(0, 1).T)
 
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         x = unpack(state[0])
@@ -91,11 +95,14 @@ class LRU(Cell):
 
 
 def pack(x: Tensor) -> Tensor:
-    """Complex (…, N) → real (…, 2N): (Re x, Im x)."""
-    return torch.cat([x.real, x.imag], dim=-1)
+    """Complex (…, N) → real (…, 2N), interleaved (Re x_1, Im x_1, …): a view."""
+    return torch.view_as_real(x).flatten(-2)
 
 
 def unpack(state: Tensor) -> Tensor:
-    """Real (…, 2N) → complex (…, N)."""
-    re, im = state.chunk(2, dim=-1)
-    return torch.complex(re, im)
+    """Real (…, 2N), interleaved → complex (…, N): a view where the memory layout allows."""
+    pairs = state.unflatten(-1, (-1, 2))
+    if (pairs.stride(-1) != 1 or pairs.storage_offset() % 2
+            or any(s % 2 for s in pairs.stride()[:-1])):
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
