@@ -43,15 +43,14 @@ class LinearScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, h, h0 = ctx.saved_tensors
-        T = h.shape[1]
         if a.dim() == 1:  # the same a every step: g_t = ∂L/∂h_t + conj(a) g_{t+1}, g_T = 0
             g = chunked_scan(a.conj(), grad, torch.zeros_like(h0), reverse=True)
             a_first = a
-        else:  # a_{t+1} multiplies g_{t+1}: scan t = T−2 … 0 from g_{T−1} = ∂L/∂h_{T−1}
-            g = grad.clone()
-            if T > 1:
-                g[:, :-1] = chunked_scan(a[:, 1:].conj(), grad[:, :-1], grad[:, -1],
-                                         reverse=True)
+        else:  # a_{t+1} multiplies g_{t+1}, and nothing comes after T−1
+            a_next = torch.empty_like(a)
+            a_next[:, :-1] = a[:, 1:]
+            a_next[:, -1] = 0
+            g = chunked_scan(a_next.conj(), grad, torch.zeros_like(h0), reverse=True)
             a_first = a[:, 0]
         grad_h0 = a_first.conj() * g[:, 0]
         if a.dim() == 1:  # summed over the batch and every step
@@ -87,19 +86,22 @@ def chunked_scan(a: Tensor, b: Tensor, h0: Tensor, reverse: bool) -> Tensor:
         b4 = b.reshape(B, C, L, H)
         a4 = None if constant else a.reshape(B, C, L, H)
         steps = range(L - 1, -1, -1) if reverse else range(L)
-        # inside every chunk at once, from 0: the states and the running products of a
+        # inside every chunk at once, from 0: the states and the running products of a over
+        # the steps taken (a^(k+1) forwards, a^(L−k) backwards where a is the same every step)
         local = torch.empty_like(b4)
-        h = torch.zeros_like(b4[:, :, 0])
-        for k in steps:
-            h = torch.addcmul(b4[:, :, k], a if constant else a4[:, :, k], h,
-                              out=local[:, :, k])
-        # a_k's running product over the steps taken: a^(k+1) forwards, a^(L−k) backwards
         if constant:
             products = torch.cumprod(a.expand(L, H), dim=0)  # (L, H)
             products = products.flip(0) if reverse else products
         else:
-            products = torch.cumprod(a4.flip(2) if reverse else a4, dim=2)
-            products = products.flip(2) if reverse else products
+            products = torch.empty_like(a4)
+        h = torch.zeros_like(b4[:, :, 0])
+        product = None
+        for k in steps:
+            a_k = a if constant else a4[:, :, k]
+            h = torch.addcmul(b4[:, :, k], a_k, h, out=local[:, :, k])
+            if not constant:
+                product = (products[:, :, k].copy_(a_k) if product is None
+                           else torch.mul(product, a_k, out=products[:, :, k]))
         # the state each chunk starts from, carried over the chunks
         starts = torch.empty_like(b4[:, :, 0])
         state = h0
