@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from rnnlab.cells import Cell
+from rnnlab.cells import Cell, state_keys
 
 from .conftest import CONF, default_dtype
 
@@ -35,7 +35,7 @@ def step_through(cell: Cell, u: torch.Tensor) -> tuple[torch.Tensor, tuple]:
 @pytest.mark.parametrize("name", CELLS)
 def test_cell_state_matches_its_declared_names_and_shapes(name):
     cell = make_cell(name)
-    assert isinstance(cell, Cell) and cell.state_names and cell.state_names[0] == "h"
+    assert isinstance(cell, Cell) and state_keys(cell.state_names)[0] == "dL_dz"
     state = cell.init_state(4)
     assert len(state) == len(cell.state_names)
     assert all(s.shape == (4, 6) and s.dtype == torch.float64 for s in state)

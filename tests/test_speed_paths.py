@@ -174,7 +174,7 @@ def probed_gradients(cell: str, checkpoint_steps: int) -> dict[str, torch.Tensor
     from .conftest import default_dtype
 
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / f"{cell}.yaml"))
-    cfg["hidden_size"] = 5
+    cfg["hidden_size"] = 6  # even: the LRU packs hidden_size/2 complex units
     torch.manual_seed(0)
     with default_dtype(torch.float64):
         model = RecurrentModel(cfg, input_size=2, output_size=1, encoder_size=3,

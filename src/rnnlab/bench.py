@@ -19,6 +19,10 @@ training step against manual Euler at the same T, and how time and peak memory g
 step (the unrolled, probed forward+backward) against one unmonitored (fused) step: time and peak
 memory, each in a process of its own.
 
+``--scans`` measures the scans of the LRU and minGRU against their own stepping loops
+(`SCAN_PATHS`): one forward + backward of the cell alone, the paths alternating in one process
+(so drifts in machine load hit them alike), and each path's peak memory in a process of its own.
+
 Each case runs in a fresh process, so its peak memory (max RSS, or CUDA max allocated) is its own.
 """
 
@@ -280,7 +284,9 @@ def run_case(case: dict) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     mode = case["mode"]
-    if mode == "raw":
+    if mode in ("scan_time", "scan_memory"):
+        result = run_scans(case)
+    elif mode == "raw":
         result = run_raw(case["cell"], case["T"], case["warmup"], case["steps"], device)
     elif mode == "probed":
         result = run_probed(case["cell"], case["T"], case["steps"], device)
@@ -460,6 +466,112 @@ def ode_table(results: list[dict], title: str):
     return table, summary
 
 
+# bench --scans: the cells' whole-sequence paths against their own `step` loop.
+SCAN_PATHS = {"lru": ("loop", "scan"), "mingru": ("loop", "scan", "log_space")}
+SCAN_TARGETS = {"lru": "rnnlab.cells.lru.LRU", "mingru": "rnnlab.cells.mingru.MinGRU"}
+
+
+def scan_inputs(cell: str, T: int, device: str, batch: int, hidden: int):
+    """The cell and encoder outputs u (batch, T, ENCODER) that require a gradient."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    module = instantiate({"_target_": SCAN_TARGETS[cell], "hidden_size": hidden},
+                         input_size=ENCODER).to(device)
+    u = torch.randn(batch, T, ENCODER, device=device, requires_grad=True)
+    return module, u
+
+
+def scan_pass(module, u, path: str) -> float:
+    """Seconds of one forward + backward of the cell alone over u on ``path``, the loss reading
+    every step's first state."""
+    device = u.device
+    sync(device)
+    start = time.perf_counter()
+    state = module.init_state(u.shape[0])
+    if path == "loop":
+        outputs = []
+        for u_t in u.unbind(1):
+            state = module.step(u_t, state, None)
+            outputs.append(state[0])
+        z = torch.stack(outputs, 1)
+    elif path == "scan":
+        z = module.sequence(u, state)[0]
+    else:
+        z = module.log_space_sequence(u, state)[0]
+    z.square().mean().backward()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run_scans(case: dict) -> dict:
+    """``scan_time``: every path of the cell alternating, ``repeats`` rounds after a warm-up
+    round: the median seconds of each. ``scan_memory``: one path once (``inputs only``: none),
+    for the process's peak memory."""
+    module, u = scan_inputs(case["cell"], case["T"], case["device"], case["batch"],
+                            case["hidden"])
+    if case["mode"] == "scan_memory":
+        if case["path"] != "inputs only":
+            scan_pass(module, u, case["path"])
+        return {}
+    paths = SCAN_PATHS[case["cell"]]
+    seconds: dict[str, list[float]] = {path: [] for path in paths}
+    for round_ in range(case["repeats"] + 1):
+        for path in paths:
+            elapsed = scan_pass(module, u, path)
+            if round_:  # the first round warms up
+                seconds[path].append(elapsed)
+    return {"seconds": {path: statistics.median(s) for path, s in seconds.items()},
+            "all_seconds": seconds}
+
+
+def scan_plan(lengths: list[int], threads: int, batch: int, hidden: int) -> list[dict]:
+    cases = []
+    for cell, paths in SCAN_PATHS.items():
+        for T in lengths:
+            size = {"cell": cell, "T": T, "threads": threads, "batch": batch, "hidden": hidden}
+            cases.append({**size, "mode": "scan_time", "repeats": 5 if T <= 1000 else 2})
+            cases += [{**size, "mode": "scan_memory", "path": path}
+                      for path in ("inputs only", *paths)]
+    return cases
+
+
+def scan_table(results: list[dict], title: str):
+    """Per cell and T: each path's seconds per forward + backward, the loop's time over it, its
+    process's peak memory and that above a process holding only the cell and its inputs."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("cell", "T", "path", "ms fwd+bwd", "loop / path", "peak MB",
+                   "MB above inputs"):
+        table.add_column(column, justify="right")
+    summary = []
+    for cell, paths in SCAN_PATHS.items():
+        for T in sorted({r["T"] for r in results if r["cell"] == cell}):
+            timing = next((r for r in results if r["cell"] == cell and r["T"] == T
+                           and r["mode"] == "scan_time"), {})
+            memory = {r["path"]: r for r in results if r["cell"] == cell and r["T"] == T
+                      and r["mode"] == "scan_memory"}
+            base = memory.get("inputs only", {}).get("peak_mb")
+            for path in paths:
+                seconds = timing.get("seconds", {}).get(path)
+                loop = timing.get("seconds", {}).get("loop")
+                peak = memory.get(path, {}).get("peak_mb")
+                failed = [r["error"] for r in (timing, memory.get(path, {})) if "error" in r]
+                row = {"cell": cell, "T": T, "path": path, "seconds": seconds,
+                       "loop_over_path": loop / seconds if seconds and loop else None,
+                       "peak_mb": peak,
+                       "mb_above_inputs": peak - base if peak and base else None,
+                       "failed": failed}
+                summary.append(row)
+                table.add_row(cell, str(T), path,
+                              f"{1000 * seconds:.0f}" if seconds else "failed",
+                              f"{row['loop_over_path']:.2f}" if row["loop_over_path"] else "",
+                              f"{peak:.0f}" if peak else "failed",
+                              f"{row['mb_above_inputs']:.0f}" if row["mb_above_inputs"] else "")
+    return table, summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -485,6 +597,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="only: GradFlowCallback on a user's 2-layer nn.LSTM Lightning model "
                              "(H=128, B=64) at --user-length, with and without the callback")
     parser.add_argument("--user-length", type=int, default=1000)
+    parser.add_argument("--scans", action="store_true",
+                        help="only: the LRU's and minGRU's scans against their stepping loops "
+                             "(the cell alone, forward + backward) at --scan-lengths")
+    parser.add_argument("--scan-lengths", default="1000,10000")
+    parser.add_argument("--scan-threads", type=int, default=1,
+                        help="torch threads of each --scans case (1: steady on a shared CPU)")
+    parser.add_argument("--scan-batch", type=int, default=B)
+    parser.add_argument("--scan-hidden", type=int, default=H)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
@@ -499,6 +619,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.user:
         cases = user_plan(args.user_length, every=50, repeats=5)
+    elif args.scans:
+        cases = scan_plan([int(t) for t in args.scan_lengths.split(",")], args.scan_threads,
+                          args.scan_batch, args.scan_hidden)
     elif args.ode:
         paths = [p.strip() for p in args.ode_paths.split(",") if p.strip()]
         unknown = sorted(set(paths) - set(ODE_PATHS))
@@ -526,6 +649,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.user:
         table, summary = user_table(results, f"GradFlowCallback on a user's 2-layer nn.LSTM "
                                              f"Lightning model ({setting}, T={args.user_length})")
+    elif args.scans:
+        table, summary = scan_table(results, f"LRU and minGRU: scan against stepping, the cell "
+                                             f"alone (B={args.scan_batch}, "
+                                             f"H={args.scan_hidden}, input {ENCODER}, "
+                                             f"{args.device}, {args.scan_threads} thread(s))")
     elif args.ode:
         table, summary = ode_table(results, f"neural ODE solver paths, rnnlab training steps "
                                             f"({setting}, g 2×{H} tanh, δt 0.1)")

@@ -477,8 +477,8 @@ def custom_scalars_layout(targets) -> dict:
         module = target.module
         if isinstance(module, RecurrentModel):
             names = module.cell.state_names
-            for key, state in zip(state_keys(names), ("z", *names[1:])):
-                charts[f"||dL/d{state}_t|| at the chosen t"] = ["Multiline", [rf"^{key}/t_\d+$"]]
+            for key in state_keys(names):
+                charts[f"||dL/d{key.removeprefix('dL_d')}_t|| at the chosen t"] = ["Multiline", [rf"^{key}/t_\d+$"]]
             for m, _ in module.named_children():
                 charts[f"||dL/dW(t)|| of the {m} at the chosen t"] = [
                     "Multiline", [rf"^dL_dW_{m}/t_\d+$"]]

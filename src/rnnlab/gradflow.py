@@ -84,12 +84,16 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     graph of the step: Jᵀw by a vector-Jacobian product, Jv by differentiating w ↦ Jᵀw (linear
     in w) along v, so any differentiable step works, torchdiffeq's solvers included. The result
     is ||J_t v|| for the final unit vector v: a lower bound on σ_max that converges from below,
-    at a rate (σ₂/σ₁)^(2·iterations).
+    at a rate (σ₂/σ₁)^(2·iterations). A cell with ``jacobian_norms`` (a diagonal J) gives the
+    exact norms itself, and ``iterations`` is not used.
     """
     B, T = u.shape[:2]
     z = tuple(torch.cat(parts).detach() for parts in zip(*previous_states))  # row t·B + b
     u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)
     dt_rows = dt.detach().transpose(0, 1).reshape(T * B) if dt is not None else None
+    if cell.jacobian_norms is not None:
+        with torch.no_grad():
+            return cell.jacobian_norms(u_rows, z, dt_rows).reshape(T, B)
     generator = torch.Generator().manual_seed(JACOBIAN_SEED)
     v = tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device) for s in z)
     steps = max(1, JACOBIAN_ROWS // B)  # timesteps per batch

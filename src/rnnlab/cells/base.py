@@ -2,18 +2,70 @@
 
 from __future__ import annotations
 
+import keyword
+
 import torch
 from torch import Tensor, nn
 
-from rnnlab.config import require_int
+from rnnlab.config import ConfigError, require_int
 
 State = tuple[Tensor, ...]
+# Record keys that are not state profiles but begin like one: the per-step parameter
+# contributions ``dL_dW_<module>``. A state named ``W_…`` would be read as one of them.
+RESERVED_PREFIX = "W_"
+
+
+def state_key(name: str, index: int) -> str:
+    """The record key of state ``index`` named ``name`` (see `state_keys`)."""
+    if index == 0:
+        return "dL_dz"
+    return f"dL_dz_{index}" if name == "z" else f"dL_d{name}"
 
 
 def state_keys(state_names: tuple[str, ...]) -> tuple[str, ...]:
-    """The profile key of each state: ``dL_dz`` for the first (what the decoder reads),
-    ``dL_d<name>`` for the others."""
-    return tuple("dL_dz" if i == 0 else f"dL_d{name}" for i, name in enumerate(state_names))
+    """The record key of each state's profile ||dL/ds_t||, unique for names `check_state_names`
+    accepts.
+
+    - the first state, which the decoder reads, is ``dL_dz`` whatever its name (z is the lab's
+      name for the read state: coRNN's and LEM's y is ``dL_dz``);
+    - every later state ``s`` is ``dL_d<s>`` (the LSTM's c: ``dL_dc``);
+    - a later state that is itself named ``z`` (coRNN's and LEM's second state) would take the
+      first state's key, so it is ``dL_dz_<index>`` instead: ``dL_dz_1``.
+    """
+    return tuple(state_key(name, i) for i, name in enumerate(state_names))
+
+
+def check_state_names(cell: str, state_names: tuple[str, ...]) -> None:
+    """ConfigError unless every state gets its own record key and TensorBoard tag.
+
+    Refused: an empty or non-tuple ``state_names``; a name that is not a Python identifier (it
+    becomes part of an .npz key and a tag) or is a keyword; a name starting ``W_`` (its key
+    ``dL_dW_…`` is read as a parameter contribution); a name given to two states; two states
+    with the same key (a name such as ``z_1`` that meets `state_keys`' rule for a later ``z``).
+    """
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{cell}.state_names = {state_names!r}: {why}; rename the state in "
+                           f"{cell}.state_names (each name an identifier, not starting "
+                           f"{RESERVED_PREFIX!r}, its key {{dL_dz for the first, dL_d<name> for "
+                           f"the others, dL_dz_<i> for a later z}} unique)")
+
+    if not isinstance(state_names, tuple) or not state_names:
+        raise refuse("must be a non-empty tuple of names")
+    for name in state_names:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise refuse(f"{name!r} is not an identifier")
+        if name.startswith(RESERVED_PREFIX):
+            raise refuse(f"{name!r} would be recorded as dL_d{name}, a parameter "
+                         "contribution's key")
+    for i, name in enumerate(state_names):
+        if name in state_names[:i]:
+            raise refuse(f"{name!r} names two states (#{state_names.index(name)} and #{i})")
+    keys = state_keys(state_names)
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            first = keys.index(key)
+            raise refuse(f"states {state_names[first]!r} (#{first}) and {state_names[i]!r} "
+                         f"(#{i}) would both be recorded as {key}")
 
 
 class Cell(nn.Module):
@@ -26,8 +78,12 @@ class Cell(nn.Module):
 
     - `state_names`: names of the tensors that make up the state z, e.g. ``("h",)`` or
       ``("h", "c")``. ``state_names[0]`` is what the decoder reads and what ``dL_dz`` measures;
-      every other state is measured under the key `state_keys` gives it (the LSTM's cell state
-      gives ``dL_dc``).
+      every other state ``s`` is measured as ``dL_d<s>`` (the LSTM's cell state gives ``dL_dc``),
+      and a later state named ``z`` as ``dL_dz_<index>`` (`state_keys`). Names that would still
+      share a key, or are not identifiers, are refused when the cell is constructed
+      (`check_state_names`). Each profile is the gradient with respect to that tensor as the
+      state passed to step t+1, the others held: a state the step computes from the new value
+      of another (the LSTM's h from c_t) gets 0 at T−1 when the loss reads only the first.
     - `init_state(batch_size)` returns the initial state, each tensor (B, hidden_size), on the
       device and dtype of the cell's parameters.
     - `step(u_t, state, dt)` returns the next state. ``u_t``: (B, input_size), the encoder output
@@ -38,6 +94,10 @@ class Cell(nn.Module):
       path that must match stepping `step` to float tolerance. The base returns ``None`` (no fast
       path); the model then loops over `step`. The model uses it on unmonitored training steps
       and in validation, never when the task supplies time gaps ``dt``.
+    - optional `jacobian_norms(u_t, state, dt)` -> (B,): the exact spectral norm of
+      J = ∂step(u_t, state, dt)/∂state per sequence (the state's tensors concatenated), for cells
+      whose J is cheap to take apart (diagonal: max |J_ii|; 2×2 rotation blocks: max |λ|). The
+      monitor then uses it instead of power iteration. The base has none (``None``).
     - optional `diagnostics()` -> ``{name: number}``: read (and reset) by the model after every
       training step and logged as ``cell/<name>``, e.g. an ODE solver's ``nfe_forward``. The base
       returns ``{}``.
@@ -72,9 +132,11 @@ class Cell(nn.Module):
     """
 
     state_names: tuple[str, ...] = ("h",)
+    jacobian_norms = None  # optional: (u_t, state, dt) -> (B,), see the contract
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
+        check_state_names(type(self).__name__, self.state_names)
         self.input_size = require_int("cell.input_size", input_size)
         self.hidden_size = require_int("cell.hidden_size", hidden_size)
 

@@ -1,0 +1,61 @@
+"""IndRNN, the independently recurrent network (Li, Li, Cook, Zhu & Gao, CVPR 2018)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rnnlab.cells.base import Cell, State
+from rnnlab.config import is_int, is_number, require
+
+
+class IndRNN(Cell):
+    """h_t = relu(W u_t + b + w ⊙ h_{t−1}): one recurrent weight w_i per unit, no mixing in time.
+
+    State (h,), (B, hidden_size). Li, Li, Cook, Zhu & Gao, "Independently Recurrent Neural
+    Network (IndRNN): Building a longer and deeper RNN", CVPR 2018 (github.com/Sunnydreamrain/
+    IndRNN_Theano_Lasagne). The Jacobian ∂h_t/∂h_{t−1} = diag(w ⊙ relu'(·)) is diagonal, so unit
+    i's gradient over T steps is Π w_i (or 0 once the unit is off): bounding |w_i| ≤ MAG^{1/T}
+    lets it grow by at most MAG, and w_i ≥ MAG^{−1/T} would keep it above 1/MAG.
+
+    Options:
+
+    - ``horizon`` (T) and ``magnitude`` (MAG): with ``horizon`` set, |w_i| ≤ MAG^{1/T} (the
+      authors' adding script: MAG = 2, w initialised U(0, MAG^{1/T})). The bound is applied as
+      w_eff = clamp(w, −bound, bound) in every step, so every path sees the same bounded weight;
+      the authors instead clip the stored w before each update (a w past the bound gets no
+      gradient here and stays at it, as clipping leaves it while the gradient pushes outward).
+      ``horizon: null`` (default): no bound, w initialised U(0, 1).
+    - W and b are initialised as ``nn.Linear`` (the authors use N(0, 0.001²) for W, with no
+      encoder before it).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int = 64, horizon: int | None = None,
+                 magnitude: float = 2.0):
+        super().__init__(input_size, hidden_size)
+        require(horizon is None or is_int(horizon, 1), "cell.horizon", horizon,
+                "null (no bound on the recurrent weights) or an integer >= 1 (the T of the "
+                "bound |w| <= magnitude^(1/T))")
+        require(is_number(magnitude) and magnitude >= 1, "cell.magnitude", magnitude,
+                "a finite number >= 1 (the largest growth of a unit's gradient over horizon "
+                "steps)")
+        self.bound = float(magnitude) ** (1.0 / horizon) if horizon is not None else None
+        self.input = nn.Linear(input_size, hidden_size)
+        self.recurrent = nn.Parameter(torch.empty(hidden_size).uniform_(0.0, self.bound or 1.0))
+
+    def recurrent_weights(self) -> Tensor:
+        """w as the step uses it: clamped to ±bound when ``horizon`` is set. (hidden,)"""
+        if self.bound is None:
+            return self.recurrent
+        return self.recurrent.clamp(-self.bound, self.bound)
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        (h,) = state
+        return (torch.relu(self.input(u_t) + self.recurrent_weights() * h),)
+
+    def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
+        """max_i |w_i|·1[pre_i > 0] per row: J = diag(w ⊙ relu'(pre)), relu'(0) = 0 as in torch."""
+        (h,) = state
+        w = self.recurrent_weights()
+        pre = self.input(u_t) + w * h
+        return (w.abs() * (pre > 0)).amax(dim=-1)

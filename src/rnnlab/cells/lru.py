@@ -1,0 +1,108 @@
+"""LRU, the Linear Recurrent Unit (Orvieto, Smith, Gu, Fernando, Gulcehre, Pascanu & De,
+ICML 2023)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rnnlab.cells.base import Cell, State
+from rnnlab.cells.scan import linear_scan
+from rnnlab.config import is_int, is_number, require
+
+
+class LRU(Cell):
+    """x_t = λ ⊙ x_{t−1} + γ ⊙ (B u_t), x ∈ ℂ^N, a diagonal linear recurrence:
+
+        λ = exp(−exp(ν) + i·exp(θ))          γ = exp(γ_log), initially √(1 − |λ|²)
+
+    Orvieto, Smith, Gu, Fernando, Gulcehre, Pascanu & De, "Resurrecting Recurrent Neural Networks
+    for Long Sequences", ICML 2023 (their appendix's JAX code). ν, θ, γ_log, B = B_re + i·B_im are
+    trained; the paper's output y_t = Re(C x_t) + D u_t is the model's linear decoder on
+    (Re x, Im x) (Re(C x) = C_re Re x − C_im Im x, any C), without the skip D u_t.
+
+    State (x,): the N = hidden_size/2 complex units as one real (B, hidden_size) tensor,
+    interleaved (Re x_1, Im x_1, Re x_2, …) — `torch.view_as_real`'s layout, so packing and
+    unpacking copy nothing — so the profile is ||∂L/∂x_t|| over the complex state and the decoder
+    reads all of it. On it ∂x_t/∂x_{t−1} is a 2×2 block [[Re λ_j, −Im λ_j], [Im λ_j, Re λ_j]] per
+    unit,
+    |λ_j| times a rotation, so its spectral norm is max_j |λ_j| (`jacobian_norms`), the same for
+    every step and input: the profile decays at most like (max |λ|)^(T−1−t).
+
+    Options (the ring initialisation): |λ| uniform on the ring r_min ≤ |λ| ≤ r_max (area-uniform,
+    as the paper), phase uniform in [0, max_phase]. Defaults r_min 0.9, r_max 0.999 (the paper's
+    setting for long-range tasks; its code's defaults are 0, 1, 2π), max_phase 2π. B_re, B_im ~
+    N(0, 1/(2·input)).
+
+    `sequence` is the chunked scan `rnnlab.cells.scan.linear_scan` with a = λ the same every
+    step (about 2√T tensor operations instead of T), equal to stepping to 1e-10 in float64.
+    """
+
+    state_names = ("x",)
+
+    def __init__(self, input_size: int, hidden_size: int = 64, r_min: float = 0.9,
+                 r_max: float = 0.999, max_phase: float = 6.283):
+        super().__init__(input_size, hidden_size)
+        require(is_int(hidden_size, 2) and hidden_size % 2 == 0, "cell.hidden_size", hidden_size,
+                "an even integer >= 2 (real and imaginary parts of hidden_size/2 complex units)")
+        require(is_number(r_min) and 0 <= r_min < 1, "cell.r_min", r_min,
+                "a finite number in [0, 1) (the smallest initial |λ|)")
+        require(is_number(r_max) and r_min <= r_max < 1, "cell.r_max", r_max,
+                f"a finite number in [cell.r_min = {r_min}, 1) (the largest initial |λ|; 1 "
+                "would make γ = √(1 − |λ|²) zero)")
+        require(is_number(max_phase) and max_phase > 0, "cell.max_phase", max_phase,
+                "a finite number > 0 (the largest initial arg λ, radians)")
+        N = hidden_size // 2
+        tiny = torch.finfo(torch.get_default_dtype()).tiny  # keeps both logs finite
+        u1 = torch.rand(N).clamp_min(tiny)
+        u2 = torch.rand(N).clamp_min(tiny)
+        nu_log = torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+        self.nu_log = nn.Parameter(nu_log)
+        self.theta_log = nn.Parameter(torch.log(max_phase * u2))
+        modulus = torch.exp(-torch.exp(nu_log))
+        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - modulus**2)))
+        self.B_re = nn.Parameter(torch.randn(N, input_size) / math.sqrt(2 * input_size))
+        self.B_im = nn.Parameter(torch.randn(N, input_size) / math.sqrt(2 * input_size))
+
+    def log_lambda(self) -> Tensor:
+        """log λ = −exp(ν) + i·exp(θ), (N,) complex."""
+        return torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))
+
+    def drive(self, u: Tensor) -> Tensor:
+        """γ ⊙ (B u), complex, for u (…, input) → (…, N): one real product whose output rows
+        alternate Re, Im, viewed as complex."""
+        gamma = torch.exp(self.gamma_log)[:, None]
+        weight = torch.stack([gamma * self.B_re, gamma * self.B_im], dim=1)  # (N, 2, input)
+        return unpack(u @ weight.flatten(0, 1).T)
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        x = unpack(state[0])
+        x = torch.exp(self.log_lambda()) * x + self.drive(u_t)
+        return (pack(x),)
+
+    def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        """u: (B, T, input) → x_t at every t as (B, T, hidden), by the chunked scan."""
+        x = linear_scan(torch.exp(self.log_lambda()), self.drive(u), unpack(state[0]))
+        out = pack(x)
+        return out, (out[:, -1],)
+
+    def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
+        """max_j |λ_j| for every row: each unit's block is |λ_j| times a rotation."""
+        modulus = torch.exp(-torch.exp(self.nu_log)).amax()
+        return modulus.expand(u_t.shape[0])
+
+
+def pack(x: Tensor) -> Tensor:
+    """Complex (…, N) → real (…, 2N), interleaved (Re x_1, Im x_1, …): a view."""
+    return torch.view_as_real(x).flatten(-2)
+
+
+def unpack(state: Tensor) -> Tensor:
+    """Real (…, 2N), interleaved → complex (…, N): a view where the memory layout allows."""
+    pairs = state.unflatten(-1, (-1, 2))
+    if (pairs.stride(-1) != 1 or pairs.storage_offset() % 2
+            or any(s % 2 for s in pairs.stride()[:-1])):
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
