@@ -77,11 +77,11 @@ def train(args: list[str]) -> None:
     if os.getcwd() not in sys.path:  # the user's own package, as `python -m` would find it
         sys.path.insert(0, os.getcwd())
     if "COMP_LINE" in os.environ:  # a shell completion query: answer without importing torch
-        complete_command_word(os.environ["COMP_LINE"])
+        choices = command_word_choices(os.environ["COMP_LINE"])
+        if choices is not None:
+            print(" ".join(choices))
+            return
         os.environ["COMP_LINE"] = without_train_word(os.environ["COMP_LINE"])
-    else:
-        # Lightning imported before Hydra sets up logging keeps its own plain console handler
-        import rnnlab.sweep  # noqa: F401
     # Hydra reads its command line from sys.argv; DDP's other processes rerun sys.argv as is.
     sys.argv = [sys.argv[0], *args]
     run_job()
@@ -102,11 +102,19 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def quiet_console() -> None:
-    """Drop what a user of rnnlab cannot act on: Lightning's advertisement for its logging
-    service, and a FutureWarning that Lightning's own code raises from torch."""
+    """Lightning's lines plain on the console, and nothing a user of rnnlab cannot act on:
+    Lightning's advertisement for its logging service, and a FutureWarning that Lightning's own
+    code raises from torch."""
     import lightning_utilities.core.rank_zero as rank_zero
     import pytorch_lightning  # noqa: F401  (sets the logger that rank_zero logs to)
 
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        # What Lightning does when imported before logging is set up, as it is here after Hydra
+        # has set it up: its own plain handler, not Hydra's timestamped one.
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+            logger.propagate = False
     rank_zero.log.addFilter(not_an_advertisement)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
                             category=FutureWarning)
@@ -121,11 +129,20 @@ def without_train_word(line: str) -> str:
     return re.sub(r"^(\s*\S+)\s+train(?=\s|$)", r"\1", line, count=1)
 
 
-def complete_command_word(line: str) -> None:
-    """While the first word after ``rnnlab`` is being typed, offer the commands too."""
+def command_word_choices(line: str) -> list[str] | None:
+    """Completions that are not Hydra's: the command names while the word after ``rnnlab`` is
+    typed, and none after a command other than ``train``; None: Hydra completes the line."""
     words = line.split()
-    if len(words) == 2 and not line.endswith(" ") and words[0].endswith("rnnlab"):
-        print(" ".join(c for c in COMMANDS if c.startswith(words[1])), end=" ")
+    typed = len(words) if line[-1:].isspace() or not words else len(words) - 1
+    if not words or not words[0].endswith("rnnlab"):
+        return None  # `python scripts/train.py …`
+    if typed == 1:
+        word = words[1] if len(words) > 1 else ""
+        if not re.match(r"[-+~]|[\w.@/]*=", word):
+            return [c for c in COMMANDS if c.startswith(word)]
+    elif words[1] in COMMANDS and words[1] != "train":
+        return []
+    return None
 
 
 # ----------------------------------------------------------------------------------------- list
@@ -205,16 +222,21 @@ def config_groups() -> dict[str, dict[str, ConfigOption]]:
             for name in source.list(group, ObjectType.CONFIG):
                 path = f"{group}/{name}.yaml"
                 if name in options:
-                    options[name].hidden.append(f"{source.full_path()}/{path}")
+                    options[name].hidden.append(f"{location(source)}/{path}")
                 elif source.scheme() == "structured":  # registered by Hydra or a plugin
                     provider = ConfigStore.instance().load(path).provider
                     options[name] = ConfigOption(f"(registered by {provider})", "")
                 else:
-                    where = "" if source.full_path() == CONF_URL else source.path
+                    where = "" if source.full_path() == CONF_URL else location(source)
                     options[name] = ConfigOption(header_summary(config_text(source, path)), where)
         if options:
             groups[group] = dict(sorted(options.items()))
     return groups
+
+
+def location(source) -> str:
+    """A config source as a user names it: a directory's path, or Hydra's URL (pkg://…)."""
+    return source.path if source.scheme() == "file" else source.full_path()
 
 
 def config_text(source, path: str) -> str:
