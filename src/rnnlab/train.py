@@ -22,6 +22,7 @@ from rnnlab.config import ConfigError, check_writable, validate, validate_timest
 from rnnlab.cost import RunCost
 from rnnlab.model import RecurrentModel
 from rnnlab.resume import carry_history, find_checkpoint
+from rnnlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         metrics.update(cost.metrics(model.cell_totals))
     if trainer.is_global_zero:  # only rank 0 writes
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True)
-                                                 + "\n")
+        RunDir(output_dir).metrics.write_text(json.dumps(metrics, indent=2, allow_nan=True)
+                                              + "\n")
         log_hparams(trainer, cfg, metrics, monitor)
     return metrics
 
