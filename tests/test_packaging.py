@@ -69,7 +69,7 @@ def test_sdist_is_the_source_tree(dists):
         names = {n.removeprefix(f"{top}/") for n in archive.getnames()}
     wanted = (["LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "MANIFEST.in"]
               + [f"src/{s}" for s in SOURCES] + [f"conf/{c}" for c in CONFIGS]
-              + [p.relative_to(ROOT).as_posix() for d in ("tests", "scripts", "docs")
+              + [p.relative_to(ROOT).as_posix() for d in ("tests", "scripts", "docs", "examples")
                  for p in (ROOT / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts])
     missing = [w for w in wanted if w not in names]
     assert not missing, f"not in the sdist: {missing}"
