@@ -16,7 +16,8 @@ from rnnlab.model import RecurrentModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-assert CONF == CONF_DIR, f"rnnlab is imported from {CONF_DIR.parent}, not this checkout {ROOT}"
+assert CONF == CONF_DIR, (f"rnnlab's configs are {CONF_DIR}, not this checkout's {CONF}: "
+                         "install this checkout (pip install -e .)")
 
 # Small and quick: a few steps, tiny batches, no progress bar.
 FAST = [

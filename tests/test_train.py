@@ -81,7 +81,7 @@ def test_train_script_runs_and_prints_run_directory(tmp_path):
     (run,) = (tmp_path / "outputs" / "adding" / "rnn").iterdir()
     assert (run / "metrics.json").is_file() and (run / "grad_flow").is_dir()
     assert f"Run directory: {run}" in result.stdout
-    assert f"tensorboard --logdir {run}" in result.stdout
+    assert f"rnnlab tensorboard {run}" in result.stdout
 
 
 def test_train_script_never_reuses_a_run_directory(tmp_path):

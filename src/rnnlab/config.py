@@ -1,4 +1,4 @@
-"""Config checks and the run-directory resolver.
+"""Config checks, where the configs are, and the run-directory resolvers.
 
 Every user-facing error about a setting is a `ConfigError` that names the config key and the fix,
 raised before training starts. Components check their own arguments with `require`, writing the
@@ -8,6 +8,7 @@ full key (`cell.hidden_size`) since a component always lives under its group.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import inspect
 import math
 import os
@@ -18,12 +19,46 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-# The configs ship with the repository, beside src/ (an editable install finds them there).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The configs are the package rnnlab.conf: the build installs the repository's conf/ under that
+# name, in a wheel and in an editable install alike (docs/packaging.md).
+CONF_MODULE = "rnnlab.conf"
+CONF_URL = f"pkg://{CONF_MODULE}"
+# More config directories (cell/, task/, experiment/ …), os.pathsep-separated, searched after
+# rnnlab's own (rnnlab.searchpath).
+CONFIG_PATH_VARIABLE = "RNNLAB_CONFIG_PATH"
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names the key, the value and the fix."""
+
+
+def packaged_conf_dir() -> Path:
+    """The directory of the package rnnlab.conf."""
+    try:
+        return Path(str(importlib.resources.files(CONF_MODULE)))
+    except ModuleNotFoundError:
+        raise ImportError(f"{CONF_MODULE} is not installed: this rnnlab was installed before its "
+                          "configs became part of the package; reinstall it "
+                          "(pip install -e . in a checkout)") from None
+
+
+CONF_DIR = packaged_conf_dir()
+
+
+def user_config_dirs() -> list[Path]:
+    """The directories named by ``RNNLAB_CONFIG_PATH`` (relative ones from the working directory);
+    one that is not a directory is a ConfigError."""
+    dirs = []
+    for entry in os.environ.get(CONFIG_PATH_VARIABLE, "").split(os.pathsep):
+        if not entry:
+            continue
+        path = Path(entry).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"{CONFIG_PATH_VARIABLE}: {path} is not a directory; set "
+                              f"{CONFIG_PATH_VARIABLE} to directories holding cell/, task/ … "
+                              f"(several separated by '{os.pathsep}')")
+        dirs.append(path)
+    return dirs
 
 
 def require(condition: bool, key: str, value: Any, allowed: str) -> None:
@@ -100,15 +135,28 @@ def short_override(override: str) -> str:
     return re.sub(r"^[\w.]*/(?:[\w.]*/)*(\w+)@\w+=", r"\1=", override)
 
 
-def register_resolvers(exit_on_error: bool = False) -> None:
-    """``${unique_dir:...}`` for run and sweep directories, ``${safe_dirname:...}`` for jobs.
+def checked_log_dir(log_dir: Any) -> str:
+    """``${log_dir:${paths.log_dir}}``: the directory runs go under. Empty or null is an error:
+    ``paths.log_dir=`` would otherwise put the runs at the filesystem's root."""
+    require(isinstance(log_dir, (str, int)) and not isinstance(log_dir, bool)
+            and str(log_dir).strip() != "", "paths.log_dir", log_dir,
+            "a directory, relative to where you launch (default outputs) or absolute")
+    return str(log_dir)
 
-    ``exit_on_error`` (the scripts): Hydra resolves the run directory before any of our code runs
-    and would show a ConfigError there under its own traceback; instead print it and exit (2).
+
+def register_resolvers(exit_on_error: bool = False) -> None:
+    """``${unique_dir:...}`` for run and sweep directories, ``${log_dir:...}`` for the directory
+    they go under, ``${safe_dirname:...}`` for jobs.
+
+    ``exit_on_error`` (the console commands): Hydra resolves the run directory before any of our
+    code runs and would show a ConfigError there under its own traceback; instead print it and
+    exit (2).
     """
-    if not OmegaConf.has_resolver("unique_dir"):
-        resolver = exiting_on_config_error(claim_unique_dir) if exit_on_error else claim_unique_dir
-        OmegaConf.register_new_resolver("unique_dir", resolver, use_cache=True)
+    for name, resolver, cached in (("unique_dir", claim_unique_dir, True),
+                                   ("log_dir", checked_log_dir, False)):
+        if not OmegaConf.has_resolver(name):
+            resolver = exiting_on_config_error(resolver) if exit_on_error else resolver
+            OmegaConf.register_new_resolver(name, resolver, use_cache=cached)
     if not OmegaConf.has_resolver("safe_dirname"):
         OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
 
@@ -126,9 +174,10 @@ def exiting_on_config_error(function):
 
 
 def config_dirs(argv: list[str]) -> list[Path]:
-    """The config directories a command line of `scripts/train.py` reads: conf/, and those given
-    by ``--config-dir``/``-cd``, ``--config-path``/``-cp`` and ``hydra.searchpath``."""
-    dirs = [CONF_DIR]
+    """The config directories a command line of ``rnnlab train`` reads: the packaged configs,
+    ``RNNLAB_CONFIG_PATH``'s, and those given by ``--config-dir``/``-cd``,
+    ``--config-path``/``-cp`` and ``hydra.searchpath``."""
+    dirs = [CONF_DIR, *user_config_dirs()]
     for i, arg in enumerate(argv):
         for flag in ("--config-dir", "-cd", "--config-path", "-cp"):
             if arg == flag and i + 1 < len(argv):
@@ -161,18 +210,21 @@ def check_config_files(argv: list[str]) -> None:
 
 def compose_config(overrides: list[str], output_dir: str | Path,
                    config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` as `scripts/train.py` would, writing into output_dir.
+    """Compose ``<config_name>.yaml`` as ``rnnlab train`` would, writing into output_dir.
 
     For tests, benchmarks and notebooks: no Hydra run directory is made; ``paths.output_dir``
-    is set to ``output_dir``.
+    is set to ``output_dir``. The directories of ``RNNLAB_CONFIG_PATH`` are searched too.
     """
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
+    from rnnlab import searchpath
+
     register_resolvers()
+    searchpath.register()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):

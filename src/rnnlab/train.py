@@ -265,4 +265,4 @@ def report_finish(cfg: DictConfig, metrics: dict[str, float]) -> None:
     print(f"\nval/loss {loss:.4g} (memoryless baseline {baseline:.4g}) after "
           f"{metrics.get('step', 0)} steps")
     print(f"Run directory: {output_dir}")
-    print(f"TensorBoard:   tensorboard --logdir {output_dir}")
+    print(f"TensorBoard:   rnnlab tensorboard {output_dir}")
