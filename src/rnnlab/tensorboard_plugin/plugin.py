@@ -1,0 +1,235 @@
+"""GradFlowPlugin: the "Gradient flow" tab's backend, JSON routes over TensorBoard's data provider.
+
+Routes (under ``/data/plugin/gradflow``; docs/tensorboard_tab.md has their full form):
+
+- ``/runs``: every run with its gradflow tags (kind, row, steps, T) and its short label;
+- ``/profile?run=&tag=``: one profile tag of one run, ``{"steps", "T", "values"}``, (steps, T);
+- ``/summaries?run=``: every summary tag of one run over training;
+- ``/static/*``: the frontend (an ES module, ``static/index.js``) and the vendored uPlot.
+
+Everything is read through ``context.data_provider`` (so remote logdirs work) and every record is
+returned: TensorBoard keeps every gradflow sample (`GradFlowLoader` sets
+``--samples_per_plugin gradflow=0`` unless the user set it) and the reads ask for `ALL_RECORDS`.
+A 2-D tag (a watched model's (R, T) profiles) is listed as one tag per row, ``<tag>/<row>``, so
+every profile is (steps, T). JSON has no NaN: non-finite values are ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mimetypes
+from importlib import resources
+
+import numpy as np
+from tensorboard import errors, plugin_util
+from tensorboard.backend import http_util
+from tensorboard.data import provider
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from rnnlab.tensorboard_plugin.labels import short_labels
+from rnnlab.tensorboard_plugin.summary import (
+    PLUGIN_NAME,
+    PROFILE,
+    RUN_INFO,
+    SUMMARY,
+    VERSION,
+    Content,
+    parse_content,
+    parse_run_info,
+)
+
+log = logging.getLogger(__name__)
+
+# The most records a read returns: data providers downsample every read to a count; this one is
+# above any run's number of monitored steps, so no record is ever dropped.
+ALL_RECORDS = 1_000_000_000
+STATIC = resources.files(__package__) / "static"
+CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", "": "text/plain"}
+
+
+def json_list(values: np.ndarray) -> list:
+    """``values`` as nested lists of floats, ``None`` where not finite (JSON has no NaN, inf).
+    Python's float repr is the shortest that round-trips, so a float64 arrives unchanged."""
+    if np.isfinite(values).all():
+        return values.tolist()
+    if values.ndim > 1:
+        return [json_list(row) for row in values]
+    return [v if math.isfinite(v) else None for v in values.tolist()]
+
+
+def respond_json(request, body: dict):
+    return http_util.Respond(request, json.dumps(body, allow_nan=False), "application/json")
+
+
+class GradFlowPlugin(base_plugin.TBPlugin):
+    plugin_name = PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext):
+        self.data_provider = context.data_provider
+        self.static_files = dict(_walk(STATIC))  # what /static/* may serve
+
+    def get_plugin_apps(self) -> dict:
+        return {"/runs": self.runs_route, "/profile": self.profile_route,
+                "/summaries": self.summaries_route, "/static/*": self.static_route}
+
+    def is_active(self) -> bool:
+        return False  # active where the data provider lists gradflow data (TensorBoard asks it)
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/static/index.js",
+                                            tab_name="Gradient flow", disable_reload=True)
+
+    # --- reading through the data provider ---------------------------------------------------
+    def contents(self, ctx, experiment: str) -> dict[str, dict[str, Content]]:
+        """run → tag → `Content` of every gradflow tag this version can read."""
+        listing = self.data_provider.list_tensors(ctx, experiment_id=experiment,
+                                                  plugin_name=PLUGIN_NAME)
+        index: dict[str, dict[str, Content]] = {}
+        for run, tags in listing.items():
+            for tag, series in tags.items():
+                try:
+                    content = parse_content(series.plugin_content)
+                except (ValueError, KeyError) as error:
+                    log.warning("gradflow: run %r tag %r has unreadable metadata (%s); skipped",
+                                run, tag, error)
+                    continue
+                if content.version <= VERSION:
+                    index.setdefault(run, {})[tag] = content
+        return index
+
+    def read(self, ctx, experiment: str, runs: list[str] | None,
+             tags: list[str] | None) -> dict[str, dict[str, list]]:
+        """run → tag → every `TensorDatum` (step, numpy), by step."""
+        return self.data_provider.read_tensors(
+            ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME, downsample=ALL_RECORDS,
+            run_tag_filter=provider.RunTagFilter(runs=runs, tags=tags))
+
+    # --- routes ---------------------------------------------------------------------------------
+    @wrappers.Request.application
+    def runs_route(self, request):
+        ctx, experiment = plugin_util.context(request.environ), plugin_util.experiment_id(
+            request.environ)
+        index = self.contents(ctx, experiment)
+        data = self.read(ctx, experiment, None, None)
+        infos = {}
+        runs = []
+        for run in sorted(index):
+            info = None
+            tags = {}
+            for tag, content in sorted(index[run].items()):
+                datums = data.get(run, {}).get(tag, [])
+                if content.kind == RUN_INFO:
+                    info = parse_run_info(datums[0].numpy) if datums else None
+                    continue
+                steps = [int(d.step) for d in datums]
+                if content.kind == PROFILE:
+                    T = max((d.numpy.shape[-1] for d in datums), default=0)
+                    described = {"kind": PROFILE, "steps": steps, "T": T}
+                else:
+                    described = {"kind": SUMMARY, "steps": steps}
+                if content.rows is None:
+                    tags[tag] = {**described, "row": None}
+                else:
+                    tags.update({f"{tag}/{row}": {**described, "row": row}
+                                 for row in content.rows})
+            infos[run] = info
+            runs.append({"run": run, "overrides": info["overrides"] if info else None,
+                         "name": info.get("name") if info else None, "tags": tags})
+        labels = short_labels(infos)
+        for entry in runs:
+            entry["label"] = labels[entry["run"]]
+        return respond_json(request, {"runs": runs})
+
+    @wrappers.Request.application
+    def profile_route(self, request):
+        run, tag = required(request, "run"), required(request, "tag")
+        ctx, experiment = plugin_util.context(request.environ), plugin_util.experiment_id(
+            request.environ)
+        index = self.contents(ctx, experiment).get(run)
+        if index is None:
+            raise errors.NotFoundError(f"no gradflow data for run {run!r}")
+        stored, row = resolve(index, tag, PROFILE)
+        datums = self.read(ctx, experiment, [run], [stored]).get(run, {}).get(stored, [])
+        rows = [d.numpy if row is None else d.numpy[row] for d in datums]
+        return respond_json(request, {
+            "run": run, "tag": tag, "steps": [int(d.step) for d in datums],
+            "T": max((len(r) for r in rows), default=0),
+            "values": [json_list(np.asarray(r, dtype=np.float64)) for r in rows]})
+
+    @wrappers.Request.application
+    def summaries_route(self, request):
+        run = required(request, "run")
+        ctx, experiment = plugin_util.context(request.environ), plugin_util.experiment_id(
+            request.environ)
+        index = self.contents(ctx, experiment).get(run)
+        if index is None:
+            raise errors.NotFoundError(f"no gradflow data for run {run!r}")
+        stored = sorted(tag for tag, content in index.items() if content.kind == SUMMARY)
+        data = self.read(ctx, experiment, [run], stored).get(run, {}) if stored else {}
+        tags = {}
+        for tag in stored:
+            datums = data.get(tag, [])
+            steps = [int(d.step) for d in datums]
+            values = np.array([d.numpy for d in datums], dtype=np.float64)
+            rows = index[tag].rows
+            if rows is None:
+                tags[tag] = {"steps": steps, "values": json_list(values)}
+            else:  # (steps, R): one series per row
+                for i, name in enumerate(rows):
+                    tags[f"{tag}/{name}"] = {"steps": steps, "values": json_list(values[:, i])}
+        return respond_json(request, {"run": run, "tags": tags})
+
+    @wrappers.Request.application
+    def static_route(self, request):
+        name = request.path.split("/static/", 1)[1]
+        path = self.static_files.get(name)
+        if path is None:
+            raise errors.NotFoundError(f"no static file {name!r}")
+        suffix = "." + name.rsplit(".", 1)[1] if "." in name else ""
+        content_type = CONTENT_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "text/plain"
+        return http_util.Respond(request, path.read_bytes(), content_type)
+
+
+def required(request, name: str) -> str:
+    value = request.args.get(name)
+    if not value:
+        raise errors.InvalidArgumentError(f"the query parameter {name!r} is required")
+    return value
+
+
+def resolve(index: dict[str, Content], tag: str, kind: str) -> tuple[str, int | None]:
+    """The stored tag behind listed tag ``tag``, and the row it names (``<tag>/<row>`` of a
+    2-D tag) or None."""
+    content = index.get(tag)
+    if content is not None and content.kind == kind and content.rows is None:
+        return tag, None
+    stored, _, row = tag.rpartition("/")
+    content = index.get(stored)
+    if content is not None and content.kind == kind and content.rows and row in content.rows:
+        return stored, content.rows.index(row)
+    raise errors.NotFoundError(f"no {kind} tag {tag!r} in this run")
+
+
+def _walk(directory, prefix: str = ""):
+    """(name relative to ``directory``, file) of every file below it."""
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            yield from _walk(entry, f"{prefix}{entry.name}/")
+        elif not entry.name.startswith("."):
+            yield prefix + entry.name, entry
+
+
+class GradFlowLoader(base_plugin.TBLoader):
+    """Loads `GradFlowPlugin`, keeping every gradflow sample: TensorBoard's default for a plugin
+    it does not know keeps 10 samples per tag, which would drop records."""
+
+    def fix_flags(self, flags) -> None:
+        samples = getattr(flags, "samples_per_plugin", None)
+        if isinstance(samples, dict):
+            samples.setdefault(PLUGIN_NAME, 0)  # 0: keep all; a user's own setting wins
+
+    def load(self, context: base_plugin.TBContext) -> GradFlowPlugin:
+        return GradFlowPlugin(context)
