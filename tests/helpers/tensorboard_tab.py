@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,12 +25,15 @@ from rnnlab.tensorboard_plugin import summary
 
 
 def synthetic_record(step: int, T: int, gain: float) -> dict:
-    """A record of a linear orthogonal RNN with ``gain`` at training ``step``."""
+    """A record of a linear orthogonal RNN with ``gain`` at training ``step``: on odd steps
+    ||dL/dz_0|| has underflowed to 0; at step 0 ||dL/dW_cell|| is NaN at T // 2 and inf after."""
     t = np.arange(T, dtype=np.float64)
     dL_dz = (1.0 + step / 100) * gain ** (T - 1 - t)
-    dL_dz[0] = 0.0 if step % 2 else dL_dz[0]  # a vanished gradient underflows to 0
+    if step % 2:
+        dL_dz[0] = 0.0
     dL_dW = 0.1 * dL_dz
-    dL_dW[T // 2] = np.nan if step == 0 else dL_dW[T // 2]  # a non-finite value
+    if step == 0:
+        dL_dW[T // 2], dL_dW[T // 2 + 1] = np.nan, np.inf
     decay_rate = np.log10(gain)
     return {"dL_dz": dL_dz, "dL_dW_cell": dL_dW, "step": step, "T": T, "loss": 1.0 / (1 + step),
             "decay_rate": decay_rate, "predicted_decay_rate": decay_rate,
@@ -73,9 +76,17 @@ def get(port: int, path: str, **query):
         return json.loads(body) if "json" in response.headers.get("Content-Type", "") else body
 
 
+def has_records(count: int, runs: int) -> Callable[[dict], bool]:
+    """Whether /runs lists ``runs`` runs whose ``dL_dz`` has ``count`` records: loaded."""
+    return lambda body: (len(body["runs"]) == runs and all(
+        len(r["tags"].get("dL_dz", {}).get("steps", [])) == count for r in body["runs"]))
+
+
 @contextmanager
-def tensorboard(logdir: Path, *flags: str) -> Iterator[int]:
-    """A ``tensorboard`` process serving ``logdir``; yields its port once it lists the runs."""
+def tensorboard(logdir: Path, *flags: str,
+                ready: Callable[[dict], bool] = lambda body: bool(body["runs"])) -> Iterator[int]:
+    """A ``tensorboard`` process serving ``logdir``; yields its port once /runs is ``ready``
+    (TensorBoard loads event files in the background, a run at a time)."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
@@ -84,13 +95,13 @@ def tensorboard(logdir: Path, *flags: str) -> Iterator[int]:
     try:
         for _ in range(240):  # the server starts, then loads the events (seconds on 2 cores)
             try:
-                if get(port, "/data/plugin/gradflow/runs")["runs"]:
+                if ready(get(port, "/data/plugin/gradflow/runs")):
                     break
             except OSError:
                 pass
             time.sleep(0.5)
         else:
-            raise RuntimeError(f"tensorboard did not serve gradflow runs of {logdir} in 120 s")
+            raise RuntimeError(f"tensorboard did not serve the gradflow runs of {logdir} in 120 s")
         yield port
     finally:
         server.terminate()

@@ -3,7 +3,8 @@
 Routes (under ``/data/plugin/gradflow``; docs/tensorboard_tab.md has their full form):
 
 - ``/runs``: every run with its gradflow tags (kind, row, steps, T) and its short label;
-- ``/profile?run=&tag=``: one profile tag of one run, ``{"steps", "T", "values"}``, (steps, T);
+- ``/profile?run=&tag=[&step=]``: one profile tag of one run, ``{"steps", "T", "values"}``,
+  (steps, T), or only its record at ``step``;
 - ``/summaries?run=``: every summary tag of one run over training;
 - ``/static/*``: the frontend (an ES module, ``static/index.js``) and the vendored uPlot.
 
@@ -33,12 +34,13 @@ from rnnlab.tensorboard_plugin.labels import short_labels
 from rnnlab.tensorboard_plugin.summary import (
     PLUGIN_NAME,
     PROFILE,
+    RECORD,
     RUN_INFO,
     SUMMARY,
     VERSION,
     Content,
     parse_content,
-    parse_run_info,
+    parse_json,
 )
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ class GradFlowPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext):
         self.data_provider = context.data_provider
+        # (experiment, run) → tag → Content as last listed: a tag's metadata is fixed by its
+        # first value, so /profile reads a listed tag without listing again (a data-server
+        # call costs ~40 ms).
+        self.listed: dict[tuple[str, str], dict[str, Content]] = {}
         self.static_files = dict(_walk(STATIC))  # what /static/* may serve
 
     def get_plugin_apps(self) -> dict:
@@ -83,10 +89,12 @@ class GradFlowPlugin(base_plugin.TBPlugin):
                                             tab_name="Gradient flow", disable_reload=True)
 
     # --- reading through the data provider ---------------------------------------------------
-    def contents(self, ctx, experiment: str) -> dict[str, dict[str, Content]]:
-        """run → tag → `Content` of every gradflow tag this version can read."""
-        listing = self.data_provider.list_tensors(ctx, experiment_id=experiment,
-                                                  plugin_name=PLUGIN_NAME)
+    def contents(self, ctx, experiment: str,
+                 runs: list[str] | None = None) -> dict[str, dict[str, Content]]:
+        """run → tag → `Content` of every gradflow tag this version can read (of ``runs``)."""
+        listing = self.data_provider.list_tensors(
+            ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME,
+            run_tag_filter=provider.RunTagFilter(runs=runs) if runs else None)
         index: dict[str, dict[str, Content]] = {}
         for run, tags in listing.items():
             for tag, series in tags.items():
@@ -98,6 +106,8 @@ class GradFlowPlugin(base_plugin.TBPlugin):
                     continue
                 if content.version <= VERSION:
                     index.setdefault(run, {})[tag] = content
+        for run, tags in index.items():
+            self.listed[(experiment, run)] = tags
         return index
 
     def read(self, ctx, experiment: str, runs: list[str] | None,
@@ -107,52 +117,77 @@ class GradFlowPlugin(base_plugin.TBPlugin):
             ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME, downsample=ALL_RECORDS,
             run_tag_filter=provider.RunTagFilter(runs=runs, tags=tags))
 
+    def recorded(self, ctx, experiment: str, index: dict[str, dict[str, Content]]):
+        """run → run_info (or None), and run → tag → [(step, shape)] of every value written.
+
+        Read from the small ``record`` and ``run_info`` values only: reading every profile to
+        list its steps costs ~0.5 s for a 24-run sweep. Tags written without a ``record`` value
+        are read themselves."""
+        small = sorted({tag for tags in index.values() for tag, content in tags.items()
+                        if content.kind in (RECORD, RUN_INFO)})
+        data = self.read(ctx, experiment, sorted(index), small) if small else {}
+        infos, shapes = {}, {}
+        for run in index:
+            infos[run], shapes[run] = None, {}
+            for tag, datums in data.get(run, {}).items():
+                if index[run][tag].kind == RUN_INFO:
+                    infos[run] = parse_json(datums[0].numpy) if datums else None
+                    continue
+                for datum in datums:
+                    for listed, shape in parse_json(datum.numpy)["tags"].items():
+                        shapes[run].setdefault(listed, []).append((int(datum.step), shape))
+            unlisted = sorted(tag for tag, content in index[run].items()
+                              if content.kind in (PROFILE, SUMMARY) and tag not in shapes[run])
+            if unlisted:
+                for tag, datums in self.read(ctx, experiment, [run], unlisted).get(run, {}).items():
+                    shapes[run][tag] = [(int(d.step), list(d.numpy.shape)) for d in datums]
+        return infos, shapes
+
     # --- routes ---------------------------------------------------------------------------------
     @wrappers.Request.application
     def runs_route(self, request):
         ctx, experiment = plugin_util.context(request.environ), plugin_util.experiment_id(
             request.environ)
         index = self.contents(ctx, experiment)
-        data = self.read(ctx, experiment, None, None)
-        infos = {}
+        infos, shapes = self.recorded(ctx, experiment, index)
+        labels = short_labels(infos)
         runs = []
         for run in sorted(index):
-            info = None
             tags = {}
             for tag, content in sorted(index[run].items()):
-                datums = data.get(run, {}).get(tag, [])
-                if content.kind == RUN_INFO:
-                    info = parse_run_info(datums[0].numpy) if datums else None
+                if content.kind not in (PROFILE, SUMMARY):
                     continue
-                steps = [int(d.step) for d in datums]
+                written = shapes[run].get(tag, [])
+                described = {"kind": content.kind, "steps": [step for step, _ in written]}
                 if content.kind == PROFILE:
-                    T = max((d.numpy.shape[-1] for d in datums), default=0)
-                    described = {"kind": PROFILE, "steps": steps, "T": T}
-                else:
-                    described = {"kind": SUMMARY, "steps": steps}
-                if content.rows is None:
-                    tags[tag] = {**described, "row": None}
-                else:
-                    tags.update({f"{tag}/{row}": {**described, "row": row}
-                                 for row in content.rows})
-            infos[run] = info
-            runs.append({"run": run, "overrides": info["overrides"] if info else None,
-                         "name": info.get("name") if info else None, "tags": tags})
-        labels = short_labels(infos)
-        for entry in runs:
-            entry["label"] = labels[entry["run"]]
+                    described["T"] = max((shape[-1] for _, shape in written), default=0)
+                for row in content.rows or [None]:
+                    tags[tag if row is None else f"{tag}/{row}"] = {**described, "row": row}
+            info = infos[run] or {}
+            runs.append({"run": run, "label": labels[run], "overrides": info.get("overrides"),
+                         "name": info.get("name"), "tags": tags})
         return respond_json(request, {"runs": runs})
 
     @wrappers.Request.application
     def profile_route(self, request):
         run, tag = required(request, "run"), required(request, "tag")
+        step = request.args.get("step")
+        if step is not None and not step.lstrip("-").isdigit():
+            raise errors.InvalidArgumentError(f"step must be an integer, got {step!r}")
         ctx, experiment = plugin_util.context(request.environ), plugin_util.experiment_id(
             request.environ)
-        index = self.contents(ctx, experiment).get(run)
-        if index is None:
-            raise errors.NotFoundError(f"no gradflow data for run {run!r}")
-        stored, row = resolve(index, tag, PROFILE)
+        try:
+            stored, row = resolve(self.listed.get((experiment, run), {}), tag, PROFILE)
+        except errors.NotFoundError:  # not listed yet: list the run again
+            index = self.contents(ctx, experiment, [run]).get(run)
+            if index is None:
+                raise errors.NotFoundError(f"no gradflow data for run {run!r}") from None
+            stored, row = resolve(index, tag, PROFILE)
         datums = self.read(ctx, experiment, [run], [stored]).get(run, {}).get(stored, [])
+        if step is not None:  # one record: what the chart draws first, before the whole tag
+            datums = [d for d in datums if d.step == int(step)]
+            if not datums:
+                raise errors.NotFoundError(f"run {run!r} has no {tag!r} at step {step}")
         rows = [d.numpy if row is None else d.numpy[row] for d in datums]
         return respond_json(request, {
             "run": run, "tag": tag, "steps": [int(d.step) for d in datums],
@@ -164,7 +199,7 @@ class GradFlowPlugin(base_plugin.TBPlugin):
         run = required(request, "run")
         ctx, experiment = plugin_util.context(request.environ), plugin_util.experiment_id(
             request.environ)
-        index = self.contents(ctx, experiment).get(run)
+        index = self.contents(ctx, experiment, [run]).get(run)
         if index is None:
             raise errors.NotFoundError(f"no gradflow data for run {run!r}")
         stored = sorted(tag for tag, content in index.items() if content.kind == SUMMARY)

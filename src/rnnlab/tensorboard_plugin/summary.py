@@ -9,6 +9,9 @@ Format, version 1. Every value is a tensor summary (``Summary.Value.tensor``) wh
   tag ``<prefix><key>``, e.g. ``dL_dz``, ``encoder.lstm/dL_dh``;
 - kind ``summary``: a number of the record, float64 0-d, or (R,) with ``rows``; tag
   ``<prefix>summary/<key>``, e.g. ``summary/decay_rate``;
+- kind ``record``: tag ``<prefix>record``, one per record: a 0-d string tensor holding the JSON
+  ``{"tags": {<tag>: <shape>, ...}}`` of every tag the record wrote, so that the tab lists which
+  steps each tag has, and its T, without reading the profiles;
 - kind ``run_info``: tag ``run_info``, written once at step 0: a 0-d string tensor holding the JSON
   ``{"overrides": [...], "name": <str | null>}``, what configures the run (Hydra overrides such as
   ``cell.gain=0.9``); the tab names runs by the overrides that differ between them.
@@ -28,8 +31,9 @@ from tensorboard.util import tensor_util
 
 PLUGIN_NAME = "gradflow"
 VERSION = 1
-PROFILE, SUMMARY, RUN_INFO = "profile", "summary", "run_info"
+PROFILE, SUMMARY, RECORD, RUN_INFO = "profile", "summary", "record", "run_info"
 RUN_INFO_TAG = "run_info"
+RECORD_TAG = "record"
 SUMMARY_PREFIX = "summary/"
 # Record keys that are not written: the event's step is the record's step, and a profile's
 # length is its T.
@@ -46,7 +50,7 @@ def is_profile_key(key: str) -> bool:
 class Content:
     """What the metadata of one gradflow tag says about its tensors."""
 
-    kind: str  # PROFILE, SUMMARY or RUN_INFO
+    kind: str  # PROFILE, SUMMARY, RECORD or RUN_INFO
     rows: tuple[str, ...] | None  # names of the rows of a 2-D profile or a 1-D summary
     version: int = VERSION
 
@@ -69,7 +73,8 @@ def parse_content(content: bytes) -> Content:
 
 def record_summary(record: dict[str, np.ndarray | float], prefix: str = "",
                    rows: list[str] | None = None) -> Summary:
-    """The tensor summaries of one record: one value per profile key and per number.
+    """The tensor summaries of one record: one value per profile key and per number, and the
+    ``<prefix>record`` value listing them.
 
     Args:
         record: key → value as in a ``grad_flow/step_*.npz`` record. Profile keys
@@ -83,6 +88,7 @@ def record_summary(record: dict[str, np.ndarray | float], prefix: str = "",
             ``["layer0", "layer0_reverse", "layer1"]``.
     """
     summary = Summary()
+    shapes = {}
     for key, value in record.items():
         if key in NOT_WRITTEN:
             continue
@@ -102,6 +108,10 @@ def record_summary(record: dict[str, np.ndarray | float], prefix: str = "",
             continue  # indexed by neither t nor a row: kept in the npz record only
         summary.value.add(tag=tag, tensor=tensor_util.make_tensor_proto(array),
                           metadata=metadata(kind, row_names))
+        shapes[tag] = list(array.shape)
+    summary.value.add(tag=prefix + RECORD_TAG,
+                      tensor=tensor_util.make_tensor_proto(json.dumps({"tags": shapes})),
+                      metadata=metadata(RECORD))
     return summary
 
 
@@ -121,8 +131,8 @@ def run_info_summary(overrides: list[str], name: str | None = None) -> Summary:
     return summary
 
 
-def parse_run_info(value: np.ndarray) -> dict:
-    """``{"overrides": [...], "name": ...}`` from the ``run_info`` tensor as read back."""
+def parse_json(value: np.ndarray) -> dict:
+    """The JSON of a ``record`` or ``run_info`` tensor as read back."""
     text = value.item()
     return json.loads(text.decode() if isinstance(text, bytes) else text)
 

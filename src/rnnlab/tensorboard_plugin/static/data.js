@@ -1,0 +1,57 @@
+// The tab's reads of the plugin's routes, each made once and kept.
+//
+// A profile is read whole (every record of a run's tag) for the slider and the heatmap; until
+// it has arrived, the chart draws the one record it shows from `/profile?...&step=`, which
+// answers in milliseconds where a whole sweep's profiles take a second or more to send.
+
+export class Store {
+  constructor() {
+    this.profiles = new Map(); // run/tag → Promise of {steps, T, values}
+    this.loaded = new Map(); // run/tag → {steps, T, values}, once arrived
+    this.records = new Map(); // run/tag/step → Promise of one record's values
+    this.summaryReads = new Map(); // run → Promise of {tags}
+  }
+
+  async get(route, params = {}) {
+    const query = new URLSearchParams(params).toString();
+    const response = await fetch(query ? `${route}?${query}` : route);
+    if (!response.ok) {
+      throw new Error(`${route} ${query}: ${response.status} ${await response.text()}`);
+    }
+    return response.json();
+  }
+
+  runs() {
+    return this.get("runs").then((body) => body.runs);
+  }
+
+  // Every record of `tag` in `run`: {steps, T, values: one array of T per step}.
+  profile(run, tag) {
+    const key = `${run}\u0000${tag}`;
+    if (!this.profiles.has(key)) {
+      this.profiles.set(key, this.get("profile", { run, tag }).then((body) => {
+        this.loaded.set(key, body);
+        return body;
+      }));
+    }
+    return this.profiles.get(key);
+  }
+
+  // The values of `tag` in `run` at `step`, from the whole profile when it is here.
+  async record(run, tag, step) {
+    const whole = this.loaded.get(`${run}\u0000${tag}`);
+    if (whole) return whole.values[whole.steps.indexOf(step)];
+    const key = `${run}\u0000${tag}\u0000${step}`;
+    if (!this.records.has(key)) {
+      this.records.set(key, this.get("profile", { run, tag, step }).then((b) => b.values[0]));
+    }
+    return this.records.get(key);
+  }
+
+  summaries(run) {
+    if (!this.summaryReads.has(run)) {
+      this.summaryReads.set(run, this.get("summaries", { run }).then((body) => body.tags));
+    }
+    return this.summaryReads.get(run);
+  }
+}
