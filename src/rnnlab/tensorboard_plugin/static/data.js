@@ -1,8 +1,9 @@
 // The tab's reads of the plugin's routes, each made once and kept.
 //
-// A profile is read whole (every record of a run's tag) for the slider and the heatmap; until
-// it has arrived, the chart draws the one record it shows from `/profile?...&step=`, which
-// answers in milliseconds where a whole sweep's profiles take a second or more to send.
+// A profile is read whole (every record of a run's tag) for the slider and the heatmap, as raw
+// float64 (`format=float64`: nothing to format or parse, NaN and ±inf kept); until it has
+// arrived, the chart draws the one record it shows from `/profile?...&step=` (JSON, null for a
+// non-finite value), which answers in milliseconds where a sweep's whole profiles take longer.
 
 export class Store {
   constructor() {
@@ -25,16 +26,27 @@ export class Store {
     return this.get("runs").then((body) => body.runs);
   }
 
-  // Every record of `tag` in `run`: {steps, T, values: one array of T per step}.
+  // Every record of `tag` in `run`: {steps, T, values: a Float64Array of T per step}.
   profile(run, tag) {
     const key = `${run}\u0000${tag}`;
     if (!this.profiles.has(key)) {
-      this.profiles.set(key, this.get("profile", { run, tag }).then((body) => {
+      this.profiles.set(key, this.float64(run, tag).then((body) => {
         this.loaded.set(key, body);
         return body;
       }));
     }
     return this.profiles.get(key);
+  }
+
+  async float64(run, tag) {
+    const query = new URLSearchParams({ run, tag, format: "float64" }).toString();
+    const response = await fetch(`profile?${query}`);
+    if (!response.ok) throw new Error(`profile ${query}: ${response.status} ${await response.text()}`);
+    const header = response.headers.get("X-Gradflow-Steps");
+    const steps = header ? header.split(",").map(Number) : [];
+    const T = Number(response.headers.get("X-Gradflow-T"));
+    const all = new Float64Array(await response.arrayBuffer()); // little-endian, as every browser
+    return { steps, T, values: steps.map((s, i) => all.subarray(i * T, (i + 1) * T)) };
   }
 
   // The values of `tag` in `run` at `step`, from the whole profile when it is here.

@@ -1,5 +1,9 @@
 // Names, numbers and colours of the Gradient flow tab.
 
+// Whether a profile value can sit on a log axis: not 0 (underflow), NaN, ±inf or null (JSON's
+// non-finite).
+export const drawable = (v) => v > 0 && v < Infinity;
+
 // A tag's title: `encoder.lstm/dL_dh/layer0` → "encoder.lstm · ‖∂L/∂h_t‖ · layer0".
 export function describeTag(tag, row) {
   const parts = tag.split("/");
@@ -35,9 +39,11 @@ export function powerOfTen(exponent) {
   return "10" + String(exponent).split("").map((c) => SUPERSCRIPT[c]).join("");
 }
 
-// A value for reading: 4 significant digits; JSON null (non-finite) and 0 (underflow) named.
+// A value for reading: 4 significant digits; NaN, ±inf (JSON null) and 0 (underflow) named.
 export function formatValue(v) {
   if (v === null || v === undefined) return "non-finite";
+  if (Number.isNaN(v)) return "NaN";
+  if (!Number.isFinite(v)) return v > 0 ? "inf" : "-inf";
   if (v === 0) return "0";
   const a = Math.abs(v);
   if (a < 1e-3 || a >= 1e5) return v.toExponential(3);

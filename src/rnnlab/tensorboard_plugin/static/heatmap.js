@@ -5,7 +5,9 @@
 // timesteps, so a spike is never averaged away. 0 (a gradient that underflowed) is black, NaN
 // and ±inf magenta: colours the viridis scale never takes.
 
-import { formatValue, NONFINITE_COLOR, powerOfTen, VIRIDIS_LUT, ZERO_COLOR } from "./format.js";
+import {
+  drawable, formatValue, NONFINITE_COLOR, powerOfTen, VIRIDIS_LUT, ZERO_COLOR,
+} from "./format.js";
 
 const MARGIN = { left: 58, right: 10, top: 8, bottom: 30 };
 
@@ -15,7 +17,7 @@ export function log10Extent(profile) {
   let hi = -Infinity;
   for (const row of profile.values) {
     for (const v of row) {
-      if (v > 0) {
+      if (drawable(v)) {
         if (v < lo) lo = v;
         if (v > hi) hi = v;
       }
@@ -72,7 +74,7 @@ function image(profile, columns, lo, hi) {
       let nonfinite = false;
       for (let t = a; t < e; t++) {
         const v = t < row.length ? row[t] : 0;
-        if (v === null) nonfinite = true;
+        if (!Number.isFinite(v)) nonfinite = true; // NaN, ±inf, or JSON's null
         else if (v > top) top = v;
       }
       const offset = 4 * (r * columns + c);
@@ -209,7 +211,7 @@ export class Heatmap {
     const e = Math.max(a + 1, Math.floor(((x + 1) / this.plotW) * T));
     let t = a; // the largest value of the pixel's timesteps, as painted
     for (let k = a; k < e && k < values[r].length; k++) {
-      if (values[r][k] === null) { t = k; break; }
+      if (!Number.isFinite(values[r][k])) { t = k; break; }
       if (values[r][k] > values[r][t]) t = k;
     }
     this.tip.textContent = `step ${steps[r]}, t ${t}: ${formatValue(values[r][t])}`;

@@ -5,7 +5,7 @@
 // double-click to zoom out) draws the timesteps of the new window again, down to every point.
 
 import uPlot from "./uplot-1.6.32/uPlot.esm.js";
-import { formatValue, powerOfTen } from "./format.js";
+import { drawable, formatValue, powerOfTen } from "./format.js";
 
 const MIN_EXPONENT = -323; // 10^-323 is float64's smallest (subnormal) power of ten
 
@@ -28,7 +28,7 @@ function decadeSplits(u, axisIdx, min, max) {
   return splits;
 }
 
-const positive = (v) => (v > 0 ? v : null); // a log axis skips 0 (underflow) and null
+const positive = (v) => (drawable(v) ? v : null); // a gap where the log axis has no place
 
 // [xs, ...ys] of the rows over t in [lo, hi]; `binned` when pixel columns hold min and max.
 function columns(rows, T, lo, hi, width) {
@@ -51,7 +51,7 @@ function columns(rows, T, lo, hi, width) {
         let bottom = null;
         for (let t = a; row && t < e && t < row.length; t++) {
           const v = row[t];
-          if (v > 0) {
+          if (drawable(v)) {
             if (top === null || v > top) top = v;
             if (bottom === null || v < bottom) bottom = v;
           }
@@ -81,7 +81,7 @@ export class ProfileChart {
     this.rows = [];
     this.T = 0;
     this.window = null; // [lo, hi] timesteps shown
-    this.yRange = null; // fixed over every record once known, so playing keeps the axis
+    this.yRange = null; // every record's, once known: playing keeps the axis (unless zoomed in)
     this.binned = false;
   }
 
@@ -98,12 +98,20 @@ export class ProfileChart {
     }
     const { data, binned } = columns(this.rows, this.T, ...this.window, this.width());
     this.binned = binned;
-    if (this.yRange) {
-      this.plot.setData(data, false);
-      this.plot.redraw();
-    } else {
+    if (!this.yRange) {
       this.plot.setData(data);
+      return;
     }
+    this.plot.setData(data, false); // keeps the zoom
+    if (this.zoomedIn()) { // the y axis fits the window's values
+      this.plot.setScale("x", { min: this.plot.scales.x.min, max: this.plot.scales.x.max });
+    } else {
+      this.plot.redraw();
+    }
+  }
+
+  zoomedIn() {
+    return this.window[0] > 0 || this.window[1] < this.T - 1;
   }
 
   // Fix the y axis to [min, max] of the positive values of every record.
@@ -126,7 +134,11 @@ export class ProfileChart {
       height: 340,
       scales: {
         x: { time: false },
-        y: { distr: 3, log: 10, range: (u, min, max) => chart.yRange || logRange(min, max) },
+        y: {
+          distr: 3, log: 10,
+          range: (u, min, max) => (chart.yRange && !chart.zoomedIn() ? chart.yRange
+            : logRange(min, max)),
+        },
       },
       axes: [
         { label: "timestep t", stroke: "#555", grid: { stroke: "#eee" } },
