@@ -10,8 +10,8 @@ logdir, serves it with `tensorboard` (the data server TensorBoard picks by defau
 --load_fast=false: the Python reader), then:
 
 - routes: each route asked `--repeat` times per run as a browser asks (gzip accepted), median and
-  worst latency in ms: /runs, /profile (every record of dL_dz), /profile&step= (one record),
-  /summaries;
+  worst latency in ms: /runs, /profile (every record of dL_dz, as JSON and as the float64 bytes
+  the tab reads), /profile&step= (one record), /summaries;
 - page (needs chromium and chromedriver): headless Chromium opens TensorBoard on the tab, a fresh
   browser each time; times from the top page's navigation start to the profile chart painted
   (every selected run drawn), to every heatmap and summary drawn, and, with --step-through N,
@@ -106,14 +106,16 @@ def route_latencies(port: int, run_names: list[str], repeat: int) -> list[tuple[
         return 1000 * (time.perf_counter() - start)
 
     rows = [("/runs", [timed("runs") for _ in range(repeat)])]
-    profile, one, summaries = [], [], []
+    profile, binary, one, summaries = [], [], [], []
     for run in run_names:
         for _ in range(repeat):
             profile.append(timed("profile", run=run, tag="dL_dz"))
+            binary.append(timed("profile", run=run, tag="dL_dz", format="float64"))
             summaries.append(timed("summaries", run=run))
         last = get_json(port, "profile", run=run, tag="dL_dz")["steps"][-1]
         one += [timed("profile", run=run, tag="dL_dz", step=last) for _ in range(repeat)]
-    rows += [("/profile?run=&tag=dL_dz (every record)", profile),
+    rows += [("/profile?run=&tag=dL_dz (every record, JSON)", profile),
+             ("/profile?run=&tag=dL_dz&format=float64", binary),
              ("/profile?run=&tag=dL_dz&step= (one record)", one),
              ("/summaries?run=", summaries)]
     return rows

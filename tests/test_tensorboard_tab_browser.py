@@ -11,8 +11,11 @@ import math
 import shutil
 
 import pytest
+from torch.utils.tensorboard import SummaryWriter
 
-from .helpers.tensorboard_tab import has_records, sweep, tensorboard
+from rnnlab.tensorboard_plugin import summary
+
+from .helpers.tensorboard_tab import get, has_records, sweep, synthetic_record, tensorboard
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.chrome.options import Options  # noqa: E402
@@ -53,6 +56,10 @@ def drawn(driver) -> dict | None:
         const plot = g.profile.plot;
         return {...g.drawn, labels: plot.series.slice(1).map((s) => s.label),
                 data: plot.data, errors: g.errors};""")
+
+
+def runs_by_name(port: int) -> dict:
+    return {r["run"]: r for r in get(port, "/data/plugin/gradflow/runs")["runs"]}
 
 
 def expected_series(record: dict) -> list:
@@ -99,3 +106,30 @@ def test_the_tab_draws_every_run_and_the_slider_redraws_another_step(browser, tm
     severe = [e["message"] for e in browser.get_log("browser")
               if e["level"] == "SEVERE" and "gradflow" in e["message"]]
     assert severe == []
+
+
+def test_new_records_of_a_run_in_training_move_the_slider_to_them(browser, tmp_path):
+    logdir = tmp_path / "logdir"
+    runs = sweep(logdir, list(GAINS), STEPS, T)
+    first_run, second_run = runs
+    with tensorboard(logdir, "--load_fast=false",
+                     ready=has_records(len(STEPS), len(GAINS))) as port:
+        browser.get(f"http://127.0.0.1:{port}/#gradflow")
+        wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+        browser.switch_to.frame(wait.until(lambda d: d.find_elements("css selector", "iframe"))[0])
+        wait.until(lambda d: (s := drawn(d)) and s["step"] == STEPS[-1])
+
+        later = {s: synthetic_record(s, T, GAINS[0]) for s in (60, 65)}  # the first run goes on
+        writer = SummaryWriter(str(logdir / first_run), filename_suffix=".later")
+        for step, record in later.items():
+            summary.write_record(writer, step, record)
+        writer.close()
+        wait.until(lambda d: len(runs_by_name(port)[first_run]["tags"]["dL_dz"]["steps"]) == 14)
+        browser.execute_script("window.gradflow.reload()")  # what the tab does every 30 s
+
+        now = wait.until(lambda d: (s := drawn(d)) and s["step"] == 65 and s)
+        assert now["labels"] == [f"cell.gain={GAINS[0]}", f"cell.gain={GAINS[1]} (step 55)"]
+        _, latest, last_of_second = now["data"]
+        assert latest == expected_series(later[65])
+        assert last_of_second == expected_series(runs[second_run][55])  # its latest record
+        assert browser.find_element("id", "gf-step-label").text.startswith("step 65  (record 14")

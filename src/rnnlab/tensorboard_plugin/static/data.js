@@ -60,6 +60,14 @@ export class Store {
     return this.records.get(key);
   }
 
+  // Read `run` again next time: it has new records.
+  forget(run) {
+    for (const cache of [this.profiles, this.loaded]) {
+      for (const key of cache.keys()) if (key.startsWith(`${run}\u0000`)) cache.delete(key);
+    }
+    this.summaryReads.delete(run);
+  }
+
   summaries(run) {
     if (!this.summaryReads.has(run)) {
       this.summaryReads.set(run, this.get("summaries", { run }).then((body) => body.tags));

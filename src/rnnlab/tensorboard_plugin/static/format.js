@@ -57,7 +57,7 @@ const SWEPT_NUMBER = /^([^\s=]+)=(-?[\d.]+(?:e[-+]?\d+)?)$/i;
 export function formatTick(v) {
   if (v === 0) return "0";
   const a = Math.abs(v);
-  if (a < 1e-3 || a >= 1e5) return v.toExponential(1);
+  if (a < 1e-3 || a >= 1e5) return v.toExponential(1).replace(".0e", "e").replace("e+", "e");
   return String(Number(v.toPrecision(3)));
 }
 

@@ -4,7 +4,8 @@
 // training step, the heatmaps over (training step × t) and the summaries over training. The
 // routes are relative to the frame's base (`data/plugin/gradflow/`); docs/tensorboard_tab.md.
 //
-// `window.gradflow` exposes the state and what the profile chart drew, for tests and the console.
+// `window.gradflow` exposes the state, what the profile chart drew and `reload()`, for tests and
+// the console.
 
 import { Store } from "./data.js";
 import { describeTag, runColors, sortRuns } from "./format.js";
@@ -13,6 +14,7 @@ import { ProfileChart } from "./profile_chart.js";
 import { escapeHtml, SummaryCharts } from "./summary_charts.js";
 
 const PLAY_INTERVAL_MS = 200;
+const RELOAD_MS = 30000; // how often the tab looks for new records (of a run still training)
 const SIDE_BY_SIDE = "";
 
 const LAYOUT = `
@@ -164,13 +166,13 @@ function setIndex(index) {
 }
 
 // Everything that depends on the runs and the tag: the slider, the chart's series, heatmaps.
-async function refresh() {
+async function refresh(toLatest = false) {
   const token = ++viewToken;
   const runs = selectedRuns();
   const before = currentStep();
   state.steps = [...new Set(runs.flatMap((r) => r.tags[state.tag].steps))].sort((a, b) => a - b);
   let index = state.steps.length - 1; // the latest step, or the one shown before
-  if (before !== null) {
+  if (before !== null && !toLatest) {
     const kept = state.steps.findIndex((s) => s >= before);
     if (kept >= 0) index = kept;
   }
@@ -243,7 +245,7 @@ function fillControls() {
   $("gf-tag").innerHTML = order
     .map((t) => `<option value="${escapeHtml(t)}">${escapeHtml(describeTag(t, tags.get(t)))}</option>`)
     .join("");
-  state.tag = order.includes("dL_dz") ? "dL_dz" : order[0];
+  if (!order.includes(state.tag)) state.tag = order.includes("dL_dz") ? "dL_dz" : order[0];
   $("gf-tag").value = state.tag;
 
   $("gf-runs").innerHTML = "";
@@ -251,7 +253,8 @@ function fillControls() {
     const row = document.createElement("label");
     row.className = "gf-run";
     row.title = run.run;
-    row.innerHTML = `<input type="checkbox" checked><span class="gf-swatch"></span><span></span>`;
+    row.innerHTML = `<input type="checkbox"><span class="gf-swatch"></span><span></span>`;
+    row.firstChild.checked = state.selected.has(run.run);
     row.children[1].style.background = run.color;
     row.children[2].textContent = run.label;
     row.firstChild.addEventListener("change", (event) => {
@@ -328,6 +331,45 @@ function wire() {
   });
 }
 
+// The runs as listed, with their colours; runs not seen before are selected.
+function setRuns(runs) {
+  const colors = runColors(runs);
+  const known = new Set(state.runs.map((r) => r.run));
+  state.runs = sortRuns(runs).map((r) => ({ ...r, color: colors.get(r.run) }));
+  for (const run of runs) if (!known.has(run.run)) state.selected.add(run.run);
+}
+
+function hasProfiles() {
+  return state.runs.some((r) => Object.values(r.tags).some((t) => t.kind === "profile"));
+}
+
+// New records (a run still training) or new runs: read again what changed, keep the view; the
+// slider follows the latest step if it was there.
+async function reload() {
+  const runs = await store.runs();
+  const before = new Map(state.runs.map((r) => [r.run, JSON.stringify(r.tags)]));
+  const changed = runs.filter((r) => before.get(r.run) !== JSON.stringify(r.tags));
+  if (!changed.length && runs.length === state.runs.length) return;
+  changed.forEach((r) => store.forget(r.run));
+  const atLatest = state.index === state.steps.length - 1;
+  setRuns(runs);
+  await show(atLatest);
+}
+
+// The view of the runs, or what is missing.
+async function show(toLatest) {
+  const message = $("gf-message");
+  if (!hasProfiles()) {
+    message.hidden = false;
+    message.textContent = "No gradient-flow profiles in this logdir yet: rnnlab's monitor "
+      + "writes them on its monitored steps (this tab looks again every 30 s).";
+    return;
+  }
+  message.hidden = true;
+  fillControls();
+  await refresh(toLatest);
+}
+
 export async function render() {
   for (const sheet of ["uplot-1.6.32/uPlot.min.css", "style.css"]) {
     const link = document.createElement("link");
@@ -341,19 +383,11 @@ export async function render() {
   summaryCharts = new SummaryCharts($("gf-summaries"));
   wire();
   try {
-    const runs = await store.runs();
-    const colors = runColors(runs);
-    state.runs = sortRuns(runs).map((r) => ({ ...r, color: colors.get(r.run) }));
-    state.selected = new Set(runs.map((r) => r.run));
-    if (!runs.some((r) => Object.values(r.tags).some((t) => t.kind === "profile"))) {
-      $("gf-message").hidden = false;
-      $("gf-message").textContent = "No gradient-flow profiles in this logdir yet: rnnlab's "
-        + "monitor writes them on its monitored steps.";
-      return;
-    }
-    fillControls();
-    await refresh();
+    setRuns(await store.runs());
+    await show(true);
   } catch (error) {
     fail(error);
   }
+  exposed.reload = reload;
+  setInterval(() => reload().catch(fail), RELOAD_MS);
 }

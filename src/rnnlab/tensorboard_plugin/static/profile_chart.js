@@ -5,28 +5,8 @@
 // double-click to zoom out) draws the timesteps of the new window again, down to every point.
 
 import uPlot from "./uplot-1.6.32/uPlot.esm.js";
-import { drawable, formatValue, powerOfTen } from "./format.js";
-
-const MIN_EXPONENT = -323; // 10^-323 is float64's smallest (subnormal) power of ten
-
-// [low, high] of a log axis: whole decades, at least one, around the positive values.
-export function logRange(min, max) {
-  if (!(min > 0) || !(max > 0)) return [0.1, 10];
-  let lo = Math.max(Math.floor(Math.log10(min)), MIN_EXPONENT);
-  let hi = Math.ceil(Math.log10(max));
-  if (hi <= lo) hi = lo + 1;
-  return [10 ** lo, 10 ** hi];
-}
-
-// Decades to tick on a log axis, ~8 at most.
-function decadeSplits(u, axisIdx, min, max) {
-  const lo = Math.round(Math.log10(min));
-  const hi = Math.round(Math.log10(max));
-  const every = Math.max(1, Math.ceil((hi - lo) / 8));
-  const splits = [];
-  for (let k = Math.ceil(lo / every) * every; k <= hi; k += every) splits.push(10 ** k);
-  return splits;
-}
+import { logAxis, logRange } from "./axes.js";
+import { drawable, formatValue } from "./format.js";
 
 const positive = (v) => (drawable(v) ? v : null); // a gap where the log axis has no place
 
@@ -142,12 +122,7 @@ export class ProfileChart {
       },
       axes: [
         { label: "timestep t", stroke: "#555", grid: { stroke: "#eee" } },
-        {
-          label: yLabel, stroke: "#555", size: 64, grid: { stroke: "#eee" },
-          splits: decadeSplits,
-          filter: (u, splits) => splits, // uPlot's log filter drops decades that are not 10x apart
-          values: (u, splits) => splits.map((v) => powerOfTen(Math.round(Math.log10(v)))),
-        },
+        { label: yLabel, ...logAxis() },
       ],
       series: [
         {

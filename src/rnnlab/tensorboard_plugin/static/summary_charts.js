@@ -1,7 +1,9 @@
 // The summaries over training: one small chart per summary key, every run overlaid, the slider's
 // step marked; a prediction (predicted_decay_rate, jacobian_rate) dashed on its measurement's
-// chart. Hovering shows every series' value at that step; the charts' cursors move together.
+// chart; a positive quantity spanning two decades or more (an exploding loss or gradient norm)
+// on a log axis. Hovering shows every series' value at that step; the charts' cursors move together.
 
+import { logAxis, logRange } from "./axes.js";
 import uPlot from "./uplot-1.6.32/uPlot.esm.js";
 import { formatTick, formatValue, SUMMARY_COMPANIONS, SUMMARY_ORDER, SUMMARY_TITLES } from "./format.js";
 
@@ -58,14 +60,20 @@ export class SummaryCharts {
       this.container.append(tile);
       const width = Math.max(260, tile.clientWidth);
       const self = this;
+      const finite = data.slice(1).flat().filter((v) => Number.isFinite(v));
+      const log = finite.length > 0 && finite.every((v) => v > 0)
+        && Math.max(...finite) >= 100 * Math.min(...finite);
       const plot = new uPlot({
         width, height: 190,
         legend: { show: false },
         cursor: { sync: { key: "gf-summaries" }, points: { size: 5 } },
-        scales: { x: { time: false } },
+        scales: {
+          x: { time: false },
+          y: log ? { distr: 3, log: 10, range: (u, min, max) => logRange(min, max) } : {},
+        },
         axes: [
           { stroke: "#555", grid: { stroke: "#eee" }, size: 34 },
-          { stroke: "#555", grid: { stroke: "#eee" }, size: 56,
+          log ? logAxis() : { stroke: "#555", grid: { stroke: "#eee" }, size: 60,
             values: (u, splits) => splits.map((v) => formatTick(v)) },
         ],
         series: [{}, ...members.map((m) => ({
