@@ -201,10 +201,11 @@ def main() -> None:
                 for i in range(args.pages):
                     t = page_timings(port, args.runs, args.step_through)
                     offset = t["frame_origin"] - t["page_origin"]
-                    line = (f"page load {i + 1}: first chart drawn {offset + t['first_chart']:6.0f}"
-                            f" ms after opening the page (the tab's frame: "
-                            f"{t['first_chart']:4.0f} ms); every heatmap and summary "
-                            f"{offset + t['everything']:6.0f} ms")
+                    line = (f"page load {i + 1}: TensorBoard's page made the tab's frame at "
+                            f"{offset:5.0f} ms; first chart drawn at "
+                            f"{offset + t['first_chart']:5.0f} ms ({t['first_chart']:4.0f} ms "
+                            f"after the frame); every heatmap and summary at "
+                            f"{offset + t['everything']:5.0f} ms")
                     if "step" in t:
                         line += (f"; next step redrawn in {statistics.mean(t['step']):.0f} ms "
                                  f"(mean of {len(t['step'])}, worst {max(t['step']):.0f})")

@@ -7,6 +7,8 @@ arrive unchanged, non-finite values as null, an underflowed 0 as 0.
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import math
 import re
 import urllib.error
@@ -213,6 +215,19 @@ def test_profile_as_float64_bytes_is_every_record_bit_for_bit(served):
     assert steps == STEPS
     expected = np.stack([runs["0_cell.gain=0.9"][s]["dL_dW_cell"] for s in STEPS])
     assert values.tobytes() == expected.astype("<f8").tobytes()  # NaN and inf included
+
+
+def test_gzipped_json_is_the_same_json(served):
+    port, _ = served
+    query = urllib.parse.urlencode({"run": "1_cell.gain=1.1", "tag": "dL_dW_cell"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/data/plugin/gradflow/profile?{query}",
+        headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        body = json.loads(gzip.decompress(response.read()))
+    assert body == get(port, "/data/plugin/gradflow/profile", run="1_cell.gain=1.1",
+                       tag="dL_dW_cell")
 
 
 def test_profile_at_a_step_returns_that_record_only(served):

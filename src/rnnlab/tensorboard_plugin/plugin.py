@@ -18,6 +18,7 @@ every profile is (steps, T). JSON has no NaN: non-finite values are ``null``.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -64,7 +65,13 @@ def json_list(values: np.ndarray) -> list:
 
 
 def respond_json(request, body: dict):
-    return http_util.Respond(request, json.dumps(body, allow_nan=False), "application/json")
+    """``body`` as JSON, gzipped at level 1 where the client takes gzip: TensorBoard's own level
+    3 takes ~55 ms on a sweep's profile (40 records × T = 1000), level 1 a third of that."""
+    content = json.dumps(body, allow_nan=False).encode()
+    if "gzip" not in request.headers.get("Accept-Encoding", ""):
+        return http_util.Respond(request, content, "application/json")
+    return http_util.Respond(request, gzip.compress(content, compresslevel=1, mtime=0),
+                             "application/json", content_encoding="gzip")
 
 
 def respond_float64(request, steps: list[int], T: int, rows: list[np.ndarray]):
@@ -139,6 +146,7 @@ class GradFlowPlugin(base_plugin.TBPlugin):
                         if content.kind in (RECORD, RUN_INFO)})
         data = self.read(ctx, experiment, sorted(index), small) if small else {}
         infos, shapes = {}, {}
+        parsed: dict[bytes, dict] = {}  # a run's records mostly list the same tags
         for run in index:
             infos[run], shapes[run] = None, {}
             for tag, datums in data.get(run, {}).items():
@@ -146,7 +154,10 @@ class GradFlowPlugin(base_plugin.TBPlugin):
                     infos[run] = parse_json(datums[0].numpy) if datums else None
                     continue
                 for datum in datums:
-                    for listed, shape in parse_json(datum.numpy)["tags"].items():
+                    text = datum.numpy.item()
+                    if text not in parsed:
+                        parsed[text] = parse_json(datum.numpy)["tags"]
+                    for listed, shape in parsed[text].items():
                         shapes[run].setdefault(listed, []).append((int(datum.step), shape))
             unlisted = sorted(tag for tag, content in index[run].items()
                               if content.kind in (PROFILE, SUMMARY) and tag not in shapes[run])
