@@ -6,7 +6,7 @@
 // and ±inf magenta: colours the viridis scale never takes.
 
 import {
-  drawable, formatValue, NONFINITE_COLOR, powerOfTen, VIRIDIS_LUT, ZERO_COLOR,
+  drawable, formatTick, formatValue, NONFINITE_COLOR, powerOfTen, VIRIDIS_LUT, ZERO_COLOR,
 } from "./format.js";
 
 const MARGIN = { left: 58, right: 10, top: 8, bottom: 30 };
@@ -241,11 +241,22 @@ export function drawColorbar(container, lo, hi, label) {
   ctx.font = "11px Roboto, sans-serif";
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
-  const decades = niceTicks(Math.ceil(lo), Math.floor(hi), 6).filter((k) => Number.isInteger(k));
-  for (const k of decades) {
+  // Powers of ten; within less than two decades, 1-2-5 steps between them.
+  let ticks = niceTicks(Math.ceil(lo), Math.floor(hi), 6).filter((k) => Number.isInteger(k))
+    .map((k) => [k, powerOfTen(k)]);
+  if (ticks.length < 2) {
+    ticks = [];
+    for (let k = Math.floor(lo); k <= Math.ceil(hi); k++) {
+      for (const m of [1, 2, 5]) {
+        const x = k + Math.log10(m);
+        if (x >= lo && x <= hi) ticks.push([x, formatTick(m * 10 ** k)]);
+      }
+    }
+  }
+  for (const [k, text] of ticks) {
     const x = 10 + ((k - lo) / (hi - lo)) * (width - 21);
     ctx.fillRect(x, 14, 1, 4);
-    ctx.fillText(powerOfTen(k), x, 20);
+    ctx.fillText(text, x, 20);
   }
   const legend = document.createElement("div");
   legend.className = "gf-colorbar-legend";

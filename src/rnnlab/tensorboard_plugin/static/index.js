@@ -91,8 +91,13 @@ function fail(error) {
   box.textContent = `Could not load the gradient-flow data: ${error.message || error}`;
 }
 
+// The selected runs that record the instrument (those the profile and heatmaps draw).
 function selectedRuns() {
-  return state.runs.filter((r) => state.selected.has(r.run) && r.tags[state.tag]);
+  return chosenRuns().filter((r) => r.tags[state.tag]);
+}
+
+function chosenRuns() {
+  return state.runs.filter((r) => state.selected.has(r.run));
 }
 
 // The run's record shown at slider step `step`: its latest step at or before it.
@@ -184,7 +189,7 @@ async function refresh(toLatest = false) {
   await setIndex(index);
   if (token !== viewToken) return;
   drawHeatmapsAndRange(runs, token).catch(fail);
-  drawSummaries(runs, token).catch(fail);
+  drawSummaries(chosenRuns(), token).catch(fail);
 }
 
 async function drawHeatmapsAndRange(runs, token) {
@@ -270,11 +275,12 @@ function fillControls() {
     .map(([v, l]) => `<option value="${escapeHtml(v)}">${escapeHtml(l)}</option>`).join("");
 }
 
-// dL_dz first, then the other states, contributions, Jacobians; a watched model's after.
+// dL_dz first (a watched model's dL_dh), then the other states, contributions, Jacobians; a
+// watched model's after the model's own.
 function rank(tag) {
   const key = tag.split("/").filter((p) => p.startsWith("dL_d") || p.includes("_"))[0] || tag;
   const nested = tag.includes("/") ? 10 : 0;
-  if (key === "dL_dz") return nested;
+  if (key === "dL_dz" || (nested && key === "dL_dh")) return nested;
   if (key.startsWith("dL_dW_")) return nested + 2;
   if (key.startsWith("dL_d")) return nested + 1;
   if (key === "jacobian_norm") return nested + 3;
@@ -326,7 +332,7 @@ function wire() {
     resizing = setTimeout(() => {
       profileChart.resize();
       drawHeatmapsAndRange(selectedRuns(), viewToken).catch(fail);
-      drawSummaries(selectedRuns(), viewToken).catch(fail);
+      drawSummaries(chosenRuns(), viewToken).catch(fail);
     }, 200);
   });
 }

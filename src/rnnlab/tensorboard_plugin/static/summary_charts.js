@@ -13,8 +13,9 @@ function chartsOf(runs, summaries) {
   for (const run of runs) {
     for (const [tag, series] of Object.entries(summaries.get(run.run) || {})) {
       const [prefix, key] = tag.includes("summary/") ? tag.split("summary/") : ["", tag];
-      const companion = SUMMARY_COMPANIONS[key.split("/")[0]];
-      const chart = prefix + (companion ? companion.chart : key);
+      const [base, ...row] = key.split("/"); // a watched model's (R,) summary: one chart a row
+      const companion = SUMMARY_COMPANIONS[base];
+      const chart = prefix + [companion ? companion.chart : base, ...row].join("/");
       if (!charts.has(chart)) charts.set(chart, []);
       charts.get(chart).push({ run, key, companion, ...series });
     }
@@ -50,7 +51,7 @@ export class SummaryCharts {
       tile.className = "gf-summary";
       const title = document.createElement("div");
       title.className = "gf-summary-title";
-      title.textContent = SUMMARY_TITLES[chart] || chart;
+      title.textContent = chartTitle(chart);
       const companions = [...new Set(members.filter((m) => m.companion)
         .map((m) => `${m.companion.dash[0] > 3 ? "dashed" : "dotted"}: ${m.companion.name}`))];
       if (companions.length) title.textContent += ` (solid: measured; ${companions.join("; ")})`;
@@ -122,6 +123,12 @@ export class SummaryCharts {
     Object.assign(tip.style, { display: "block", top: `${u.cursor.top + 30}px`,
       left: `${left + 14}px` });
   }
+}
+
+// `decay_rate` → its description; a watched model's `encoder.lstm/decay_rate/layer0` →
+// "encoder.lstm · decay_rate · layer0" (the descriptions speak of z).
+function chartTitle(chart) {
+  return SUMMARY_TITLES[chart] || chart.split("/").join(" · ");
 }
 
 export function escapeHtml(text) {
