@@ -100,10 +100,10 @@ function chosenRuns() {
   return state.runs.filter((r) => state.selected.has(r.run));
 }
 
-// The run's record shown at slider step `step`: its latest step at or before it.
-function stepOf(run, step) {
+// The record shown at slider step `step` of a tag recorded at `steps`: the latest at or before.
+function latestOf(steps, step) {
   let found = null;
-  for (const s of run.tags[state.tag].steps) if (s <= step) found = s;
+  for (const s of steps) if (s <= step) found = s;
   return found;
 }
 
@@ -126,13 +126,13 @@ async function drawProfile() {
   const series = [];
   const reads = [];
   for (const run of runs) {
-    const at = step === null ? null : stepOf(run, step);
+    const at = step === null ? null : latestOf(run.tags[state.tag].steps, step);
     const label = at === step ? run.label : `${run.label} (step ${at ?? "–"})`;
     series.push({ label, color: run.color, values: null });
     reads.push(at === null ? null : store.record(run.run, state.tag, at));
     const predicted = predictionTag(run);
     if (predicted) {
-      const p = stepOf({ tags: { [state.tag]: run.tags[predicted] } }, step);
+      const p = latestOf(run.tags[predicted].steps, step);
       series.push({ label: `${run.label} predicted`, color: run.color, dash: [6, 4], values: null });
       reads.push(p === null ? null : store.record(run.run, predicted, p));
     }
@@ -194,8 +194,8 @@ async function refresh(toLatest = false) {
 
 async function drawHeatmapsAndRange(runs, token) {
   const title = describeTag(state.tag, runs[0] ? runs[0].tags[state.tag].row : null);
-  const shown = state.heatmapRun === SIDE_BY_SIDE ? runs
-    : runs.filter((r) => r.run === state.heatmapRun);
+  const one = runs.filter((r) => r.run === state.heatmapRun);
+  const shown = one.length ? one : runs; // side by side, also when that run is not drawn
   const container = $("gf-heatmaps");
   container.className = `gf-heatmaps ${shown.length > 1 ? "gf-side-by-side" : ""}`;
   $("gf-heatmap-title").textContent = `log10 ${title} over training step × t`;
