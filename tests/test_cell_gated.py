@@ -8,6 +8,7 @@ import torch
 
 from rnnlab import gradflow
 from rnnlab.cells import GRU, LSTM
+from rnnlab.cells.base import state_keys
 from rnnlab.config import ConfigError
 from rnnlab.tasks import Adding
 
@@ -117,12 +118,11 @@ def assert_probe_gradients_match_finite_differences(model, batch, times, eps=1e-
     B, T = x.shape[:2]
     probes = model.make_probes(B, T)
     grads = torch.autograd.grad(model.loss_fn(model(x, batch.get("dt"), probes), y), probes)
-    record = gradflow.grad_flow(model, batch)
+    profiles = gradflow.grad_flow(model, batch).profiles
     generator = torch.Generator().manual_seed(1)
-    for s, name in enumerate(model.cell.state_names):
-        key = gradflow.profile_key(name, s)
+    for s, key in enumerate(state_keys(model.cell.state_names)):
         norms = grads[s].flatten(1).norm(dim=1).numpy()
-        np.testing.assert_allclose(record[key], norms, rtol=1e-12)
+        np.testing.assert_allclose(profiles[key], norms, rtol=1e-12)
         for t in times:
             v = torch.randn(B, model.cell.hidden_size, generator=generator, dtype=x.dtype)
             losses = []

@@ -125,8 +125,8 @@ def test_euler_gives_the_same_outputs_and_profile_as_manual_euler_in_float32():
     for a, b in zip(manual.parameters(), euler.parameters()):
         assert torch.equal(a, b)
     torch.testing.assert_close(euler(batch["x"]), manual(batch["x"]), rtol=1e-6, atol=0)
-    np.testing.assert_allclose(gradflow.grad_flow(euler, batch)["dL_dz"],
-                               gradflow.grad_flow(manual, batch)["dL_dz"], rtol=1e-6)
+    np.testing.assert_allclose(gradflow.grad_flow(euler, batch).profiles["dL_dz"],
+                               gradflow.grad_flow(manual, batch).profiles["dL_dz"], rtol=1e-6)
 
 
 # --- the logged profile is exact for every solver ----------------------------------------------

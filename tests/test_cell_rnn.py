@@ -91,7 +91,7 @@ def test_orthogonal_constraint_keeps_W_gain_times_orthogonal_through_training(ga
 def linear_profile_after_training(**cell) -> np.ndarray:
     model = linear_model(nonlinearity="identity", **cell)
     train_steps(model, 5)
-    dL_dz = gradflow.grad_flow(model, adding_batch(30, seed=100))["dL_dz"]
+    dL_dz = gradflow.grad_flow(model, adding_batch(30, seed=100)).profiles["dL_dz"]
     return dL_dz / dL_dz[-1]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from rnnlab import gradflow
 from rnnlab.model import RecurrentModel
+from rnnlab.records import Jacobians, Record
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
 
@@ -33,7 +34,7 @@ def test_linear_orthogonal_rnn_gradient_scales_as_gain_power(gain):
     torch.manual_seed(0)
     T = 40
     model = rnn_model(nonlinearity="identity", init="orthogonal", gain=gain)
-    dL_dz = gradflow.grad_flow(model, adding_batch(T))["dL_dz"]
+    dL_dz = gradflow.grad_flow(model, adding_batch(T)).profiles["dL_dz"]
     expected = gain ** (T - 1 - np.arange(T))
     np.testing.assert_allclose(dL_dz / dL_dz[-1], expected, rtol=1e-8)
 
@@ -43,7 +44,7 @@ def test_probe_profile_equals_retain_grad_profile_for_tanh():
     T = 25
     model = rnn_model(nonlinearity="tanh", init="normal", gain=1.3)
     batch = adding_batch(T)
-    profile = gradflow.grad_flow(model, batch)["dL_dz"]
+    profile = gradflow.grad_flow(model, batch).profiles["dL_dz"]
 
     u = model.encoder(batch["x"])
     (z,) = model.cell.init_state(u.shape[0])
@@ -72,7 +73,7 @@ def test_grad_flow_module_norms_equal_autograd_parameter_gradients():
     for module in ("encoder", "cell", "decoder"):
         grads = [p.grad.flatten() for p in getattr(model, module).parameters()]
         expected = torch.cat(grads).norm().item()
-        assert record[f"grad_norm_{module}"] == pytest.approx(expected, rel=1e-12)
+        assert record.grad_norms[f"grad_norm_{module}"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_training_record_at_step_zero_equals_grad_flow_on_first_batch(make_cfg, tmp_path):
@@ -84,7 +85,7 @@ def test_training_record_at_step_zero_equals_grad_flow_on_first_batch(make_cfg, 
     task = build(cfg.task)
     model = build_model(cfg, task)
     batch = next(iter(task.train_dataloader()))
-    expected = gradflow.grad_flow(model, batch)
+    expected = gradflow.grad_flow(model, batch).arrays()
     np.testing.assert_allclose(recorded["dL_dz"], expected["dL_dz"], rtol=1e-5)
     assert recorded["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     for module in ("encoder", "cell", "decoder"):
@@ -110,7 +111,7 @@ def test_horizon_counts_steps_back_within_a_thousandth_of_the_maximum():
 
 def test_load_stacks_records_in_step_order(tmp_path):
     for step in (10, 0, 5):
-        gradflow.save(tmp_path / "grad_flow", step, {"dL_dz": np.full(4, float(step)), "loss": 1.0})
+        Record(step, {"dL_dz": np.full(4, float(step))}, loss=1.0).save(tmp_path / "grad_flow")
     record = gradflow.load(tmp_path)
     assert record["step"].tolist() == [0, 5, 10]
     assert record["dL_dz"].shape == (3, 4) and record["dL_dz"][:, 0].tolist() == [0, 5, 10]
@@ -118,13 +119,14 @@ def test_load_stacks_records_in_step_order(tmp_path):
 
 
 def test_load_names_the_directory_when_it_holds_no_records(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no grad_flow/step_"):
+    with pytest.raises(FileNotFoundError, match=r"no step_\*\.npz in "):
         gradflow.load(tmp_path)
 
 
 def test_load_fills_a_key_missing_on_some_steps_with_nan(tmp_path):
-    gradflow.save(tmp_path / "grad_flow", 0, {"dL_dz": np.ones(3), "jacobian_norm": np.full(3, 2.)})
-    gradflow.save(tmp_path / "grad_flow", 1, {"dL_dz": np.ones(3)})
+    Record(0, {"dL_dz": np.ones(3)}, jacobians=Jacobians(np.full(3, 2.0), math.log10(2.0))
+           ).save(tmp_path / "grad_flow")
+    Record(1, {"dL_dz": np.ones(3)}).save(tmp_path / "grad_flow")
     record = gradflow.load(tmp_path)
     assert record["jacobian_norm"].shape == (2, 3)
     assert record["jacobian_norm"][0].tolist() == [2.0, 2.0, 2.0]

@@ -25,6 +25,7 @@ from rnnlab.callbacks import chosen_timesteps
 from rnnlab.config import ConfigError
 from rnnlab.figures import BOUND_DECADES, plt, profile_figure
 from rnnlab.model import MODULES, RecurrentModel
+from rnnlab.records import Jacobians, Record, record_path
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
 
@@ -109,14 +110,16 @@ def test_param_contribution_norms_equal_those_of_an_unrolled_net_with_per_step_c
     batch = adding_batch(10)
     record = gradflow.grad_flow(model, batch, param_contributions=True)
     for key, expected in per_step_copies_contributions(model, batch).items():
-        np.testing.assert_allclose(record[key], expected, rtol=1e-10, atol=1e-14, err_msg=key)
+        np.testing.assert_allclose(record.contributions[key], expected, rtol=1e-10, atol=1e-14,
+                                   err_msg=key)
 
 
 def test_decoder_contributes_only_at_the_step_the_loss_reads():
     model = make_model("rnn")
     record = gradflow.grad_flow(model, adding_batch(8), param_contributions=True)
-    assert (record["dL_dW_decoder"][:-1] == 0).all()
-    assert record["dL_dW_decoder"][-1] == pytest.approx(record["grad_norm_decoder"], rel=1e-12)
+    decoder = record.contributions["dL_dW_decoder"]
+    assert (decoder[:-1] == 0).all()
+    assert decoder[-1] == pytest.approx(record.grad_norms["grad_norm_decoder"], rel=1e-12)
 
 
 def test_param_contributions_leave_the_models_parameter_grads_untouched():
@@ -153,23 +156,23 @@ def test_jacobian_norm_is_the_largest_singular_value_of_the_autograd_jacobian(ce
     model = make_model(cell, **({"dt": 1.0} if cell == "node" else {}))
     batch = adding_batch(6, B=3)
     record = gradflow.jacobians(model, batch, iterations=300)
-    np.testing.assert_allclose(record["jacobian_norm"], autograd_jacobian_norms(model, batch),
+    np.testing.assert_allclose(record.jacobian_norm, autograd_jacobian_norms(model, batch),
                                rtol=1e-8)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
 def test_jacobian_norms_in_small_batches_of_timesteps_equal_those_in_one(cell, monkeypatch):
     model, batch = make_model(cell), adding_batch(7, B=3)
-    whole = gradflow.jacobians(model, batch, iterations=20)["jacobian_norm"]
+    whole = gradflow.jacobians(model, batch, iterations=20).jacobian_norm
     monkeypatch.setattr(gradflow, "JACOBIAN_ROWS", 2 * 3)  # batches of 2 timesteps, one of 1
-    batched = gradflow.jacobians(model, batch, iterations=20)["jacobian_norm"]
+    batched = gradflow.jacobians(model, batch, iterations=20).jacobian_norm
     np.testing.assert_allclose(batched, whole, rtol=1e-12)
 
 
 def test_linear_orthogonal_rnn_jacobians_are_the_gain_and_their_product_is_the_profile():
     gain, T = 0.9, 20
     model = make_model("rnn", nonlinearity="identity", init="orthogonal", gain=gain)
-    record = gradflow.grad_flow(model, adding_batch(T), jacobian_iterations=2)
+    record = gradflow.grad_flow(model, adding_batch(T), jacobian_iterations=2).arrays()
     np.testing.assert_allclose(record["jacobian_norm"], gain, rtol=1e-12)
     assert record["jacobian_rate"] == pytest.approx(math.log10(gain), abs=1e-12)
     np.testing.assert_allclose(gradflow.jacobian_bound(record["dL_dz"], record["jacobian_norm"]),
@@ -181,7 +184,7 @@ def test_linear_orthogonal_rnn_jacobians_are_the_gain_and_their_product_is_the_p
 def test_jacobian_bound_holds_for_a_tanh_rnn_read_at_the_last_step():
     T = 25
     model = make_model("rnn", nonlinearity="tanh", init="normal", gain=2.0)
-    record = gradflow.grad_flow(model, adding_batch(T), jacobian_iterations=50)
+    record = gradflow.grad_flow(model, adding_batch(T), jacobian_iterations=50).arrays()
     bound = gradflow.jacobian_bound(record["dL_dz"], record["jacobian_norm"])
     assert (record["dL_dz"] <= bound * (1 + 1e-9)).all()
     assert record["log10_first_last"] <= (T - 1) * record["jacobian_rate"] + 1e-9
@@ -196,7 +199,8 @@ def test_jacobian_bound_is_the_last_norm_times_the_later_jacobian_norms():
 def test_profile_figure_draws_a_bound_hundreds_of_decades_above_the_profile(jacobian_norm):
     T = 1000
     dL_dz = np.linspace(0.01, 0.02, T)
-    record = {"dL_dz": dL_dz, "jacobian_norm": np.full(T, jacobian_norm)}
+    record = Record(7, {"dL_dz": dL_dz},
+                    jacobians=Jacobians(np.full(T, jacobian_norm), math.log10(jacobian_norm)))
     fig = profile_figure(record, step=7)
     fig.canvas.draw()  # ticks and layout: a log axis up to 1e300 overflowed here
     profile, bound = fig.axes[0].get_lines()
@@ -212,10 +216,10 @@ def test_recurrent_spectrum_matches_numpy():
     model = make_model("rnn", init="normal", hidden_size=7)
     W = model.cell.weight_hh.detach().numpy()
     spectrum = gradflow.recurrent_spectrum(model.cell)
-    np.testing.assert_allclose(spectrum["recurrent_singular_values"],
+    np.testing.assert_allclose(spectrum.recurrent_singular_values,
                                np.linalg.svd(W, compute_uv=False), rtol=1e-12)
-    assert spectrum["recurrent_spectral_norm"] == pytest.approx(np.linalg.norm(W, 2), rel=1e-12)
-    assert spectrum["recurrent_spectral_radius"] == pytest.approx(
+    assert spectrum.recurrent_spectral_norm == pytest.approx(np.linalg.norm(W, 2), rel=1e-12)
+    assert spectrum.recurrent_spectral_radius == pytest.approx(
         np.abs(np.linalg.eigvals(W)).max(), rel=1e-12)
 
 
@@ -279,7 +283,8 @@ def test_training_records_equal_grad_flow_with_every_instrument_on_the_first_bat
     task = build(cfg.task)
     model = build_model(cfg, task)
     batch = next(iter(task.train_dataloader()))
-    expected = gradflow.grad_flow(model, batch, param_contributions=True, jacobian_iterations=7)
+    expected = gradflow.grad_flow(model, batch, param_contributions=True,
+                                 jacobian_iterations=7).arrays()
     for key in [f"dL_dW_{m}" for m in MODULES] + ["jacobian_norm", "recurrent_singular_values"]:
         np.testing.assert_allclose(recorded[key], expected[key], rtol=1e-5, atol=1e-9,
                                    err_msg=key)
@@ -425,6 +430,6 @@ def test_a_figure_that_cannot_be_drawn_is_a_warning_and_training_goes_on(make_cf
     assert metrics["step"] == 3
     assert gradflow.load(tmp_path / "run")["step"].tolist() == [0, 1, 2]  # every record kept
     assert "grad_flow figures of step 0 not drawn (OverflowError" in caplog.text
-    assert str(gradflow.record_path(tmp_path / "run" / "grad_flow", 0)) in caplog.text
+    assert str(record_path(tmp_path / "run" / "grad_flow", 0)) in caplog.text
     assert set(plt.get_fignums()) == open_before
     assert not events(tmp_path / "run").Tags()["images"]

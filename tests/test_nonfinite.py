@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from rnnlab import gradflow
 from rnnlab.cells.rnn import ElmanRNN
 from rnnlab.config import ConfigError
+from rnnlab.nonfinite import NonFinitePolicy
 from rnnlab.train import build, build_model, train
 
 T = 12
@@ -96,7 +98,7 @@ def test_nonfinite_gradient_reports_the_offending_timesteps_of_an_independent_pr
 def test_unmonitored_nonfinite_step_says_how_to_see_the_timesteps(make_cfg, poisoned_rnn,
                                                                   caplog):
     # Step 0 is monitored, step 1 is not; both are poisoned (the loop runs `step` on both).
-    with caplog.at_level(logging.WARNING, logger="rnnlab.model"):
+    with caplog.at_level(logging.WARNING, logger="rnnlab.nonfinite"):
         train(make_cfg(*POISON, "monitor.every_n_steps=2", "model.fast_path=false",
                        "monitor.on_nonfinite=skip"))
     first, second = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -110,7 +112,7 @@ def test_skip_leaves_parameters_unchanged_counts_and_finishes(make_cfg, tmp_path
     cfg = make_cfg(*POISON, "monitor.on_nonfinite=skip")
     pl.seed_everything(cfg.seed, workers=True)
     initial = build_model(cfg, build(cfg.task)).state_dict()  # the run builds the same weights
-    with caplog.at_level(logging.WARNING, logger="rnnlab.model"):
+    with caplog.at_level(logging.WARNING, logger="rnnlab.nonfinite"):
         metrics = train(cfg)
     assert metrics["step"] == 2  # both optimizer steps were skipped, and training went on
     final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -131,18 +133,22 @@ def test_skip_counts_skipped_steps_in_tensorboard(make_cfg, tmp_path, poisoned_r
     assert [e.value for e in events.Scalars("train/skipped_steps")] == [1.0, 2.0]
 
 
-def test_a_step_skipped_under_ddp_leaves_parameters_and_adam_state_as_they_were(make_cfg):
-    # Under DDP a skipped step still runs a backward (of `skipped_loss`) so that every process
-    # takes part in the all-reduce; the optimizer then finds no gradients.
+def test_a_skipped_step_leaves_parameters_and_adam_state_as_they_were(make_cfg):
+    # A skipped step still runs its backward pass (under DDP every process takes part in the
+    # all-reduce); the policy then drops the gradients and the optimizer finds none.
     cfg = make_cfg()
     model = build_model(cfg, build(cfg.task))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = model.skipped_loss()
-    assert loss.item() == 0.0
+    x = torch.full((2, 5, 2), float("nan"))
+    loss = model.loss_fn(model(x), torch.zeros(2, 1, 1))
+    trainer = SimpleNamespace(world_size=1, global_step=3)
+    model.log = lambda *args, **kwargs: None  # no trainer to log to
+    policy = NonFinitePolicy("skip")
+    assert not policy.check_loss(trainer, model, loss, "none yet")
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())  # every parameter took part
-    model.on_after_backward()
+    policy.check_gradients(trainer, model, gradflow.module_grad_norm_tensors(model), None, "")
     optimizer.step()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from rnnlab import gradflow
 from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive
+from rnnlab.records import Record
 from rnnlab.report import (
     NoRunsError,
     decay_vs_gain_figure,
@@ -38,8 +38,7 @@ def fake_run(path, gain: float, steps=(0, 10, 20), val_loss: float = 0.1, overri
     whose amplitude grows with the step, and training loss 1/(1 + step)."""
     for step in steps:
         profile = (1 + step) * gain ** (T - 1 - np.arange(T))
-        record = {"dL_dz": profile, "loss": 1 / (1 + step), **gradflow.summarize(profile)}
-        gradflow.save(path / "grad_flow", step, record)
+        Record(step, {"dL_dz": profile}, loss=1 / (1 + step)).save(path / "grad_flow")
     (path / "metrics.json").write_text(json.dumps(
         {"val/loss": val_loss, "val/baseline": 1 / 6, "step": steps[-1] + 1}))
     (path / ".hydra").mkdir()

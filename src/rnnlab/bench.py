@@ -13,6 +13,12 @@ For each cell × T (B = 64, H = 128, the adding task):
 ``--ode`` measures the neural ODE's solver paths instead (`ODE_PATHS`): seconds per rnnlab
 training step against manual Euler at the same T, and how time and peak memory grow with T.
 
+``--user`` measures the callback on a user's own model instead: a LightningModule around a 2-layer
+``nn.LSTM`` (H = 128, B = 64, T = 1000 by default, the adding task), trained with and without
+`rnnlab.GradFlowCallback` monitoring every 50 steps (throughput, side by side), and one monitored
+step (the unrolled, probed forward+backward) against one unmonitored (fused) step: time and peak
+memory, each in a process of its own.
+
 Each case runs in a fresh process, so its peak memory (max RSS, or CUDA max allocated) is its own.
 """
 
@@ -188,6 +194,84 @@ def run_probed(cell: str, T: int, repeats: int, device: str) -> dict:
     return {"plain_s": statistics.median(plain), "probed_s": statistics.median(probed)}
 
 
+class UserLSTM(pl.LightningModule):
+    """A user's model as written without rnnlab: 2-layer nn.LSTM, linear read-out of the last
+    output, MSE (the adding task), Adam."""
+
+    def __init__(self, hidden: int = H, layers: int = 2):
+        super().__init__()
+        self.lstm = nn.LSTM(2, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1]).unsqueeze(1)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=LR)
+
+
+class AddingStream(torch.utils.data.IterableDataset):
+    def __init__(self, T: int):
+        self.T = T
+
+    def __iter__(self):
+        return adding_batches(self.T, "cpu")
+
+
+def run_user(T: int, warmup: int, steps: int, device: str, every: int | None) -> dict:
+    """Steps per second of `UserLSTM` in a Lightning Trainer, with the callback every ``every``
+    steps (None: without it)."""
+    import rnnlab
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "timing.json"
+        callbacks = [StepTimer(str(out), warmup, steps)]
+        if every is not None:
+            callbacks.append(rnnlab.GradFlowCallback(Path(tmp) / "grad_flow", every_n_steps=every))
+        trainer = pl.Trainer(max_steps=warmup + steps, logger=False, callbacks=callbacks,
+                             accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        data = torch.utils.data.DataLoader(AddingStream(T), batch_size=None)
+        trainer.fit(UserLSTM(), data)
+        return json.loads(out.read_text())
+
+
+def run_user_step(T: int, repeats: int, device: str, probed: bool) -> dict:
+    """Median seconds of one training step of `UserLSTM` (forward, backward, Adam), monitored
+    (inside `rnnlab.watch`, the records read after backward) or not; the process's peak memory
+    is this kind of step's alone."""
+    import rnnlab
+
+    torch.manual_seed(0)
+    model = UserLSTM().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    x, y = next(adding_batches(T, device))
+    watch = rnnlab.watch(model)
+
+    def once() -> float:
+        sync(torch.device(device))
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if probed:
+            with watch:
+                nn.functional.mse_loss(model(x), y).backward()
+            watch.profiles()
+        else:
+            nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        sync(torch.device(device))
+        return time.perf_counter() - start
+
+    once()  # warm up
+    return {"step_s": statistics.median(once() for _ in range(repeats))}
+
+
 def run_case(case: dict) -> dict:
     torch.set_num_threads(case.get("threads") or torch.get_num_threads())
     flush = case.get("flush_denormal", False)
@@ -200,6 +284,11 @@ def run_case(case: dict) -> dict:
         result = run_raw(case["cell"], case["T"], case["warmup"], case["steps"], device)
     elif mode == "probed":
         result = run_probed(case["cell"], case["T"], case["steps"], device)
+    elif mode in ("user_off", "user_monitor"):
+        result = run_user(case["T"], case["warmup"], case["steps"], device,
+                          case["every"] if mode == "user_monitor" else None)
+    elif mode in ("user_step", "user_step_monitored"):
+        result = run_user_step(case["T"], case["steps"], device, mode == "user_step_monitored")
     else:
         every = case["every"] if mode == "monitor" else None
         result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every,
@@ -262,6 +351,42 @@ ODE_PATHS = {
     "dopri5 adjoint segments": ["cell.solver=dopri5", "cell.adjoint=true",
                                 "cell.whole_sequence=true"],
 }
+
+
+def user_plan(T: int, every: int, repeats: int) -> list[dict]:
+    """`--user`: the same Lightning model without and with the callback (the timed window of
+    ``every`` steps holds one monitored step), alternated twice so drifts in machine load hit both;
+    then single steps, unmonitored and monitored."""
+    runs = [{"cell": "user lstm", "T": T, "mode": mode, "warmup": 3, "steps": every,
+             "every": every} for _ in range(2) for mode in ("user_off", "user_monitor")]
+    return runs + [{"cell": "user lstm", "T": T, "mode": mode, "steps": repeats}
+                   for mode in ("user_step", "user_step_monitored")]
+
+
+def user_table(results: list[dict], title: str):
+    from rich.table import Table
+
+    ok = [r for r in results if "error" not in r]
+    mean = {mode: statistics.mean(r["steps_per_s"] for r in ok if r["mode"] == mode)
+            for mode in ("user_off", "user_monitor")}
+    step = {r["mode"]: r for r in ok if r["mode"].startswith("user_step")}
+    summary = {"T": results[0]["T"], "every": results[0]["every"],
+               "steps_per_s": mean, "monitored_over_off": mean["user_monitor"] / mean["user_off"],
+               "step_s": {m: r["step_s"] for m, r in step.items()},
+               "step_peak_mb": {m: r["peak_mb"] for m, r in step.items()}}
+    table = Table(title=title)
+    for column in ("", "steps/s (or s/step)", "ratio", "peak MB"):
+        table.add_column(column, justify="right")
+    table.add_row("without the callback", f"{mean['user_off']:.3f}", "1.00", "")
+    table.add_row(f"callback every {summary['every']} steps", f"{mean['user_monitor']:.3f}",
+                  f"{summary['monitored_over_off']:.3f}", "")
+    plain, probed = step["user_step"], step["user_step_monitored"]
+    table.add_row("one unmonitored step (fused)", f"{plain['step_s']:.3f} s", "1.00",
+                  f"{plain['peak_mb']:.0f}")
+    table.add_row("one monitored step (unrolled, probed)", f"{probed['step_s']:.3f} s",
+                  f"{probed['step_s'] / plain['step_s']:.2f}",
+                  f"{probed['peak_mb']:.0f} ({probed['peak_mb'] / plain['peak_mb']:.2f}×)")
+    return table, summary
 
 
 def ode_plan(paths: list[str], lengths: list[int], steps: int) -> list[dict]:
@@ -356,6 +481,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ode-lengths", default="1000,10000")
     parser.add_argument("--ode-steps", type=int, default=2,
                         help="timed training steps per case, after one warm-up step")
+    parser.add_argument("--user", action="store_true",
+                        help="only: GradFlowCallback on a user's 2-layer nn.LSTM Lightning model "
+                             "(H=128, B=64) at --user-length, with and without the callback")
+    parser.add_argument("--user-length", type=int, default=1000)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
@@ -368,7 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.progress import track
 
-    if args.ode:
+    if args.user:
+        cases = user_plan(args.user_length, every=50, repeats=5)
+    elif args.ode:
         paths = [p.strip() for p in args.ode_paths.split(",") if p.strip()]
         unknown = sorted(set(paths) - set(ODE_PATHS))
         if unknown:
@@ -392,7 +523,10 @@ def main(argv: list[str] | None = None) -> None:
 
     setting = (f"B={B}, H={H}, adding, lr {LR}, {args.device}, {torch.get_num_threads()} threads"
                + (", subnormals flushed" if args.flush_denormal else ""))
-    if args.ode:
+    if args.user:
+        table, summary = user_table(results, f"GradFlowCallback on a user's 2-layer nn.LSTM "
+                                             f"Lightning model ({setting}, T={args.user_length})")
+    elif args.ode:
         table, summary = ode_table(results, f"neural ODE solver paths, rnnlab training steps "
                                             f"({setting}, g 2×{H} tanh, δt 0.1)")
     else:

@@ -1,52 +1,83 @@
-"""GradFlowMonitor: records the exact per-timestep gradient profile during training, and its causes.
+"""GradFlowCallback: the exact per-timestep gradient profile of any recurrent model, as it trains.
 
-Every ``every_n_steps`` training steps (and at step 0) the model runs its probed path for that one
-step; after the backward pass the monitor reads the probes' gradients, writes the lossless
-``grad_flow/step_<step:07d>.npz`` record, and logs to TensorBoard (tags in the README):
+    trainer = pl.Trainer(callbacks=[rnnlab.GradFlowCallback("grad_flow", every_n_steps=50)])
 
-- ``dL_dz/t_<t>`` (and ``dL_dc/t_<t>`` for the LSTM): scalars at a few chosen timesteps;
-- ``dL_dW_<module>/t_<t>``: the per-step parameter contributions ||dL/dW⁽ᵗ⁾|| of encoder, cell
-  and decoder at the same timesteps (``param_contributions``);
-- ``jacobian_norm/t_<t>``, ``grad_flow/jacobian_rate`` and, for a cell with a recurrent matrix,
-  ``recurrent/spectral_norm`` and ``recurrent/spectral_radius`` (every ``jacobian_every_n_steps``);
-- ``grad_flow/log10_first_last``, ``grad_flow/decay_rate``, ``grad_flow/horizon``;
-- images ``grad_flow/profile`` (log scale, with the Jacobian bound) and ``grad_flow/heatmap``.
+It watches every recurrent module of the LightningModule (`rnnlab.watching`: torch.nn's RNN, GRU,
+LSTM and their cells, rnnlab cells, rnnlab's own model) or the ``modules`` named. On monitored
+steps — step 0 and every ``every_n_steps``-th — that step's forward pass runs the watched modules'
+probed path (the same function on the same parameters, step by step, a zero probe on every state),
+and after its backward pass the callback turns the probes' gradients into a `rnnlab.records.Record`
+per watched module: ‖∂L/∂h_t‖ for every timestep, layer and direction (‖∂L/∂c_t‖ for LSTMs). Other
+steps run the model untouched. For rnnlab's `RecurrentModel` the record also holds the per-step
+parameter contributions ‖dL/dW⁽ᵗ⁾‖, the transition Jacobians and the recurrent matrix's spectrum.
 
-Every step: the parameter-gradient norm per module (``grad_norm/encoder|cell|decoder``) and of
-all parameters before and after Lightning's gradient clipping (``grad_norm/total``,
-``grad_norm/total_clipped``). A custom-scalars layout groups each instrument's timesteps on one
-chart.
+Each record is written to ``<dirpath>/step_<step:07d>.npz`` (rnnlab's model) or
+``<dirpath>/<module path>/step_<step:07d>.npz`` (a watched module), and logged through every
+Lightning logger of the trainer (`rnnlab.loggers`): scalars at chosen timesteps, the summaries,
+figures where a logger takes them. Every step it also logs the gradient norm of each top-level
+module (``grad_norm/<module>``) and of all parameters before and after Lightning's clipping
+(``grad_norm/total``, ``grad_norm/total_clipped``), and applies the non-finite policy
+(`rnnlab.nonfinite`).
 
-``profile_dtype=float64`` measures the profile on a float64 copy of the model instead (same
-weights, same batch, its own forward and backward pass): training stays on its fast float32 path,
-and norms down to ~1e-308 are exact where float32 rounds everything below ~1e-45 to 0.
+The hooks it relies on, in the order Lightning (2.x, automatic optimization) calls them within one
+training step; a monitored step is one `MonitoredStep`, opened at (1) and finished at (5):
+
+    hook                              the callback
+    --------------------------------  ----------------------------------------------------------
+    setup                             finds the watched modules (errors before training)
+    on_train_start                    adapters for the loggers; TensorBoard's custom-scalars layout
+    (1) on_train_batch_start          monitored step: opens a MonitoredStep, arms the modules
+        training_step                 (the forward pass: probed on a monitored step)
+    (2) on_before_backward(loss)      non-finite policy on the loss; keeps the loss
+        backward
+    (3) on_after_backward             disarms; probe gradients, per-module gradient norms and the
+                                      Jacobians (the same weights) become the records; non-finite
+                                      policy on the gradients
+    (4) on_before_optimizer_step      the total gradient norm before clipping
+        clipping, optimizer.step
+    (5) on_train_batch_end            the norm after clipping; the records are written and logged
+    on_exception                      disarms the watched modules
+    on_train_end                      the last records' figures
+
+With gradient accumulation, the first micro-batch of a monitored optimizer step is probed.
+``profile_dtype=float64`` (rnnlab's model) measures the profile on a float64 copy of the model
+instead (same weights, same batch, its own forward and backward pass): training stays on its fast
+float32 path, and norms down to ~1e-308 are exact where float32 rounds below ~1e-45 to 0.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor, nn
 
 from rnnlab import gradflow
 from rnnlab.config import ConfigError, require, require_choice, require_int
 from rnnlab.figures import heatmap_figure, plt, profile_figure
-from rnnlab.model import MODULES, offending_timesteps
+from rnnlab.loggers import LoggerAdapter, adapters
+from rnnlab.model import RecurrentModel
+from rnnlab.nonfinite import NonFinitePolicy
+from rnnlab.probing import ProbeRequest
+from rnnlab.records import Record, record_path
+from rnnlab.watching import Watch
 
 log = logging.getLogger(__name__)
 
 # Values per parameter per timestep on a monitored step with param_contributions: the probe, its
 # gradient and the per-step weights in the graph, with allocator slack (measured ≈ 5.2 for an LSTM).
 PARAM_PROBE_COPIES = 6
+MODEL = ""  # the pass name of rnnlab's own model: its records go straight into dirpath
 
 
-def param_probe_bytes(model: torch.nn.Module, seq_len: int) -> int:
+def param_probe_bytes(model: nn.Module, seq_len: int) -> int:
     """Estimated memory of the per-step parameter probes of one monitored step."""
     return PARAM_PROBE_COPIES * seq_len * sum(p.numel() * p.element_size()
                                               for p in model.parameters())
@@ -70,43 +101,61 @@ def chosen_timesteps(T: int, timesteps: list[int] | None, count: int) -> list[in
     return sorted({int(round(t)) for t in np.linspace(0, T - 1, min(count, T))})
 
 
-def tensorboard_writer(trainer):
-    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)),
-                None)
+@dataclass
+class MonitoredStep:
+    """One monitored training step, from its batch's start (1) to its end (5)."""
+
+    step: int
+    batch: Any
+    loss: Tensor | None = None
+    records: dict[str, Record] = field(default_factory=dict)  # pass name → record
 
 
-class GradFlowMonitor(pl.Callback):
+@dataclass
+class History:
+    """The main profile of every record of one watched pass, for the heatmap (log10, float64)."""
+
+    steps: list[int] = field(default_factory=list)
+    log10: list[np.ndarray] = field(default_factory=list)
+
+
+class GradFlowCallback(pl.Callback):
     """Args:
-        dirpath: where the ``step_*.npz`` records go (the run's ``grad_flow/``).
+        dirpath: where the records go (a run's ``grad_flow/``).
         every_n_steps: monitor step 0 and every n-th training step.
-        timesteps: timesteps logged as TensorBoard scalars (negative = from the end); default
+        modules: the modules to watch (paths in ``named_modules()``, or the modules); default:
+            every recurrent module (`rnnlab.watch.find_targets`).
+        timesteps: timesteps logged as scalars (negative = from the end); default
             ``num_timesteps`` evenly spaced.
         num_timesteps: how many evenly spaced timesteps when ``timesteps`` is not given.
-        figure_every_n_records: draw the profile and heatmap images every n-th monitored step,
+        figure_every_n_records: draw the profile and heatmap figures every n-th monitored step,
             and at the last one (the two cost about 0.5 s, measured: more than the probed step at
             T = 100; the records and scalars are always written).
-        param_contributions: also measure ``dL_dW_<module>`` (T,) on monitored steps; costs T
-            times the parameter count in memory on those steps.
-        jacobian_every_n_steps: measure the transition Jacobians on monitored steps that are a
-            multiple of this (0: never); a multiple of ``every_n_steps``.
+        param_contributions: also measure ``dL_dW_<module>`` (T,) on monitored steps (rnnlab's
+            model); costs T times the parameter count in memory on those steps.
+        jacobian_every_n_steps: measure the transition Jacobians (rnnlab's model) on monitored
+            steps that are a multiple of this (0: never); a multiple of ``every_n_steps``.
         jacobian_iterations: power iterations per Jacobian (each one jvp and one vjp of the cell
             over batches of (timestep, sequence) rows, `gradflow.JACOBIAN_ROWS` at most).
         on_nonfinite: a non-finite loss or gradient ``stop``s training with a FloatingPointError,
-            or ``skip``s that optimizer step (counted as ``train/skipped_steps``); either way the
-            message names the step, the last finite profile and the offending timesteps.
+            or ``skip``s that optimizer step (`rnnlab.nonfinite`).
+        max_skipped_steps: with ``skip``, stop after this many steps in a row were skipped.
         profile_dtype: ``float32`` reads the probes of the training step itself (as trained);
-            ``float64`` trains the monitored step on the fast path too and measures the profile
-            (and ``dL_dW``) on a float64 copy of the model with the same batch: one more forward
-            and backward, in float64, on monitored steps only; the update is unchanged.
+            ``float64`` (rnnlab's model) measures the profile (and ``dL_dW``) on a float64 copy
+            of the model with the same batch: one more forward and backward, in float64, on
+            monitored steps only; the update is unchanged.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 50, timesteps: list[int] | None = None,
-                 num_timesteps: int = 5, figure_every_n_records: int = 10,
-                 param_contributions: bool = True, jacobian_every_n_steps: int = 50,
-                 jacobian_iterations: int = 10, on_nonfinite: str = "stop",
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 50,
+                 modules: Iterable[str | nn.Module] | None = None,
+                 timesteps: list[int] | None = None, num_timesteps: int = 5,
+                 figure_every_n_records: int = 10, param_contributions: bool = True,
+                 jacobian_every_n_steps: int = 50, jacobian_iterations: int = 10,
+                 on_nonfinite: str = "stop", max_skipped_steps: int | None = None,
                  profile_dtype: str = "float32"):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
+        self.modules = list(modules) if modules is not None else None
         require(timesteps is None or all(isinstance(t, int) for t in timesteps),
                 "monitor.timesteps", timesteps, "null or a list of integers")
         self.timesteps = list(timesteps) if timesteps else None
@@ -121,19 +170,33 @@ class GradFlowMonitor(pl.Callback):
                 jacobian_every_n_steps,
                 f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
         self.jacobian_iterations = require_int("monitor.jacobian_iterations", jacobian_iterations)
-        self.on_nonfinite = require_choice("monitor.on_nonfinite", on_nonfinite, ("stop", "skip"))
+        self.policy = NonFinitePolicy(on_nonfinite, max_skipped_steps)
         self.profile_dtype = require_choice("monitor.profile_dtype", profile_dtype,
                                             ("float32", "float64"))
-        self.twin = None  # the float64 copy of the model (profile_dtype=float64), made once
-        self.profile_batch: dict | None = None  # the batch of a monitored step, for the copy
-        self.jacobian_batch: dict | None = None  # the batch of a step that measures Jacobians
-        self.pending: tuple[int, dict] | None = None  # a record waiting for the clipped norm
-        self.pre_clip_norm = math.nan
-        self.last_record: dict | None = None  # the latest record, for the run's final metrics
-        self.history_steps: list[int] = []
-        self.history_log10: list[np.ndarray] = []
+        self.watch: Watch | None = None  # made in setup, from the module
+        self.adapters: list[LoggerAdapter] = []
+        self.current: MonitoredStep | None = None  # the monitored step under way, (1) to (5)
+        self.last_monitored = -1  # its optimizer step (the first micro-batch is probed)
+        self.twin: RecurrentModel | None = None  # the float64 copy, made once
+        self.last_records: dict[str, Record] = {}  # the latest, by pass name
+        self.last_finite = "none yet (no monitored step finished)"
+        self.histories: dict[str, History] = {}
+        self.records_written = 0
 
-    def check_memory(self, model: torch.nn.Module, seq_len: int, device: torch.device) -> None:
+    # --- settings that need the model -----------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.watch is not None:
+            return
+        try:
+            self.watch = Watch(pl_module, self.modules, contributions=self.param_contributions)
+        except ValueError as error:
+            raise ConfigError(f"GradFlowCallback: {error}") from None
+        if self.profile_dtype == "float64" and not isinstance(pl_module, RecurrentModel):
+            raise ConfigError("monitor.profile_dtype=float64 needs rnnlab's RecurrentModel (it "
+                              "rebuilds the model in float64); got "
+                              f"{type(pl_module).__name__} (set monitor.profile_dtype=float32)")
+
+    def check_memory(self, model: nn.Module, seq_len: int, device: torch.device) -> None:
         """Refuse, before training, per-step parameter probes that cannot fit in memory.
 
         ``param_contributions`` gives every parameter a (T, *shape) probe on monitored steps: with
@@ -153,96 +216,154 @@ class GradFlowMonitor(pl.Callback):
                 f"monitor.param_contributions=false (dL_dz and the Jacobians stay exact) or "
                 f"shorten task.seq_len")
 
-    # --- checkpointed state: the heatmap's history and the latest record ----------------------
+    # --- checkpointed state: the heatmaps' history and the latest record -----------------------
     # Tensors only, so that checkpoints load with torch.load(weights_only=True).
     def state_dict(self) -> dict:
-        record = self.last_record or {}
-        return {"history_steps": list(self.history_steps),
-                "history_log10": [torch.from_numpy(np.asarray(r)) for r in self.history_log10],
-                "last_record": {k: torch.as_tensor(np.asarray(v)) for k, v in record.items()}}
+        record = self.last_record.arrays() if self.last_record is not None else {}  # the model's
+        record.pop("rows", None)
+        return {"histories": {name: {"steps": list(h.steps),
+                                     "log10": [torch.from_numpy(np.asarray(r)) for r in h.log10]}
+                              for name, h in self.histories.items()},
+                "last_record": {k: torch.as_tensor(v) for k, v in record.items()},
+                "records_written": self.records_written}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history_steps = list(state["history_steps"])
-        self.history_log10 = [r.numpy() for r in state["history_log10"]]
-        record = {k: v.numpy() if v.dim() else v.item() for k, v in state["last_record"].items()}
-        self.last_record = record or None
+        self.histories = {name: History(list(h["steps"]), [r.numpy() for r in h["log10"]])
+                          for name, h in state.get("histories", {}).items()}
+        arrays = {k: v.numpy() for k, v in state.get("last_record", {}).items()}
+        self.last_records = {MODEL: Record.from_arrays(arrays)} if arrays else {}
+        self.records_written = state.get("records_written", 0)
 
-    # --- hooks ---------------------------------------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:
-        pl_module.on_nonfinite = self.on_nonfinite
-        writer = tensorboard_writer(trainer)
+    # --- (hooks in the order of the table above) ------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.adapters = adapters(trainer)
+        if not trainer.is_global_zero:
+            return
         # A resumed run carries the layout over with its history: a second one at step 0, after
         # later steps, would make TensorBoard drop those steps as orphaned.
-        if writer is not None and trainer.is_global_zero and trainer.global_step == 0:
-            writer.add_custom_scalars(custom_scalars_layout(pl_module.cell.state_names))
+        if trainer.global_step == 0:
+            layout = custom_scalars_layout(self.watch.targets)
+            for adapter in self.adapters:
+                adapter.layout(layout)
+        without = [a.name for a in self.adapters if not a.takes_figures]
+        if without:
+            where = ", ".join(f"{a.name} ({a.logger.log_dir})" for a in self.adapters
+                              if a.takes_figures) or f"PNG files in {self.figure_dir}"
+            log.info("%s takes no figures: the gradient-flow figures go to %s; every number they "
+                     "show is in the records under %s", ", ".join(without), where, self.dirpath)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
-        monitored = step % self.every_n_steps == 0
-        in_float64 = self.profile_dtype == "float64"
-        pl_module.probe_next_step = monitored and not in_float64
-        pl_module.probe_parameters = pl_module.probe_next_step and self.param_contributions
-        self.profile_batch = batch if monitored and in_float64 else None
-        jacobian = monitored and self.jacobian_every > 0 and step % self.jacobian_every == 0
-        self.jacobian_batch = batch if jacobian else None
-        self.pre_clip_norm = math.nan
+        self.current = None
+        if step % self.every_n_steps or step == self.last_monitored:
+            return
+        self.last_monitored = step
+        self.current = MonitoredStep(step, batch)
+        if self.profile_dtype == "float32":
+            self.watch.start()
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        if self.current is not None:
+            self.current.loss = loss.detach()
+        self.policy.check_loss(trainer, pl_module, loss, self.last_finite)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         # Tensors, not floats: logging them costs no host sync; Lightning reads them when it writes.
         norms = gradflow.module_grad_norm_tensors(pl_module)
         pl_module.log_dict({f"grad_norm/{k.removeprefix('grad_norm_')}": v
                             for k, v in norms.items()}, on_step=True, on_epoch=False)
-        if self.profile_batch is not None:
-            self.probe_in_float64(pl_module, self.profile_batch)
-            self.profile_batch = None
-        record = self.probed_record(trainer, pl_module, norms)
-        # One host read per step: the non-finite policy has to decide before the optimizer runs.
-        if not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
-            # The loss was finite (training_step checks it), so the backward pass overflowed.
-            named = ", ".join(f"{k.removeprefix('grad_norm_')} {float(v):.3g}"
-                              for k, v in norms.items())
-            pl_module.nonfinite(f"non-finite gradients (norms: {named}) with a finite loss",
-                                offending_timesteps(record["dL_dz"] if record else None))
-            for p in pl_module.parameters():  # the optimizer leaves a parameter without grad
-                p.grad = None
-        if record is not None:
-            self.pending = (trainer.global_step, record)
+        current = self.current
+        if current is not None:
+            self.watch.stop()
+            if self.policy.skipping:  # a non-finite loss: no profile to record
+                self.current = current = None
+            else:
+                current.records = self.measure(trainer, pl_module, current, norms)
+        first = next(iter(current.records.values()), None) if current is not None else None
+        self.policy.check_gradients(trainer, pl_module, norms,
+                                    first.main_profile if first is not None else None,
+                                    self.last_finite)
 
-    def probed_record(self, trainer, pl_module, norms: dict) -> dict | None:
-        """This step's gradient-flow record from the probes' gradients; None if not monitored."""
-        if pl_module.probes is None:
-            return None
-        # Parameter gradients are already averaged over processes by DDP; probes are not.
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
+        total = gradflow.total_grad_norm(pl_module)
+        pl_module.log("grad_norm/total", total, on_step=True, on_epoch=False)
+        if self.current is not None:
+            for record in self.current.records.values():
+                record.grad_norms["grad_norm_total"] = float(total)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # p.grad still holds the clipped gradient the optimizer used: Lightning zeroes it only
+        # in the next step, and torch's optimizers do not write to it.
+        clipped = gradflow.total_grad_norm(pl_module)
+        pl_module.log("grad_norm/total_clipped", clipped, on_step=True, on_epoch=False)
+        current, self.current = self.current, None
+        if current is None or not current.records:
+            return
+        for record in current.records.values():
+            record.grad_norms["grad_norm_total_clipped"] = float(clipped)
+        self.last_records = current.records
+        name, first = next(iter(current.records.items()))
+        if np.isfinite(first.main_profile).all():
+            summary = first.summary
+            self.last_finite = (
+                f"step {first.step}, decay_rate {np.ravel(summary.decay_rate)[0]:.4g}, "
+                f"log10_first_last {np.ravel(summary.log10_first_last)[0]:.4g}, record "
+                f"{record_path(self.record_dir(name), first.step)}")
+        if trainer.is_global_zero:
+            for name, record in current.records.items():
+                record.save(self.record_dir(name))
+            self.log_records(current.step, current.records)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+        self.current = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+        if (trainer.is_global_zero and self.last_records
+                and not self.figures_due()):  # the last records' were not drawn
+            self.draw_figures(self.last_records)
+
+    # --- measuring -------------------------------------------------------------------------------
+    def measure(self, trainer, pl_module, current: MonitoredStep,
+                norms: dict[str, Tensor]) -> dict[str, Record]:
+        """The step's records from the probes' gradients (before the optimizer step: the same
+        weights), one per watched pass."""
         world = trainer.world_size
-        total = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
-        record = gradflow.probe_profile(pl_module.cell.state_names,
-                                        tuple(p.grad for p in pl_module.probes), total, world)
-        if pl_module.param_probes is not None:
-            grads = {m: {n: q.grad for n, q in qs.items()}
-                     for m, qs in pl_module.param_probes.items()}
-            record.update(gradflow.param_contribution_norms(grads, total, world))
-        record.update({k: float(v) for k, v in norms.items()})
-        loss = pl_module.probed_loss.double()
-        record["loss"] = float(total(loss) / world if total else loss)
-        pl_module.probes = pl_module.param_probes = pl_module.probed_loss = None
-        record.update(gradflow.summarize(record["dL_dz"]))
-        if self.jacobian_batch is not None:  # before the optimizer step: the same weights
-            jacobian = gradflow.jacobians(pl_module, self.jacobian_batch,
-                                          self.jacobian_iterations)
-            if total:  # the largest over the global batch
-                largest = trainer.strategy.reduce(torch.from_numpy(jacobian["jacobian_norm"]),
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        if self.profile_dtype == "float64":
+            passes, loss = self.probe_in_float64(pl_module, current.batch)
+        else:
+            passes, loss = self.watch.passes(), current.loss
+        loss_value = None
+        if loss is not None:
+            loss = loss.double()
+            loss_value = float(reduce(loss) / world if reduce else loss)
+        grad_norms = {k: float(v) for k, v in norms.items()}
+        records = {}
+        for name, probed in passes.items():
+            record = Record.from_pass(current.step, probed, reduce, world)
+            record.loss, record.grad_norms = loss_value, dict(grad_norms)
+            records[name] = record
+        model = records.get(MODEL)
+        if model is not None and isinstance(pl_module, RecurrentModel) and self.jacobian_every \
+                and current.step % self.jacobian_every == 0:
+            model.jacobians = gradflow.jacobians(pl_module, current.batch,
+                                                 self.jacobian_iterations)
+            if reduce:  # the largest over the global batch
+                largest = trainer.strategy.reduce(torch.from_numpy(model.jacobians.jacobian_norm),
                                                   reduce_op="max")
-                jacobian.update(gradflow.jacobian_summary(largest.numpy()))
-            record.update(jacobian)
-            self.jacobian_batch = None
-        return record
+                model.jacobians = gradflow.jacobian_summary(largest.numpy())
+            model.spectrum = gradflow.recurrent_spectrum(pl_module.cell)
+        return records
 
-    def probe_in_float64(self, pl_module, batch: dict) -> None:
-        """Run the probed path on a float64 copy of ``pl_module`` (same weights, same batch) and
-        leave its probes, and loss, where the training step's probes would be.
-
-        The copy is built once from the model's hyperparameters (under a forked RNG, so its init
-        draws nothing from the training stream) and refreshed from the state dict on each call.
+    def probe_in_float64(self, pl_module: RecurrentModel, batch: dict):
+        """The probed pass of a float64 copy of ``pl_module`` (same weights, same batch), and its
+        loss. The copy is built once from the model's hyperparameters (under a forked RNG, so its
+        init draws nothing from the training stream) and refreshed from the state dict each call.
         """
         if self.twin is None:
             with torch.random.fork_rng(devices=[]):
@@ -252,111 +373,125 @@ class GradFlowMonitor(pl.Callback):
         twin.load_state_dict(pl_module.state_dict())
         twin.train(pl_module.training)
         batch = {k: v.double() if torch.is_floating_point(v) else v for k, v in batch.items()}
-        x = batch["x"]
-        probes = twin.make_probes(x.shape[0], x.shape[1])
-        param_probes = twin.make_param_probes(x.shape[1]) if self.param_contributions else None
-        with torch.enable_grad():
-            loss = twin.loss_fn(twin(x, batch.get("dt"), probes, param_probes), batch["y"])
-            leaves = [*probes, *(q for qs in (param_probes or {}).values() for q in qs.values())]
-            loss.backward(inputs=leaves)  # the probes only: the copy's .grad stay untouched
+        request = ProbeRequest(contributions=self.param_contributions)
+        with torch.enable_grad(), twin.probing(request) as passes:
+            loss = twin.loss_fn(twin(batch["x"], batch.get("dt")), batch["y"])
+        loss.backward(inputs=passes[0].leaves())  # the probes only: the copy's .grad untouched
         twin.cell.diagnostics()  # the copy's solver work is not the training step's
-        pl_module.probes, pl_module.param_probes = probes, param_probes
-        pl_module.probed_loss = loss.detach()
+        return {MODEL: passes[0]}, loss.detach()
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
-        self.pre_clip_norm = gradflow.total_grad_norm(pl_module)
-        pl_module.log("grad_norm/total", self.pre_clip_norm, on_step=True, on_epoch=False)
+    @property
+    def last_record(self) -> Record | None:
+        """rnnlab's model's latest record (its summaries are the run's final metrics)."""
+        return self.last_records.get(MODEL)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # p.grad still holds the clipped gradient the optimizer used: Lightning zeroes it only
-        # in the next step, and torch's optimizers do not write to it.
-        clipped = gradflow.total_grad_norm(pl_module)
-        pl_module.log("grad_norm/total_clipped", clipped, on_step=True, on_epoch=False)
-        if self.pending is None:
-            return
-        step, record = self.pending
-        self.pending = None
-        record["grad_norm_total"] = float(self.pre_clip_norm)
-        record["grad_norm_total_clipped"] = float(clipped)
-        self.last_record = record
-        if np.isfinite(record["dL_dz"]).all():
-            pl_module.last_finite_profile = (
-                f"step {step}, decay_rate {record['decay_rate']:.4g}, log10_first_last "
-                f"{record['log10_first_last']:.4g}, record "
-                f"{gradflow.record_path(self.dirpath, step)}")
-        if trainer.is_global_zero:
-            gradflow.save(self.dirpath, step, record)
-            self.log_tensorboard(trainer, step, record)
+    def record_dir(self, name: str) -> Path:
+        return self.dirpath / name if name else self.dirpath
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        pl_module.probe_next_step = pl_module.probe_parameters = False
-        writer = tensorboard_writer(trainer)
-        if (writer is not None and trainer.is_global_zero and self.last_record
-                and not self.figures_due()):  # the last record's were not drawn
-            self.draw_figures(writer, self.history_steps[-1], self.last_record)
+    @property
+    def figure_dir(self) -> Path:
+        return self.dirpath / "figures"
 
-    # --- TensorBoard ---------------------------------------------------------------------------
-    def log_tensorboard(self, trainer, step: int, record: dict) -> None:
-        writer = tensorboard_writer(trainer)
-        self.history_steps.append(step)
-        with np.errstate(divide="ignore"):
-            self.history_log10.append(np.log10(record["dL_dz"]))
-        if writer is None:
-            return
-        T = len(record["dL_dz"])
-        per_step = [k for k in record if k.startswith("dL_d") or k == "jacobian_norm"]
-        for key in per_step:
-            for t in chosen_timesteps(T, self.timesteps, self.num_timesteps):
-                writer.add_scalar(f"{key}/t_{t:04d}", record[key][t], step)
-        for key in ("log10_first_last", "decay_rate", "horizon", "jacobian_rate"):
-            if key in record:
-                writer.add_scalar(f"grad_flow/{key}", record[key], step)
-        for key in ("spectral_norm", "spectral_radius"):
-            if f"recurrent_{key}" in record:
-                writer.add_scalar(f"recurrent/{key}", record[f"recurrent_{key}"], step)
+    # --- logging ---------------------------------------------------------------------------------
+    def log_records(self, step: int, records: dict[str, Record]) -> None:
+        metrics: dict[str, float] = {}
+        for name, record in records.items():
+            metrics.update(record_scalars(name, record, self.timesteps, self.num_timesteps))
+            history = self.histories.setdefault(name, History())
+            history.steps.append(step)
+            with np.errstate(divide="ignore"):
+                history.log10.append(np.log10(record.main_profile))
+        for adapter in self.adapters:
+            adapter.scalars(metrics, step)
+        self.records_written += 1
         if self.figures_due():
-            self.draw_figures(writer, step, record)
+            self.draw_figures(records)
 
     def figures_due(self) -> bool:
         """Whether the latest record is one whose figures are drawn (every n-th, from the first)."""
-        return (len(self.history_steps) - 1) % self.figure_every == 0
+        return (self.records_written - 1) % self.figure_every == 0
 
-    def draw_figures(self, writer, step: int, record: dict) -> None:
-        """The two images. One that cannot be drawn is a warning, not the end of the run: the
-        record on disk holds every number the images show."""
-        open_before = set(plt.get_fignums())
-        try:
-            writer.add_figure("grad_flow/profile", profile_figure(record, step), step)
-            writer.add_figure("grad_flow/heatmap",
-                              heatmap_figure(self.history_steps, self.history_log10), step)
-        except Exception as error:  # matplotlib on data it cannot lay out
-            for number in set(plt.get_fignums()) - open_before:
-                plt.close(number)
-            log.warning("grad_flow figures of step %d not drawn (%s: %s); the record %s holds "
-                        "their values", step, type(error).__name__, error,
-                        gradflow.record_path(self.dirpath, step))
+    def draw_figures(self, records: dict[str, Record]) -> None:
+        """The profile and heatmap of each watched pass, to every logger that takes figures (PNG
+        files in ``figure_dir`` if none does). One that cannot be drawn is a warning, not the end
+        of the run: the record on disk holds every number it shows."""
+        takers = [a for a in self.adapters if a.takes_figures]
+        for name, record in records.items():
+            prefix = f"grad_flow/{name}/" if name else "grad_flow/"
+            history = self.histories.get(name, History())
+            open_before = set(plt.get_fignums())
+            try:
+                figures = {f"{prefix}profile": profile_figure(record, record.step),
+                           f"{prefix}heatmap": heatmap_figure(history.steps, history.log10,
+                                                              record.rows)}
+                for tag, figure in figures.items():
+                    for adapter in takers:
+                        adapter.figure(tag, figure, record.step)
+                    if not takers:
+                        path = self.figure_dir / f"{tag.replace('/', '_')}_{record.step:07d}.png"
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        figure.savefig(path)
+            except Exception as error:  # matplotlib on data it cannot lay out
+                log.warning("grad_flow figures of step %d not drawn (%s: %s); the record %s holds "
+                            "their values", record.step, type(error).__name__, error,
+                            record_path(self.record_dir(name), record.step))
+            finally:
+                for number in set(plt.get_fignums()) - open_before:
+                    plt.close(number)
 
 
-def custom_scalars_layout(state_names: tuple[str, ...]) -> dict:
+def record_scalars(name: str, record: Record, timesteps: list[int] | None,
+                   count: int) -> dict[str, float]:
+    """A record's scalars for the loggers: its summaries and sections, and its per-timestep
+    arrays at the chosen timesteps (``<key>/t_<t>``; a watched module's under its path and row)."""
+    if not name:
+        metrics = dict(record.scalars())
+        for key, values in record.per_timestep().items():
+            for t in chosen_timesteps(len(values), timesteps, count):
+                metrics[f"{key}/t_{t:04d}"] = float(values[t])
+        return metrics
+    metrics = {}
+    summary = record.summary
+    for i, row in enumerate(record.rows or ("",)):
+        where = f"{name}/{row}" if row else name
+        for key in ("log10_first_last", "decay_rate", "horizon"):
+            metrics[f"grad_flow/{where}/{key}"] = float(np.ravel(getattr(summary, key))[i])
+        for key, values in record.profiles.items():
+            row_values = np.atleast_2d(values)[i]
+            tag = f"{name}/{key}/{row}" if row else f"{name}/{key}"
+            for t in chosen_timesteps(len(row_values), timesteps, count):
+                metrics[f"{tag}/t_{t:04d}"] = float(row_values[t])
+    return metrics
+
+
+def custom_scalars_layout(targets) -> dict:
     """TensorBoard custom-scalars layout: each instrument's chosen timesteps on one chart."""
-    profiles = {f"||dL/d{name}_t|| at the chosen t": ["Multiline", [rf"^{key}/t_\d+$"]]
-                for key, name in ((gradflow.profile_key(n, i), n if i else "z")
-                                  for i, n in enumerate(state_names))}
-    contributions = {f"||dL/dW(t)|| of the {m} at the chosen t":
-                     ["Multiline", [rf"^dL_dW_{m}/t_\d+$"]] for m in MODULES}
-    return {
-        "gradient flow": {
-            **profiles,
-            **contributions,
-            "||dz_t/dz_(t-1)|| at the chosen t": ["Multiline", [r"^jacobian_norm/t_\d+$"]],
-            "decay rate per step: measured, and allowed by the Jacobians":
-                ["Multiline", [r"^grad_flow/decay_rate$", r"^grad_flow/jacobian_rate$"]],
-            "recurrent matrix W": ["Multiline", [r"^recurrent/"]],
-        },
-        "gradient norms": {
-            "per module": ["Multiline", [r"^grad_norm/(encoder|cell|decoder)$"]],
-            "all parameters, before and after clipping":
-                ["Multiline", [r"^grad_norm/total$", r"^grad_norm/total_clipped$"]],
-        },
+    from rnnlab.cells.base import state_keys
+
+    charts: dict[str, list] = {}
+    gradient_norms = {
+        "all parameters, before and after clipping":
+            ["Multiline", [r"^grad_norm/total$", r"^grad_norm/total_clipped$"]],
     }
+    for target in targets:
+        module = target.module
+        if isinstance(module, RecurrentModel):
+            names = module.cell.state_names
+            for key, state in zip(state_keys(names), ("z", *names[1:])):
+                charts[f"||dL/d{state}_t|| at the chosen t"] = ["Multiline", [rf"^{key}/t_\d+$"]]
+            for m, _ in module.named_children():
+                charts[f"||dL/dW(t)|| of the {m} at the chosen t"] = [
+                    "Multiline", [rf"^dL_dW_{m}/t_\d+$"]]
+            charts["||dz_t/dz_(t-1)|| at the chosen t"] = ["Multiline", [r"^jacobian_norm/t_\d+$"]]
+            charts["decay rate per step: measured, and allowed by the Jacobians"] = [
+                "Multiline", [r"^grad_flow/decay_rate$", r"^grad_flow/jacobian_rate$"]]
+            if hasattr(module.cell, "recurrent_weight"):
+                charts["recurrent matrix W"] = ["Multiline", [r"^recurrent/"]]
+            gradient_norms["per module"] = [
+                "Multiline", [rf"^grad_norm/({'|'.join(n for n, _ in module.named_children())})$"]]
+        else:
+            path = target.path.replace(".", r"\.")
+            charts[f"{target.path}: decay rate per step, each layer and direction"] = [
+                "Multiline", [rf"^grad_flow/{path}/[^/]+/decay_rate$"]]
+    return {"gradient flow": charts, "gradient norms": gradient_norms}
+

@@ -1,5 +1,5 @@
 """The gradient-flow figures: a record's profile (with the Jacobian bound and the per-step
-parameter contributions) and the heatmap over training, drawn for TensorBoard by the monitor and
+parameter contributions) and the heatmap over training, drawn for the loggers by the monitor and
 reused by the report."""
 
 from __future__ import annotations
@@ -11,38 +11,40 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rnnlab import gradflow  # noqa: E402
+from rnnlab.records import Record  # noqa: E402
 
 BOUND_DECADES = 6  # how far above the profile's peak the Jacobian bound is drawn
 
 
-def profile_keys(record: dict) -> list[str]:
-    """The state profiles in a record: ``dL_dz`` and ``dL_d<state>``, not ``dL_dW_<module>``."""
-    return [k for k in record if k.startswith("dL_d") and not k.startswith("dL_dW_")]
-
-
-def profile_figure(record: dict, step: int) -> plt.Figure:
-    """Left: ||dL/dz_t|| on a log scale (and ||dL/dc_t|| for the LSTM), with the bound the
-    Jacobians give when measured; right: the per-step parameter contributions ||dL/dW⁽ᵗ⁾||."""
-    contributions = [k for k in record if k.startswith("dL_dW_")]
+def profile_figure(record: Record, step: int) -> plt.Figure:
+    """Left: ||dL/dz_t|| on a log scale (||dL/dc_t|| too for the LSTM; a line per layer and
+    direction for a torch.nn module), with the bound the Jacobians give when measured; right: the
+    per-step parameter contributions ||dL/dW⁽ᵗ⁾||."""
+    contributions = record.contributions
     fig, axes = plt.subplots(1, 2 if contributions else 1, figsize=(10 if contributions else 6,
                                                                     3.2), dpi=100, squeeze=False)
     ax = axes[0, 0]
-    for key in profile_keys(record):
-        semilogy_positive(ax, record[key], f"||{key.replace('dL_d', 'dL/d')}_t||")
-    if "jacobian_norm" in record:
-        bound = gradflow.jacobian_bound(record["dL_dz"], record["jacobian_norm"])
+    for key, values in record.profiles.items():
+        name = key.replace("dL_d", "dL/d")
+        if record.rows is None:
+            semilogy_positive(ax, values, f"||{name}_t||")
+        else:
+            for row, row_values in zip(record.rows, values):
+                semilogy_positive(ax, row_values, f"||{name}_t|| {row}")
+    if record.jacobians is not None:
+        dL_dz = record.main_profile
+        bound = gradflow.jacobian_bound(dL_dz, record.jacobians.jacobian_norm)
         # ||J_s|| ≈ 2 over 1000 steps puts the bound 300 decades up, past float64 and what a log
         # axis can tick: draw it while it stays within BOUND_DECADES of the profile's peak.
         with np.errstate(invalid="ignore"):
-            top = np.nanmax(np.where(record["dL_dz"] > 0, record["dL_dz"], np.nan),
-                            initial=0) * 10.0 ** BOUND_DECADES
+            top = np.nanmax(np.where(dL_dz > 0, dL_dz, np.nan), initial=0) * 10.0 ** BOUND_DECADES
         semilogy_positive(ax, np.where(bound <= top, bound, np.nan),
                           "||dL/dz_(T-1)|| · Π ||J_s||  (bound if L reads t = T-1 only; drawn "
                           f"up to 1e{BOUND_DECADES} × the profile's peak)", "--")
     ax.set_ylabel("gradient norm")
     ax.set_title(f"training step {step}")
-    for key in contributions:
-        semilogy_positive(axes[0, 1], record[key], f"||dL/dW(t)|| {key.removeprefix('dL_dW_')}",
+    for key, values in contributions.items():
+        semilogy_positive(axes[0, 1], values, f"||dL/dW(t)|| {key.removeprefix('dL_dW_')}",
                           ".-")  # the decoder's is one point when only the last step is read
     if contributions:
         axes[0, 1].set_title("per-step parameter contributions")
@@ -87,9 +89,18 @@ def draw_heatmap(ax, steps, log10_rows: np.ndarray):
     return image
 
 
-def heatmap_figure(steps: list[int], rows: list[np.ndarray]) -> plt.Figure:
-    """log10 ||dL/dz_t|| over (training step × t)."""
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    fig.colorbar(draw_heatmap(ax, steps, np.stack(rows)), ax=ax, label="log10 ||dL/dz_t||")
+def heatmap_figure(steps: list[int], rows: list[np.ndarray],
+                   row_names: tuple[str, ...] | None = None) -> plt.Figure:
+    """log10 ||dL/dz_t|| over (training step × t): ``rows`` holds each record's log10 profile,
+    (T,), or (layers × directions, T) with ``row_names``: then one panel per layer and direction."""
+    data = np.stack(rows)
+    panels = [data] if row_names is None else [data[:, i] for i in range(data.shape[1])]
+    names = [None] if row_names is None else list(row_names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.2), dpi=100,
+                             squeeze=False)
+    for ax, panel, name in zip(axes[0], panels, names):
+        fig.colorbar(draw_heatmap(ax, steps, panel), ax=ax, label="log10 ||dL/dz_t||")
+        if name is not None:
+            ax.set_title(name)
     fig.tight_layout()
     return fig

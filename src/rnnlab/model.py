@@ -3,21 +3,23 @@
     h(t) = Enc(x(t)),   z(t) = g(h(t), z(t−1); w),   y(t) = Dec(z(t))
 
 The loss is read on the last ``n_out`` steps. Training uses the cell's fast `sequence` path when
-it has one; on steps the `GradFlowMonitor` watches, the probed loop runs instead, adding a zero
-probe p_t to every state so that after backward p_t.grad = ∂L/∂z_t (the total derivative).
+it has one. Inside ``model.probing(request)`` (`rnnlab.probing`: how the gradient-flow instrument
+asks for a probed step) the probed loop runs instead, adding a zero probe p_t to every state so
+that after backward p_t.grad = ∂L/∂z_t (the total derivative).
 
 Parameter probes measure the per-step contributions dL/dW⁽ᵗ⁾ of the shared parameters: step t
 runs encoder, cell and decoder with W + q_t for a zero q_t, so after backward q_t.grad = dL/dW⁽ᵗ⁾
-and Σ_t q_t.grad = dL/dW (DESIGN.md §1).
+and Σ_t q_t.grad = dL/dW (docs/architecture.md, "The science").
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,9 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from rnnlab.cells.base import Cell, State
+from rnnlab.cells.base import Cell, State, state_keys
 from rnnlab.config import ConfigError, is_int, require, require_choice, require_int
+from rnnlab.probing import ProbedPass, ProbeRequest, StateProbes
 from rnnlab.steps import CompiledStep, map_over_time, per_step_parameters
 
 log = logging.getLogger(__name__)
@@ -81,20 +84,36 @@ class RecurrentModel(pl.LightningModule):
         check_cell_step(self.cell, cell.get("_target_"))
         self.decoder = nn.Linear(self.cell.hidden_size, output_size)
         self.n_out = n_out
-        self.probe_next_step = False  # set by GradFlowMonitor before a monitored training step
-        self.probe_parameters = False  # … and also the per-step parameter contributions
-        self.probes: State | None = None  # the probes of the last probed training step …
-        self.param_probes: ParamProbes | None = None
-        self.probed_loss: Tensor | None = None  # … and its loss
         self.last_val_step = -1  # global step of the last validation outside the sanity check
-        # Non-finite loss or gradients: stop or skip the step (GradFlowMonitor sets the policy
-        # from monitor.on_nonfinite and describes its latest finite record here).
-        self.on_nonfinite = "stop"
-        self.last_finite_profile = "none yet (no monitored step finished)"
-        self.skipped_steps = 0
-        self.skip_step = False  # drop this step's gradients after backward (`skipped_loss`)
+        # The open `probing` context: what it asks for, and where each forward pass's probes go.
+        self._probing: tuple[ProbeRequest, list[ProbedPass]] | None = None
         self.cell_totals: dict[str, float] = {}  # sums of the cell's diagnostics over training
         self._compiled_step: CompiledStep | None = None  # made on first use
+
+    # --- the probed path: rnnlab.probing's contract -----------------------------------------------
+    @contextmanager
+    def probing(self, request: ProbeRequest) -> Iterator[list[ProbedPass]]:
+        """Inside: every forward pass runs the probed path and appends its `ProbedPass` (state
+        probes ``dL_dz``, ``dL_d<state>``; with ``request.contributions`` the parameter probes of
+        encoder, cell and decoder) to the yielded list."""
+        if self._probing is not None:
+            raise RuntimeError("RecurrentModel.probing is already open (one probed step at a time)")
+        passes: list[ProbedPass] = []
+        self._probing = (request, passes)
+        try:
+            yield passes
+        finally:
+            self._probing = None
+
+    def probed_pass(self, x: Tensor, request: ProbeRequest) -> tuple[ProbedPass, State,
+                                                                    ParamProbes | None]:
+        """Fresh probes for a forward pass over x (B, T, …), and the pass that reads them."""
+        B, T = x.shape[:2]
+        probes = self.make_probes(B, T)
+        param_probes = self.make_param_probes(T) if request.contributions else None
+        keys = state_keys(self.cell.state_names)
+        states = {key: [StateProbes([p], [1] * T)] for key, p in zip(keys, probes)}
+        return ProbedPass(states, params=param_probes), probes, param_probes
 
     # --- the unrolled network ------------------------------------------------------------------
     def make_probes(self, batch_size: int, seq_len: int) -> State:
@@ -123,7 +142,8 @@ class RecurrentModel(pl.LightningModule):
         that receives z_{t−1} (detached) before every step t, for the transition Jacobians.
 
         Steps are split once with `unbind` — indexing u[:, t] inside the loop would make the
-        backward quadratic in T (DESIGN.md §5). With ``checkpoint_steps`` = K > 0, a loop that
+        backward quadratic in T (docs/architecture.md, "Speed"). With ``checkpoint_steps`` = K > 0,
+        a loop that
         builds a graph keeps only every K-th state and recomputes each segment of K steps in the
         backward pass (`torch.utils.checkpoint`): the same gradients, for activation memory of
         T/K states plus one segment's graph instead of all T steps'.
@@ -174,6 +194,12 @@ class RecurrentModel(pl.LightningModule):
 
     def forward(self, x: Tensor, dt: Tensor | None = None, probes: State | None = None,
                 param_probes: ParamProbes | None = None) -> Tensor:
+        """x (B, T, input_size) → y_hat. Inside `probing`, the probes are made here and the pass
+        recorded; ``probes`` / ``param_probes`` given directly run the probed path with them."""
+        if self._probing is not None and probes is None and param_probes is None:
+            request, passes = self._probing
+            probed, probes, param_probes = self.probed_pass(x, request)
+            passes.append(probed)
         if param_probes is None:
             if probes is None and dt is None and self.hparams.fast_path:
                 state = self.cell.init_state(x.shape[0])
@@ -195,57 +221,10 @@ class RecurrentModel(pl.LightningModule):
         return F.cross_entropy(y_hat.reshape(-1, y_hat.shape[-1]), y.reshape(-1), ignore_index=-100)
 
     # --- Lightning -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        x = batch["x"]
-        probes = self.make_probes(x.shape[0], x.shape[1]) if self.probe_next_step else None
-        param_probes = (self.make_param_probes(x.shape[1])
-                        if self.probe_next_step and self.probe_parameters else None)
-        loss = self.loss_fn(self(x, batch.get("dt"), probes, param_probes), batch["y"])
-        finite = bool(torch.isfinite(loss))
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            # Every process must skip (or stop) together: one alone would leave the others
-            # waiting in DDP's gradient all-reduce.
-            if not trainer.strategy.reduce_boolean_decision(finite, all=True):
-                self.nonfinite(f"non-finite training loss {loss.item()}" if not finite else
-                               f"non-finite training loss on another process (this one's: "
-                               f"{loss.item():.4g})", "the forward pass overflowed")
-                return self.skipped_loss()
-        elif not finite:
-            self.nonfinite(f"non-finite training loss {loss.item()}",
-                           "the forward pass overflowed, so this step has no gradient profile")
-            return None  # Lightning then skips the backward pass and the optimizer step
-        self.probes, self.param_probes, self.probed_loss = probes, param_probes, loss.detach()
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss_fn(self(batch["x"], batch.get("dt")), batch["y"])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
-
-    def skipped_loss(self) -> Tensor:
-        """A zero loss on every parameter, for a step skipped under DDP (where Lightning does not
-        allow training_step to return None): its backward all-reduces zeros, and
-        `on_after_backward` then drops the gradients, so the optimizer leaves every parameter
-        and its state as they were."""
-        self.skip_step = True
-        return sum(p.sum() for p in self.parameters()) * 0.0
-
-    def on_after_backward(self) -> None:
-        if self.skip_step:
-            for p in self.parameters():
-                p.grad = None
-            self.skip_step = False
-
-    def nonfinite(self, what: str, where: str) -> None:
-        """Apply the non-finite policy to this step: raise (``stop``) or count and warn (``skip``).
-
-        ``where``: which timesteps are at fault, as far as known (`offending_timesteps`). The
-        caller skips the step itself (returns None, or drops the gradients).
-        """
-        message = nonfinite_message(self.global_step, what, where, self.last_finite_profile,
-                                    self.on_nonfinite)
-        if self.on_nonfinite == "stop":
-            raise FloatingPointError(message)
-        self.skipped_steps += 1
-        log.warning(message)
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         # After the backward pass, so a cell's counts include it (e.g. the adjoint's NFE).
@@ -277,26 +256,6 @@ class RecurrentModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
         return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)
-
-
-def offending_timesteps(dL_dz: np.ndarray | None) -> str:
-    """Where ||dL/dz_t|| (T,) is non-finite, or how to measure it on an unmonitored step."""
-    if dL_dz is None:
-        return ("the offending timesteps were not measured: this step was not monitored "
-                "(set monitor.every_n_steps=1 to measure every step)")
-    return (f"||dL/dz_t|| is non-finite at timesteps "
-            f"{np.nonzero(~np.isfinite(dL_dz))[0].tolist()} of T = {len(dL_dz)}")
-
-
-def nonfinite_message(step: int, what: str, where: str, last_finite_profile: str,
-                      policy: str) -> str:
-    """What went non-finite at ``step``, where in time, and the last finite profile."""
-    action = ("skipped this step (monitor.on_nonfinite=skip)" if policy == "skip" else
-              "stopped (monitor.on_nonfinite=stop; set monitor.on_nonfinite=skip to skip such "
-              "steps)")
-    return (f"{what} at step {step}; {where}; last finite gradient profile: "
-            f"{last_finite_profile}; {action}. Lower model.optimizer.lr, clip gradients "
-            "(trainer.gradient_clip_val=1.0) or use a smaller cell.gain")
 
 
 def check_optimizer_keys(optimizer: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 import re
@@ -43,13 +42,12 @@ from rich.table import Table  # noqa: E402
 from rnnlab import gradflow  # noqa: E402
 from rnnlab.config import short_override  # noqa: E402
 from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
+from rnnlab.rundir import GRAD_FLOW, RunDir  # noqa: E402
 
 FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
 RECORD_COLUMNS = ("decay_rate", "log10_first_last", "horizon", "jacobian_rate")  # last record
 COST_COLUMNS = {"s/step": "train/seconds_per_step", "peak MB": "train/peak_memory_mb",
                 "NFE fwd": "cell/nfe_forward", "NFE bwd": "cell/nfe_backward"}  # metrics.json
-FAILED_FILE = "failed.json"  # written by rnnlab.sweep for a job that raised
-METRICS_FILE = "metrics.json"  # written by rnnlab.train when training ends
 COLUMNS = ("run", "overrides", "status", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
            *RECORD_COLUMNS, *COST_COLUMNS)
 
@@ -68,7 +66,7 @@ class Run:
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
-    outcome: str = "incomplete"  # `read_outcome`'s
+    outcome: str = "incomplete"  # `RunDir.outcome`'s status
     failure: dict = field(default_factory=dict)
 
     @property
@@ -120,8 +118,8 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if not path.is_dir():
             raise NoRunsError(f"{path} is not a directory: give a run directory of "
                               "scripts/train.py, a multirun directory, or outputs/")
-        found = sorted({p.parent for p in path.rglob("grad_flow") if p.is_dir()}, key=natural_key)
-        if (path / "grad_flow").is_dir():
+        found = sorted({p.parent for p in path.rglob(GRAD_FLOW) if p.is_dir()}, key=natural_key)
+        if RunDir(path).is_run():
             found = [path]
         if not found:
             raise NoRunsError(f"no runs under {path}: a run directory holds grad_flow/, written "
@@ -130,26 +128,15 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return runs
 
 
-def read_outcome(path: Path) -> tuple[str, dict, dict]:
-    """How a run (or sweep job) ended, from the files it left: ``failed`` (failed.json; it wins),
-    ``completed`` (metrics.json) or ``incomplete`` (running, or killed from outside); and the
-    two files' contents, {} where absent."""
-    failed, metrics = path / FAILED_FILE, path / METRICS_FILE
-    failure = json.loads(failed.read_text()) if failed.is_file() else {}
-    values = json.loads(metrics.read_text()) if metrics.is_file() else {}
-    outcome = "failed" if failed.is_file() else "completed" if metrics.is_file() else "incomplete"
-    return outcome, failure, values
-
-
 def load_run(path: Path, label: str) -> Run:
     """Read one run directory (its records must exist; metrics and config are optional)."""
-    config_file = path / ".hydra" / "config.yaml"
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    outcome, failure, metrics = read_outcome(path)
-    config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
-    overrides = ([short_override(o) for o in OmegaConf.load(overrides_file)]
-                 if overrides_file.is_file() else [])
-    return Run(path, label, gradflow.load(path), metrics, config, overrides, outcome, failure)
+    run = RunDir(path)
+    outcome = run.outcome()
+    config = OmegaConf.to_container(OmegaConf.load(run.config)) if run.config.is_file() else {}
+    overrides = ([short_override(o) for o in OmegaConf.load(run.overrides)]
+                 if run.overrides.is_file() else [])
+    return Run(path, label, gradflow.load(path), outcome.metrics, config, overrides,
+               outcome.status, outcome.failure)
 
 
 def load_runs(paths: list[str | Path], console: Console | None = None) -> list[Run]:

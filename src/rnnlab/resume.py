@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from rnnlab.config import ConfigError
+from rnnlab.rundir import CHECKPOINT
 
-CHECKPOINT = Path("checkpoints") / "last.ckpt"
 HISTORY_SUFFIX = ".history"  # the event file that holds the carried-over TensorBoard points
 
 

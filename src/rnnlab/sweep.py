@@ -37,7 +37,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab.config import ConfigError, is_number, require, validate_threads
-from rnnlab.report import FAILED_FILE, METRICS_FILE, read_outcome
+from rnnlab.rundir import FAILED_FILE, METRICS_FILE, OUTCOMES, OVERRIDES_FILE, RunDir
 from rnnlab.train import report_finish, train
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ def record_failure(job_dir: str | Path, error: BaseException) -> dict[str, str]:
     """Write ``<job dir>/failed.json``: the error's type, message and traceback."""
     record = {"error_type": type(error).__name__, "message": str(error),
               "traceback": "".join(traceback.format_exception(error))}
-    job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / FAILED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    run = RunDir(job_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.failed.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -147,16 +147,16 @@ def run(cfg: DictConfig) -> float:
 # --- the sweep's summary -------------------------------------------------------------------------
 def job_status(job_dir: Path) -> dict[str, Any]:
     """One job's row: its directory, number, overrides, status, final metrics and error."""
-    hydra_dir = job_dir / ".hydra"
-    overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
-    num = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.get("num")
-    status, failure, metrics = read_outcome(job_dir)
+    run = RunDir(job_dir)
+    overrides = OmegaConf.to_container(OmegaConf.load(run.overrides))
+    num = OmegaConf.load(run.overrides.with_name("hydra.yaml")).hydra.job.get("num")
+    outcome = run.outcome()
     row: dict[str, Any] = {"job": job_dir.name, "num": num, "overrides": overrides,
-                           "status": status}
-    if status == "failed":
-        row["error"] = f"{failure['error_type']}: {failure['message']}"
-    elif status == "completed":
-        row["metrics"] = metrics
+                           "status": outcome.status}
+    if outcome.status == "failed":
+        row["error"] = f"{outcome.failure['error_type']}: {outcome.failure['message']}"
+    elif outcome.status == "completed":
+        row["metrics"] = outcome.metrics
     else:  # killed from outside (OOM killer, cluster time limit) or still running
         row["error"] = f"no {METRICS_FILE} and no {FAILED_FILE}"
     return row
@@ -164,7 +164,7 @@ def job_status(job_dir: Path) -> dict[str, Any]:
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Every job directory under ``sweep_dir`` (found by its ``.hydra/overrides.yaml``)."""
-    jobs = [job_status(p.parent.parent) for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")]
+    jobs = [job_status(p.parent.parent) for p in Path(sweep_dir).glob(f"*/{OVERRIDES_FILE}")]
     return sorted(jobs, key=lambda r: (r["num"] is None, r["num"] or 0, r["job"]))
 
 
@@ -187,7 +187,7 @@ def write_summary(sweep_dir: str | Path) -> dict[str, Any]:
     """Write ``summary.json`` and ``summary.md`` into ``sweep_dir``; return the summary."""
     sweep_dir = Path(sweep_dir)
     jobs = collect(sweep_dir)
-    counts = {s: sum(r["status"] == s for r in jobs) for s in ("completed", "failed", "incomplete")}
+    counts = {s: sum(r["status"] == s for r in jobs) for s in OUTCOMES}
     summary = {"sweep_dir": str(sweep_dir), "counts": counts, "jobs": jobs}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
     (sweep_dir / "summary.md").write_text(

@@ -17,11 +17,13 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from rnnlab.callbacks import GradFlowMonitor
+from rnnlab.callbacks import GradFlowCallback
 from rnnlab.config import ConfigError, check_writable, validate, validate_timesteps
 from rnnlab.cost import RunCost
+from rnnlab.loggers import adapters
 from rnnlab.model import RecurrentModel
 from rnnlab.resume import carry_history, find_checkpoint
+from rnnlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     loggers = [build(node) for node in (cfg.get("logger") or {}).values() if node]
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    monitor = next((c for c in callbacks if isinstance(c, GradFlowMonitor)), None)
+    monitor = next((c for c in callbacks if isinstance(c, GradFlowCallback)), None)
     if monitor is not None:
         monitor.check_memory(model, task.seq_len, trainer.strategy.root_device)
     if checkpoint is not None and trainer.is_global_zero:
@@ -99,32 +101,32 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         metrics.update(cost.metrics(model.cell_totals))
     if trainer.is_global_zero:  # only rank 0 writes
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True)
-                                                 + "\n")
+        RunDir(output_dir).metrics.write_text(json.dumps(metrics, indent=2, allow_nan=True)
+                                              + "\n")
         log_hparams(trainer, cfg, metrics, monitor)
     return metrics
 
 
 def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float],
-                monitor: GradFlowMonitor | None) -> None:
-    """TensorBoard's hparams tab: the flattened config next to the final metrics.
+                monitor: GradFlowCallback | None) -> None:
+    """The flattened config next to the final metrics, through every logger (TensorBoard's
+    HPARAMS tab shows them side by side).
 
     The metrics are logged as ``final/<name>`` at the last step: ``final/val_loss`` … from
     ``metrics``, and the summary scalars of the latest gradient-flow record.
     """
     final = {f"final/{k.replace('/', '_')}": v for k, v in metrics.items() if k != "step"}
-    record = monitor.last_record if monitor is not None and monitor.last_record else {}
-    for key in ("decay_rate", "log10_first_last", "horizon", "jacobian_rate"):
-        if key in record:
-            final[f"final/{key}"] = float(record[key])
+    record = monitor.last_record if monitor is not None else None
+    if record is not None:
+        final.update({f"final/{tag.removeprefix('grad_flow/')}": value
+                      for tag, value in record.scalars().items() if tag.startswith("grad_flow/")})
     config = cfg.copy()
     with open_dict(config):
         config.pop("hydra", None)  # resolving it would claim new run directories
     params = OmegaConf.to_container(config, resolve=True)
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, final, step=trainer.global_step)
-            logger.finalize("success")
+    for adapter in adapters(trainer):
+        adapter.hparams(params, final, trainer.global_step)
+        adapter.finish()
 
 
 @rank_zero_only

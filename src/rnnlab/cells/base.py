@@ -10,17 +10,24 @@ from rnnlab.config import require_int
 State = tuple[Tensor, ...]
 
 
+def state_keys(state_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The profile key of each state: ``dL_dz`` for the first (what the decoder reads),
+    ``dL_d<name>`` for the others."""
+    return tuple("dL_dz" if i == 0 else f"dL_d{name}" for i, name in enumerate(state_names))
+
+
 class Cell(nn.Module):
     """Base class of every recurrent transition g: z_t = g(u_t, z_{t-1}; w).
 
     A subclass implements the equation of its cell and nothing else; the model owns the loop over
     time, the probes that measure dL/dz_t, the encoder and the decoder.
 
-    Contract (DESIGN.md §3):
+    Contract (docs/architecture.md, "Contracts"):
 
     - `state_names`: names of the tensors that make up the state z, e.g. ``("h",)`` or
       ``("h", "c")``. ``state_names[0]`` is what the decoder reads and what ``dL_dz`` measures;
-      every other state ``s`` is measured as ``dL_d<s>`` (the LSTM's cell state gives ``dL_dc``).
+      every other state is measured under the key `state_keys` gives it (the LSTM's cell state
+      gives ``dL_dc``).
     - `init_state(batch_size)` returns the initial state, each tensor (B, hidden_size), on the
       device and dtype of the cell's parameters.
     - `step(u_t, state, dt)` returns the next state. ``u_t``: (B, input_size), the encoder output

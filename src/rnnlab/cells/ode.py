@@ -236,7 +236,8 @@ class NeuralODE(Cell):
         times (B, n_out, hidden), and z_T.
 
         torchdiffeq writes each requested output into one preallocated tensor, which makes plain
-        backprop quadratic in T (DESIGN.md §5); so only [0, T] is requested, and the states at the
+        backprop quadratic in T (docs/architecture.md, "Speed"); so only [0, T] is requested, and
+        the states at the
         grid times are collected by the solver's step callbacks as it reaches them.
         """
         (z0,) = state

@@ -39,7 +39,7 @@ class ElmanRNN(Cell):
     """z_t = φ(W z_{t−1} + U u_t + b), with b = b_ih + b_hh as in `torch.nn.RNN`.
 
     - ``nonlinearity`` φ ∈ {tanh, relu, sigmoid, identity}; identity gives the linear RNN whose
-      gradient scales by exactly ``gain`` per step when W is orthogonal (DESIGN.md §1).
+      gradient scales by exactly ``gain`` per step when W is orthogonal (docs/architecture.md).
     - ``init`` of W: ``default`` (PyTorch's U(±1/√H)), ``orthogonal`` (W = Q, QᵀQ = I),
       ``identity`` (the IRNN of Le et al. 2015), ``normal`` (N(0, 1/H): spectral radius ≈ 1).
     - ``gain`` scales W after init: ``init=orthogonal gain=g`` gives W = g·Q.

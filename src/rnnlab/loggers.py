@@ -1,0 +1,120 @@
+"""What the gradient-flow monitor writes, through whichever Lightning loggers the run has.
+
+Scalars go to every logger through its own ``log_metrics``. Figures, the hyperparameters with the
+final metrics, TensorBoard's custom-scalars layout and the records' arrays (for TensorBoard's
+Gradient-flow tab) differ per logger kind, so each kind has a small adapter:
+
+| logger | scalars | figures | hparams | layout, record arrays |
+|---|---|---|---|---|
+| TensorBoardLogger | ✓ | ✓ images | ✓ with the final metrics (HPARAMS tab) | ✓ |
+| CSVLogger | ✓ | — | ✓ (hparams.yaml), final metrics as scalars | — |
+| WandbLogger | ✓ | ✓ images | ✓ config, final metrics as scalars | — |
+| MLFlowLogger | ✓ | ✓ artifacts | ✓ params, final metrics as scalars | — |
+| any other | ✓ | — | ✓ | — |
+
+A logger that cannot take an image does not lose the figures silently: the monitor says, once,
+where they are (another logger, or PNG files next to the records); every number they show is in
+the lossless records.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+
+from rnnlab.records import Record
+
+
+class LoggerAdapter:
+    """The plain adapter: scalars and hyperparameters through Lightning's own Logger API."""
+
+    takes_figures = False
+
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    @property
+    def name(self) -> str:
+        return type(self.logger).__name__
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if v is not None}
+        if finite:
+            self.logger.log_metrics(finite, step)
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        raise NotImplementedError(f"{self.name} takes no figures")
+
+    def layout(self, layout: dict) -> None:
+        """A custom-scalars layout (TensorBoard's); other loggers have none."""
+
+    def record(self, step: int, record: Record, prefix: str = "") -> None:
+        """A record's arrays, for loggers that can show them (TensorBoard's Gradient-flow tab)."""
+
+    def hparams(self, params: dict[str, Any], final: dict[str, float], step: int) -> None:
+        """The run's configuration next to its final metrics."""
+        self.logger.log_hyperparams(params)
+        self.scalars(final, step)
+
+    def finish(self) -> None:
+        self.logger.finalize("success")
+
+
+class TensorBoardAdapter(LoggerAdapter):
+    takes_figures = True
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        self.logger.experiment.add_figure(tag, figure, step)
+
+    def layout(self, layout: dict) -> None:
+        self.logger.experiment.add_custom_scalars(layout)
+
+    def hparams(self, params: dict[str, Any], final: dict[str, float], step: int) -> None:
+        self.logger.log_hyperparams(params, final, step=step)
+
+
+class WandbAdapter(LoggerAdapter):
+    takes_figures = True
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        # Through the logger, which puts the step beside the image (W&B's own step only grows).
+        self.logger.log_image(tag, [figure_image(figure)], step=step)
+
+
+class MLflowAdapter(LoggerAdapter):
+    takes_figures = True
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        self.logger.experiment.log_figure(self.logger.run_id, figure,
+                                          f"{tag}/step_{step:07d}.png")
+
+
+def adapter_for(logger: Logger) -> LoggerAdapter:
+    """The adapter of ``logger``'s kind (by class name for loggers whose package is optional)."""
+    if isinstance(logger, TensorBoardLogger):
+        return TensorBoardAdapter(logger)
+    kind = type(logger).__name__
+    if kind == "WandbLogger":
+        return WandbAdapter(logger)
+    if kind == "MLFlowLogger":
+        return MLflowAdapter(logger)
+    return LoggerAdapter(logger)
+
+
+def adapters(trainer: pl.Trainer) -> list[LoggerAdapter]:
+    return [adapter_for(logger) for logger in trainer.loggers]
+
+
+def figure_image(figure) -> np.ndarray:
+    """A matplotlib figure as an (H, W, 4) uint8 RGBA array."""
+    import matplotlib.image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    buffer.seek(0)
+    return (matplotlib.image.imread(buffer, format="png") * 255).astype(np.uint8)
+

@@ -1,0 +1,125 @@
+"""A non-finite loss or gradient: stop training, or skip that optimizer step.
+
+One policy, ``monitor.on_nonfinite`` (``stop`` or ``skip``), applied by the gradient-flow callback
+at the two points of a training step where it can be seen:
+
+- before the backward pass, a non-finite loss (`NonFinitePolicy.check_loss`): ``stop`` raises a
+  `FloatingPointError` at once; ``skip`` lets the backward pass run and drops its gradients;
+- after the backward pass, non-finite gradients with a finite loss (`check_gradients`): the
+  backward pass overflowed; the message names the timesteps where ‖∂L/∂z_t‖ is not finite when the
+  step was monitored.
+
+A skipped step leaves every parameter and the optimizer's state as they were (the optimizer skips
+a parameter without a gradient). Under data parallelism every process decides alike: the loss's
+finiteness is agreed on by all processes, and the gradients are the same after DDP's all-reduce.
+Skipped steps are counted as ``train/skipped_steps``; after ``max_skipped_steps`` skipped in a row
+training stops, since its parameters are no longer moving.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from rnnlab.config import require, require_choice
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("stop", "skip")
+
+
+class NonFinitePolicy:
+    """Args:
+        action: ``stop`` or ``skip`` (``monitor.on_nonfinite``).
+        max_skipped_steps: stop once this many steps in a row were skipped (None: never).
+    """
+
+    def __init__(self, action: str = "stop", max_skipped_steps: int | None = None):
+        self.action = require_choice("monitor.on_nonfinite", action, ACTIONS)
+        require(max_skipped_steps is None or (isinstance(max_skipped_steps, int)
+                                              and max_skipped_steps >= 1),
+                "monitor.max_skipped_steps", max_skipped_steps, "null or an integer >= 1")
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = 0  # over the whole run
+        self.skipped_in_a_row = 0
+        self.skipping = False  # the current step's gradients are to be dropped
+
+    def check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor,
+                   last_finite: str) -> bool:
+        """Before the backward pass: is the loss finite on every process? If not, apply the
+        policy (stop: raise) and return False; the step's gradients are dropped after backward."""
+        finite = bool(torch.isfinite(loss.detach()))
+        everywhere = (trainer.strategy.reduce_boolean_decision(finite, all=True)
+                      if trainer.world_size > 1 else finite)
+        self.skipping = not everywhere
+        if everywhere:
+            return True
+        what = (f"non-finite training loss {loss.item()}" if not finite else
+                f"non-finite training loss on another process (this one's: {loss.item():.4g})")
+        self.apply(pl_module, trainer.global_step, what,
+                   "the forward pass overflowed, so this step has no gradient profile",
+                   last_finite)
+        return False
+
+    def check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                        norms: dict[str, Tensor], dL_dz: np.ndarray | None,
+                        last_finite: str) -> None:
+        """After the backward pass: drop the gradients of a step whose loss was not finite, or
+        apply the policy to non-finite gradients (``norms``: the per-module gradient norms)."""
+        if not self.skipping:
+            # One host read per step: the policy has to decide before the optimizer runs.
+            if bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
+                self.skipped_in_a_row = 0
+                return
+            named = ", ".join(f"{k.removeprefix('grad_norm_')} {float(v):.3g}"
+                              for k, v in norms.items())
+            self.apply(pl_module, trainer.global_step,
+                       f"non-finite gradients (norms: {named}) with a finite loss",
+                       offending_timesteps(dL_dz), last_finite)
+        for p in pl_module.parameters():  # the optimizer leaves a parameter without a gradient
+            p.grad = None
+        self.skipping = False
+
+    def apply(self, pl_module: pl.LightningModule, step: int, what: str, where: str,
+              last_finite: str) -> None:
+        """Raise (stop), or count the skipped step and warn (skip)."""
+        message = nonfinite_message(step, what, where, last_finite, self.action)
+        if self.action == "stop":
+            raise FloatingPointError(message)
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        log.warning(message)
+        pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True,
+                      on_epoch=False)
+        if self.max_skipped_steps is not None and self.skipped_in_a_row >= self.max_skipped_steps:
+            raise FloatingPointError(
+                f"{self.skipped_in_a_row} steps in a row skipped for non-finite values (the "
+                f"last at step {step}); the parameters are no longer moving, so training stops "
+                f"(monitor.max_skipped_steps={self.max_skipped_steps}). {ADVICE}")
+
+
+ADVICE = ("Lower model.optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or use a "
+          "smaller cell.gain")
+
+
+def offending_timesteps(dL_dz: np.ndarray | None) -> str:
+    """Where ||dL/dz_t|| (T,) is non-finite, or how to measure it on an unmonitored step."""
+    if dL_dz is None:
+        return ("the offending timesteps were not measured: this step was not monitored "
+                "(set monitor.every_n_steps=1 to measure every step)")
+    bad = (~np.isfinite(np.atleast_2d(dL_dz))).any(0)  # in any row of a torch.nn module's
+    return (f"||dL/dz_t|| is non-finite at timesteps "
+            f"{np.nonzero(bad)[0].tolist()} of T = {bad.shape[0]}")
+
+
+def nonfinite_message(step: int, what: str, where: str, last_finite: str, action: str) -> str:
+    """What went non-finite at ``step``, where in time, and the last finite profile."""
+    outcome = ("skipped this step (monitor.on_nonfinite=skip)" if action == "skip" else
+               "stopped (monitor.on_nonfinite=stop; set monitor.on_nonfinite=skip to skip such "
+               "steps)")
+    return (f"{what} at step {step}; {where}; last finite gradient profile: {last_finite}; "
+            f"{outcome}. {ADVICE}")

@@ -1,0 +1,144 @@
+"""The boundary between a model and the gradient-flow instrument: one probed forward pass.
+
+A probed pass adds a zero probe p_t to every recurrent state as it is made, z_t ← z_t + p_t, and,
+when asked, a zero q_t to every shared parameter at every step, W⁽ᵗ⁾ = W + q_t. The values are
+unchanged; after the backward pass p_t.grad = ∂L/∂z_t (the total derivative through every later
+step) and q_t.grad = dL/dW⁽ᵗ⁾, whose sum over t is dL/dW (docs/architecture.md, "The science").
+
+- `ProbeRequest` is what the instrument asks of a pass: the profiles of the states always, the
+  per-step parameter contributions when ``contributions`` is set (models that offer them).
+- `ProbedPass` is what a pass leaves behind: its probes, grouped by profile key. After the backward
+  pass, `ProbedPass.profiles` and `ProbedPass.contributions` turn their gradients into float64 norms
+  per timestep.
+- A module that probes itself (rnnlab's `RecurrentModel`) implements `SelfProbing`: inside
+  ``module.probing(request)`` every forward pass runs its probed path and appends its `ProbedPass`
+  to the list the context yields. `rnnlab.watching` gives torch.nn's recurrent modules the same
+  contract from outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Sums a tensor over the processes of a data-parallel run (None: a single process).
+Reduce = Callable[[Tensor], Tensor] | None
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What a probed pass measures: state profiles, and with ``contributions`` also dL/dW⁽ᵗ⁾."""
+
+    contributions: bool = False
+
+
+@dataclass
+class StateProbes:
+    """The probes of one state (one layer and direction of a torch.nn module): zero leaves whose
+    rows, concatenated along dim 0, are T blocks of ``sizes[t]`` rows, block t added to z_t.
+
+    Three layouts fit: one (T, B, H) leaf with sizes (1, …, 1); one (Σ n_t, H) leaf of a packed
+    batch with sizes n_t; or T leaves (B, H), one per step, with sizes (B, …, B).
+    """
+
+    leaves: list[Tensor]
+    sizes: list[int]
+
+    def norms(self, reduce: Reduce = None, world_size: int = 1) -> np.ndarray:
+        """||∂L/∂z_t|| for t = 0 … T−1, (T,) float64, from the leaves' gradients (none: 0).
+
+        Under data parallelism each of the R processes holds ∂L_r/∂z_t for its share of the
+        batch, and the global batch-mean loss is L = (1/R) Σ_r L_r; so the norm over the global
+        batch is √(Σ_r ||∂L_r/∂z_t||²) / R: squared norms are summed with ``reduce``.
+        """
+        T = len(self.sizes)
+        # A leaf per timestep holds that step's rows (one row if it has no batch dimension);
+        # a single leaf holds them all.
+        counts = self.sizes if len(self.leaves) == T else [sum(self.sizes)]
+        rows = torch.cat([
+            (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach().double()
+            .reshape(n, -1) for leaf, n in zip(self.leaves, counts)])
+        index = torch.repeat_interleave(torch.arange(T, device=rows.device),
+                                        torch.tensor(self.sizes, device=rows.device))
+        squares = torch.zeros(T, dtype=torch.float64, device=rows.device)
+        squares.index_add_(0, index, rows.square().sum(1))
+        if reduce is not None:
+            squares = reduce(squares)
+        return (squares.sqrt() / world_size).cpu().numpy()
+
+
+@dataclass
+class ProbedPass:
+    """The probes of one forward pass of one module.
+
+    ``states``: profile key (``dL_dz``, ``dL_dc``, ``dL_dh``) → one `StateProbes` per row (a layer
+    and direction of a torch.nn module; one row for a cell). ``rows``: the rows' names, or None
+    for a single unnamed row (the profiles are then (T,) instead of (rows, T)). ``params``: module
+    → parameter name → its (T, *shape) zero probe q_t, when contributions were requested.
+    """
+
+    states: dict[str, list[StateProbes]]
+    rows: tuple[str, ...] | None = None
+    params: dict[str, dict[str, Tensor]] | None = None
+    extras: dict = field(default_factory=dict)  # what a module passes on to its instruments
+
+    def leaves(self) -> list[Tensor]:
+        """Every probe tensor: what a backward pass must reach (``loss.backward(inputs=…)``)."""
+        leaves = [leaf for group in self.states.values() for probes in group
+                  for leaf in probes.leaves]
+        return leaves + [q for qs in (self.params or {}).values() for q in qs.values()]
+
+    def profiles(self, reduce: Reduce = None, world_size: int = 1) -> dict[str, np.ndarray]:
+        """Key → ||∂L/∂z_t||, (T,) float64, or (rows, T) when the rows are named."""
+        profiles = {}
+        for key, group in self.states.items():
+            rows = np.stack([probes.norms(reduce, world_size) for probes in group])
+            profiles[key] = rows if self.rows is not None else rows[0]
+        return profiles
+
+    def contributions(self, reduce: Reduce = None, world_size: int = 1) -> dict[str, np.ndarray]:
+        """``dL_dW_<module>`` (T,) float64: ||dL/dW⁽ᵗ⁾|| over all the module's parameters at t.
+
+        Under data parallelism the per-process contributions are summed with ``reduce`` and
+        divided by R before the norm (L = (1/R) Σ_r L_r).
+        """
+        contributions = {}
+        for module, probes in (self.params or {}).items():
+            T = next(iter(probes.values())).shape[0] if probes else 0
+            squares = torch.zeros(T, dtype=torch.float64)
+            for q in probes.values():
+                if q.grad is None:  # a parameter the loss does not reach: a zero contribution
+                    continue
+                g = q.grad.detach().double()
+                if reduce is not None:
+                    g = reduce(g) / world_size
+                squares = squares.to(g.device) + g.flatten(1).square().sum(1)
+            contributions[f"dL_dW_{module}"] = squares.sqrt().cpu().numpy()
+        return contributions
+
+
+@runtime_checkable
+class SelfProbing(Protocol):
+    """A module with a probed path of its own (rnnlab's `RecurrentModel`)."""
+
+    def probing(self, request: ProbeRequest) -> AbstractContextManager[list[ProbedPass]]:
+        """Inside the context every forward pass runs the probed path and appends its pass."""
+        ...
+
+
+def probe_leaves_like(states: tuple[Tensor, ...], seq_len: int) -> list[Tensor]:
+    """Zero probes, one (T, *state shape) leaf per state, to be added as z_t ← z_t + p_t."""
+    return [torch.zeros(seq_len, *s.shape, dtype=s.dtype, device=s.device, requires_grad=True)
+            for s in states]
+
+
+def timesteps_of(leaves: list[Tensor]) -> Iterator[tuple[Tensor, ...]]:
+    """Per timestep, the probe of every state: split once (indexing p[t] in a loop would make the
+    backward quadratic in T)."""
+    return zip(*(leaf.unbind(0) for leaf in leaves))

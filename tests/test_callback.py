@@ -1,0 +1,217 @@
+"""GradFlowCallback on a user's own LightningModule, and through loggers other than TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+import rnnlab
+from rnnlab import gradflow
+from rnnlab.records import Record
+from rnnlab.train import train
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "examples"))
+import lstm_classifier  # noqa: E402
+import plain_loop  # noqa: E402
+
+T, STEPS = 9, 4
+
+
+def fit(tmp_path, callback: bool, every_n_steps: int = 1, dtype=torch.float64, logger=False):
+    """The example's classifier, small, trained STEPS steps; returns (model, trainer)."""
+    pl.seed_everything(0)
+    model = lstm_classifier.LSTMClassifier(features=3, hidden=5).to(dtype)
+    data = lstm_classifier.first_sign_data(STEPS * 4, T, 3)
+    data.tensors = (data.tensors[0].to(dtype), data.tensors[1])
+    callbacks = [rnnlab.GradFlowCallback(tmp_path / "grad_flow", every_n_steps=every_n_steps,
+                                         figure_every_n_records=2)] if callback else []
+    trainer = pl.Trainer(max_steps=STEPS, logger=logger, callbacks=callbacks,
+                         log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    return model, trainer
+
+
+def test_monitoring_every_step_trains_the_same_parameters_as_no_monitoring(tmp_path):
+    watched, _ = fit(tmp_path / "a", callback=True)
+    plain, _ = fit(tmp_path / "b", callback=False)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(watched.state_dict()[name], value, rtol=1e-12, atol=1e-12,
+                                   msg=name)
+    records = gradflow.load(tmp_path / "a" / "grad_flow", module="lstm")
+    assert records["step"].tolist() == list(range(STEPS))
+    assert records["dL_dh"].shape == records["dL_dc"].shape == (STEPS, 2, T)
+    assert list(records["rows"]) == ["l0", "l1"]
+
+
+def test_the_first_record_is_the_profile_of_the_first_batch_on_the_initial_weights(tmp_path):
+    fit(tmp_path, callback=True)
+    record = Record.load(tmp_path / "grad_flow" / "lstm" / "step_0000000.npz")
+    pl.seed_everything(0)  # the same model and first batch, measured apart from the trainer
+    model = lstm_classifier.LSTMClassifier(features=3, hidden=5).double()
+    x, y = next(iter(DataLoader(lstm_classifier.first_sign_data(STEPS * 4, T, 3), batch_size=4)))
+    kept = []
+    h = c = torch.zeros(4, 5, dtype=torch.float64)
+    layer_input = x.double()
+    for layer in range(2):
+        cell = torch.nn.LSTMCell(layer_input.shape[-1], 5).double()
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            delattr(cell, name)
+            setattr(cell, name, getattr(model.lstm, f"{name}_l{layer}"))
+        h = c = torch.zeros(4, 5, dtype=torch.float64)
+        outputs = []
+        for t in range(T):
+            h, c = cell(layer_input[:, t], (h, c))
+            h.retain_grad()
+            kept.append((layer, h))
+            outputs.append(h)
+        layer_input = torch.stack(outputs, 1)
+    loss = torch.nn.functional.cross_entropy(model.head(layer_input[:, -1]), y)
+    loss.backward()
+    expected = np.array([[float(h.grad.norm()) for layer, h in kept if layer == row]
+                         for row in range(2)])
+    np.testing.assert_allclose(record.profiles["dL_dh"], expected, rtol=1e-10)
+    assert record.loss == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_with_only_a_csv_logger_every_scalar_reaches_the_csv_and_the_log_says_where_figures_are(
+        tmp_path, caplog):
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    with caplog.at_level(logging.INFO, logger="rnnlab.callbacks"):
+        fit(tmp_path, callback=True, logger=logger)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    records = gradflow.load(tmp_path / "grad_flow", module="lstm")
+    for i, row_name in enumerate(records["rows"]):
+        for key in ("decay_rate", "log10_first_last", "horizon"):
+            logged = {int(r["step"]): float(r[f"grad_flow/lstm/{row_name}/{key}"]) for r in rows
+                      if r.get(f"grad_flow/lstm/{row_name}/{key}")}
+            assert sorted(logged) == records["step"].tolist()
+            np.testing.assert_allclose([logged[s] for s in sorted(logged)],
+                                       records[key][:, i], rtol=1e-12, err_msg=key)
+        for key in ("dL_dh", "dL_dc"):
+            logged = [float(r[f"lstm/{key}/{row_name}/t_0000"]) for r in rows
+                      if r.get(f"lstm/{key}/{row_name}/t_0000")]
+            np.testing.assert_allclose(logged, records[key][:, i, 0], rtol=1e-12)
+    for tag in ("grad_norm/lstm", "grad_norm/head", "grad_norm/total", "grad_norm/total_clipped"):
+        assert len([r for r in rows if r.get(tag)]) == STEPS, tag
+    figures = tmp_path / "grad_flow" / "figures"
+    assert "CSVLogger takes no figures" in caplog.text and str(figures) in caplog.text
+    assert sorted(p.name for p in figures.iterdir()) == [
+        "grad_flow_lstm_heatmap_0000000.png", "grad_flow_lstm_heatmap_0000002.png",
+        "grad_flow_lstm_heatmap_0000003.png", "grad_flow_lstm_profile_0000000.png",
+        "grad_flow_lstm_profile_0000002.png", "grad_flow_lstm_profile_0000003.png"]
+
+
+def test_rnnlab_run_with_tensorboard_and_csv_logs_the_records_scalars_to_both(make_cfg,
+                                                                               tmp_path):
+    train(make_cfg("logger=[tensorboard,csv]", "task.seq_len=6", "trainer.max_steps=2"))
+    record = gradflow.load(tmp_path / "run")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    logged = [float(r["grad_flow/decay_rate"]) for r in rows if r.get("grad_flow/decay_rate")]
+    np.testing.assert_allclose(logged, record["decay_rate"], rtol=1e-12)
+    assert [r for r in rows if r.get("final/val_loss")]  # the final metrics too
+    assert (tmp_path / "run" / "csv" / "hparams.yaml").is_file()
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def test_examples_train_and_record_at_small_size(tmp_path):
+    records = lstm_classifier.main(tmp_path / "lightning", seq_len=12, steps=4, hidden=6,
+                                   batch_size=8, every_n_steps=2)
+    flow = gradflow.load(records, module="lstm")
+    assert flow["step"].tolist() == [0, 2] and flow["dL_dh"].shape == (2, 2, 12)
+    assert np.isfinite(flow["dL_dh"]).all() and (flow["dL_dh"] > 0).all()
+    profiles = plain_loop.main(tmp_path / "plain", seq_len=10, steps=3, hidden=6, batch_size=8,
+                               every_n_steps=2)
+    assert profiles["lstm"]["dL_dh"].shape == profiles["lstm"]["dL_dc"].shape == (2, 10)
+    assert sorted(p.name for p in (tmp_path / "plain" / "grad_flow" / "lstm").iterdir()) == [
+        "step_0000000.npz", "step_0000002.npz"]
+
+
+def test_a_callback_naming_a_module_that_is_not_recurrent_fails_before_training(tmp_path):
+    model = lstm_classifier.LSTMClassifier(features=3, hidden=5)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                         callbacks=[rnnlab.GradFlowCallback(tmp_path, modules=["head"])])
+    with pytest.raises(ValueError, match="'head' is a Linear, not a recurrent module"):
+        trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(4, T, 3), batch_size=4))
+    assert not any(tmp_path.iterdir())
+
+
+def test_wandb_takes_the_scalars_and_the_figures(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=tmp_path, project="rnnlab-test")
+    logged = []  # what reached the logger (an offline run's file is W&B's own binary format)
+    plain = logger.log_metrics
+    monkeypatch.setattr(logger, "log_metrics", lambda metrics, step=None: (
+        logged.append((step, dict(metrics))), plain(metrics, step))[1])
+    fit(tmp_path, callback=True, logger=logger)
+    wandb.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    images = sorted(p.name.rsplit("_", 2)[0] for p in
+                    (run / "files" / "media" / "images" / "grad_flow" / "lstm").iterdir())
+    assert images == ["heatmap"] * 3 + ["profile"] * 3  # records 0, 2 and the last, 3
+    records = gradflow.load(tmp_path / "grad_flow", module="lstm")
+    decay = [(step, m["grad_flow/lstm/l1/decay_rate"]) for step, m in logged
+             if "grad_flow/lstm/l1/decay_rate" in m]
+    assert [step for step, _ in decay] == records["step"].tolist()
+    np.testing.assert_allclose([v for _, v in decay], records["decay_rate"][:, 1], rtol=1e-12)
+
+
+def test_mlflow_takes_the_scalars_and_the_figures_as_artifacts(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="rnnlab-test", tracking_uri=uri,
+                          artifact_location=str(tmp_path / "artifacts"))
+    fit(tmp_path, callback=True, logger=logger)
+    client = MlflowClient(uri)
+    history = client.get_metric_history(logger.run_id, "grad_flow/lstm/l0/decay_rate")
+    records = gradflow.load(tmp_path / "grad_flow", module="lstm")
+    assert [m.step for m in history] == records["step"].tolist()
+    np.testing.assert_allclose([m.value for m in history], records["decay_rate"][:, 0],
+                               rtol=1e-12)
+    artifacts = {a.path for a in client.list_artifacts(logger.run_id, "grad_flow/lstm/profile")}
+    assert artifacts == {f"grad_flow/lstm/profile/step_{s:07d}.png" for s in (0, 2, 3)}
+
+
+def test_the_callback_leaves_no_attribute_on_the_models_modules(tmp_path):
+    pl.seed_everything(0)
+    model = lstm_classifier.LSTMClassifier(features=3, hidden=5)
+    before = {name: set(vars(m)) for name, m in model.named_modules() if name}
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[rnnlab.GradFlowCallback(tmp_path, every_n_steps=1)])
+    trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(8, T, 3), batch_size=4))
+    assert {name: set(vars(m)) for name, m in model.named_modules() if name} == before
+
+
+class Failing(lstm_classifier.LSTMClassifier):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)  # the probed forward pass runs …
+        raise RuntimeError("the user's step failed")  # … and then the step fails
+
+
+def test_a_step_that_raises_leaves_the_module_on_its_fused_path(tmp_path):
+    model = Failing(features=3, hidden=5)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[rnnlab.GradFlowCallback(tmp_path, every_n_steps=1)])
+    with pytest.raises(RuntimeError, match="the user's step failed"):
+        trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(8, T, 3), batch_size=4))
+    assert "forward" not in vars(model.lstm)
+    assert model.lstm.forward.__func__ is torch.nn.LSTM.forward  # the fused kernel's
