@@ -22,6 +22,7 @@ from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_TENSOR
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
+from rnnlab.records import Record
 from rnnlab.tensorboard_plugin import GradFlowLoader, summary
 from rnnlab.tensorboard_plugin.labels import short_labels
 from rnnlab.train import train
@@ -111,6 +112,22 @@ def test_record_summary_writes_profiles_summaries_and_the_record_of_its_tags():
     assert tensor_util.make_ndarray(values["summary/loss"].tensor) == record["loss"]
     listed = summary.parse_json(tensor_util.make_ndarray(values["record"].tensor))["tags"]
     assert listed == {tag: [T] if tag in profiles else [] for tag in values if tag != "record"}
+
+
+def test_a_watched_models_record_file_names_its_rows():
+    saved = Record(step=3, profiles={"dL_dh": watched_record(3)["dL_dh"],
+                                     "dL_dc": watched_record(3)["dL_dc"]}, rows=tuple(ROWS),
+                   loss=0.5).arrays()  # what grad_flow/encoder.lstm/step_0000003.npz holds
+    values = {v.tag: v for v in summary.record_summary(saved, prefix=WATCHED).value}
+    for key in ("dL_dh", "dL_dc"):
+        content = summary.parse_content(values[WATCHED + key].metadata.plugin_data.content)
+        assert content == summary.Content(kind="profile", rows=tuple(ROWS))
+        np.testing.assert_array_equal(tensor_util.make_ndarray(values[WATCHED + key].tensor),
+                                      saved[key])
+    rates = values[f"{WATCHED}summary/decay_rate"]
+    assert summary.parse_content(rates.metadata.plugin_data.content).rows == tuple(ROWS)
+    np.testing.assert_array_equal(tensor_util.make_ndarray(rates.tensor), saved["decay_rate"])
+    assert f"{WATCHED}summary/rows" not in values and f"{WATCHED}summary/step" not in values
 
 
 def test_a_2d_profile_needs_a_name_per_row():

@@ -35,9 +35,9 @@ PROFILE, SUMMARY, RECORD, RUN_INFO = "profile", "summary", "record", "run_info"
 RUN_INFO_TAG = "run_info"
 RECORD_TAG = "record"
 SUMMARY_PREFIX = "summary/"
-# Record keys that are not written: the event's step is the record's step, and a profile's
-# length is its T.
-NOT_WRITTEN = ("step", "T")
+# Record keys that are not written as values: the event's step is the record's step, a profile's
+# length is its T, and the rows' names (a watched model's) go into the metadata.
+NOT_WRITTEN = ("step", "T", "rows")
 
 
 def is_profile_key(key: str) -> bool:
@@ -77,16 +77,18 @@ def record_summary(record: dict[str, np.ndarray | float], prefix: str = "",
     ``<prefix>record`` value listing them.
 
     Args:
-        record: key → value as in a ``grad_flow/step_*.npz`` record. Profile keys
-            (`is_profile_key`) hold (T,) arrays, or (R, T) with ``rows``; other keys hold numbers,
-            or (R,) arrays with ``rows``. Not written: ``step`` and ``T`` (`NOT_WRITTEN`) and
-            arrays that are neither (e.g. ``recurrent_singular_values``, (H,), indexed by neither
-            t nor a row).
+        record: key → value as in a ``grad_flow/step_*.npz`` record (``Record.arrays()``).
+            Profile keys (`is_profile_key`) hold (T,) arrays, or (R, T) with ``rows``; other keys
+            hold numbers, or (R,) arrays with ``rows``. Not written as values: ``step``, ``T``
+            and ``rows`` (`NOT_WRITTEN`), and arrays indexed by neither t nor a row (e.g.
+            ``recurrent_singular_values``, (H,)).
         prefix: put before each tag: a watched model's module path and "/", e.g.
             ``"encoder.lstm/"``; "" for the model's own state.
         rows: names of the R rows of a watched model's 2-D profiles and 1-D summaries, e.g.
-            ``["layer0", "layer0_reverse", "layer1"]``.
+            ``["l0", "l0_reverse", "l1"]``; default: the record's own ``rows``.
     """
+    if rows is None and "rows" in record:
+        rows = [str(r) for r in np.asarray(record["rows"]).tolist()]
     summary = Summary()
     shapes = {}
     for key, value in record.items():
