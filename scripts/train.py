@@ -11,7 +11,6 @@ Exit status: 0 done; 2 a setting or file is wrong (the message names it, nothing
 128 + the signal's number (130 Ctrl-C, 143 SIGTERM) when a signal stopped the run at a checkpoint.
 """
 
-import errno
 import sys
 
 from rnnlab.cli import main

@@ -478,7 +478,8 @@ def custom_scalars_layout(targets) -> dict:
         if isinstance(module, RecurrentModel):
             names = module.cell.state_names
             for key in state_keys(names):
-                charts[f"||dL/d{key.removeprefix('dL_d')}_t|| at the chosen t"] = ["Multiline", [rf"^{key}/t_\d+$"]]
+                charts[f"||dL/d{key.removeprefix('dL_d')}_t|| at the chosen t"] = [
+                    "Multiline", [rf"^{key}/t_\d+$"]]
             for m, _ in module.named_children():
                 charts[f"||dL/dW(t)|| of the {m} at the chosen t"] = [
                     "Multiline", [rf"^dL_dW_{m}/t_\d+$"]]
