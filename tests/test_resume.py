@@ -338,3 +338,28 @@ def test_last_finds_the_newest_run_with_a_checkpoint(tmp_path):
     assert find_checkpoint("last", tmp_path).run_dir == (tmp_path / "b").resolve()
     with pytest.raises(ConfigError, match="ckpt_path=last: no run under"):
         find_checkpoint("last", tmp_path / "empty")
+
+
+def test_a_checkpoint_does_not_grow_with_the_monitors_history(whole):
+    """The heatmaps' history stays on disk, in the records: the monitor's part of a checkpoint
+    after 10 monitored steps is as big as after 2."""
+    def monitor_state(step: int) -> dict:
+        state = torch.load(whole / "checkpoints" / f"step_{step:07d}.ckpt", weights_only=True)
+        return next(v for k, v in state["callbacks"].items() if k.startswith("GradFlowCallback"))
+
+    early, late = monitor_state(2), monitor_state(9)
+    assert set(early) == set(late) == {"last_record", "records_written"}
+    assert ({k: v.shape for k, v in early["last_record"].items()}
+            == {k: v.shape for k, v in late["last_record"].items()})
+    assert (early["records_written"], late["records_written"]) == (2, 9)
+
+
+def test_a_resumed_runs_heatmap_history_is_read_back_from_its_records(whole, tmp_path):
+    from rnnlab.callbacks import GradFlowCallback
+
+    records = gradflow.load(whole)
+    callback = GradFlowCallback(whole / "grad_flow", every_n_steps=1)
+    callback.restore_histories(6)
+    history = callback.histories[""]
+    assert history.steps == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(np.array(history.log10), np.log10(records["dL_dz"][:6]))

@@ -3,6 +3,7 @@ name the file and what to do (exit 2); an unwritable ``--out`` is named before a
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from rnnlab import gradflow
+from rnnlab import records
+from rnnlab.records import Record
+from rnnlab.rundir import DiskFullError, RunFileError
 from rnnlab.sweep import main as summarise
 from rnnlab.sweep import write_summary
 
@@ -22,8 +25,7 @@ from .conftest import ROOT
 def make_run(path: Path, num: int = 0) -> Path:
     """A finished job directory: one record, metrics.json, Hydra's files."""
     profile = 0.9 ** (7 - np.arange(8))
-    gradflow.save(path / "grad_flow", 0, {"dL_dz": profile, "loss": 0.5,
-                                          **gradflow.summarize(profile)})
+    Record(0, {"dL_dz": profile}, loss=0.5).save(path / "grad_flow")
     (path / "metrics.json").write_text(json.dumps({"val/loss": 0.2, "val/baseline": 1 / 6,
                                                    "step": 1}))
     (path / ".hydra").mkdir()
@@ -43,6 +45,7 @@ DAMAGE = {
     "metrics.json empty": ("metrics.json", ""),
     "failed.json cut short": ("failed.json", '{"error_type": "Floating'),
     "config.yaml corrupt": (".hydra/config.yaml", "cell: {gain: [0.9\n"),
+    "record of zero bytes": ("grad_flow/step_0000000.npz", ""),
 }
 
 
@@ -109,3 +112,106 @@ def test_summary_of_a_missing_directory_exits_2_naming_it(tmp_path, capsys):
         summarise([str(tmp_path / "nowhere")])
     assert exit_.value.code == 2
     assert f"Summary error: {tmp_path / 'nowhere'} is not a directory" in capsys.readouterr().err
+
+
+# --- gradient-flow records ------------------------------------------------------------------------
+def saved_records(directory: Path, steps=(0, 5, 10), T: int = 8) -> list[Path]:
+    return [Record(step, {"dL_dz": np.linspace(1, 2, T)}, loss=0.5).save(directory)
+            for step in steps]
+
+
+def test_a_record_cut_short_is_named_with_what_to_do(tmp_path):
+    paths = saved_records(tmp_path / "grad_flow")
+    whole = paths[1].read_bytes()
+    paths[1].write_bytes(whole[: len(whole) // 2])  # what a kill mid-copy leaves
+    for load in (lambda: records.load(tmp_path), lambda: Record.load(paths[1])):
+        with pytest.raises(RunFileError, match=rf"^{paths[1]} cannot be read .*cut short.*"
+                                               r"delete it"):
+            load()
+    paths[1].unlink()  # what the message says to do: the others load
+    assert records.load(tmp_path)["step"].tolist() == [0, 10]
+
+
+def test_a_record_of_zero_bytes_is_named(tmp_path):
+    paths = saved_records(tmp_path / "grad_flow")
+    paths[0].write_bytes(b"")
+    with pytest.raises(RunFileError, match=rf"^{paths[0]} cannot be read"):
+        records.load(tmp_path)
+
+
+def test_a_record_without_step_is_named(tmp_path):
+    paths = saved_records(tmp_path / "grad_flow")
+    np.savez(paths[2], dL_dz=np.ones(8), T=8)
+    with pytest.raises(RunFileError, match=rf"^{paths[2]} holds no 'step' \(keys: T, dL_dz\)"):
+        records.load(tmp_path)
+
+
+def test_a_record_with_another_T_is_named(tmp_path):
+    saved_records(tmp_path / "grad_flow", steps=(0, 5), T=8)
+    other = saved_records(tmp_path / "grad_flow", steps=(10,), T=12)[0]
+    first = tmp_path / "grad_flow" / "step_0000000.npz"
+    with pytest.raises(RunFileError, match=rf"^{other} holds T = 12, but {first} T = 8: records "
+                                           r"of runs with different task.seq_len"):
+        records.load(tmp_path)
+
+
+def test_a_step_held_twice_is_named(tmp_path):
+    path = saved_records(tmp_path / "grad_flow", steps=(0, 5))[1]
+    copy = path.with_name("step_0000005 (copy).npz")
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(RunFileError, match=r"both hold step 5"):
+        records.load(tmp_path)
+
+
+def test_loading_a_directory_of_several_runs_is_refused_naming_them(tmp_path):
+    for run in ("adding/rnn/a", "adding/rnn/b", "adding/gru/c"):
+        saved_records(tmp_path / run / "grad_flow")
+    with pytest.raises(RunFileError, match=r"is not a run directory: it holds 3 runs \(adding/gru/c"
+                                           r", adding/rnn/a, adding/rnn/b\); load one run per "
+                                           r"directory"):
+        records.load(tmp_path)
+    assert records.load(tmp_path / "adding/rnn/a")["step"].tolist() == [0, 5, 10]  # one is fine
+
+
+def test_a_full_disk_while_a_record_is_written_names_it_and_keeps_the_previous(tmp_path,
+                                                                               monkeypatch):
+    directory = tmp_path / "grad_flow"
+    path = saved_records(directory, steps=(5,))[0]
+    before = path.read_bytes()
+
+    def disk_full(file, **arrays):
+        file.write(b"PK half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records.np, "savez", disk_full)
+    with pytest.raises(DiskFullError, match=rf"^disk full: could not write {path} \(no space"):
+        Record(5, {"dL_dz": np.zeros(8)}).save(directory)
+    assert path.read_bytes() == before and [p.name for p in directory.iterdir()] == [path.name]
+
+
+def test_a_record_killed_mid_write_leaves_the_previous_and_no_temp_file(tmp_path):
+    """SIGKILL in the middle of np.savez: the record on disk is the previous one, whole, and the
+    next write removes the killed writer's temporary file."""
+    directory = tmp_path / "grad_flow"
+    path = saved_records(directory, steps=(5,))[0]
+    script = f"""
+import os, signal
+import numpy as np
+from rnnlab import records
+from rnnlab.records import Record
+real = np.savez
+def savez(file, **arrays):
+    file.write(b"PK half a zip")
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+records.np.savez = savez
+Record(5, {{"dL_dz": np.zeros(8)}}).save({str(directory)!r})
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert killed.returncode == -9
+    orphans = [p for p in directory.iterdir() if p.name.startswith(".")]
+    assert len(orphans) == 1  # the killed writer's, beside the record
+    np.testing.assert_array_equal(Record.load(path).profiles["dL_dz"], np.linspace(1, 2, 8))
+    Record(5, {"dL_dz": np.zeros(8)}).save(directory)  # the next write cleans up
+    assert [p.name for p in directory.iterdir()] == [path.name]
+    np.testing.assert_array_equal(Record.load(path).profiles["dL_dz"], np.zeros(8))

@@ -66,7 +66,8 @@ from rnnlab.loggers import LoggerAdapter, adapters
 from rnnlab.model import RecurrentModel
 from rnnlab.nonfinite import NonFinitePolicy
 from rnnlab.probing import ProbeRequest
-from rnnlab.records import Record, record_path
+from rnnlab.records import RECORD_GLOB, Record, record_path, watched_modules
+from rnnlab.rundir import RunFileError
 from rnnlab.watching import Watch
 
 log = logging.getLogger(__name__)
@@ -216,29 +217,49 @@ class GradFlowCallback(pl.Callback):
                 f"monitor.param_contributions=false (dL_dz and the Jacobians stay exact) or "
                 f"shorten task.seq_len")
 
-    # --- checkpointed state: the heatmaps' history and the latest record -----------------------
-    # Tensors only, so that checkpoints load with torch.load(weights_only=True).
+    # --- checkpointed state: the latest record, of a fixed size ---------------------------------
+    # Tensors only, so that checkpoints load with torch.load(weights_only=True). The heatmaps'
+    # history is not in it (it would grow with every monitored step): it is on disk, in the
+    # records, and read back from there when a run resumes (`restore_histories`).
     def state_dict(self) -> dict:
         record = self.last_record.arrays() if self.last_record is not None else {}  # the model's
         record.pop("rows", None)
-        return {"histories": {name: {"steps": list(h.steps),
-                                     "log10": [torch.from_numpy(np.asarray(r)) for r in h.log10]}
-                              for name, h in self.histories.items()},
-                "last_record": {k: torch.as_tensor(v) for k, v in record.items()},
+        return {"last_record": {k: torch.as_tensor(v) for k, v in record.items()},
                 "records_written": self.records_written}
 
     def load_state_dict(self, state: dict) -> None:
-        self.histories = {name: History(list(h["steps"]), [r.numpy() for r in h["log10"]])
-                          for name, h in state.get("histories", {}).items()}
         arrays = {k: v.numpy() for k, v in state.get("last_record", {}).items()}
         self.last_records = {MODEL: Record.from_arrays(arrays)} if arrays else {}
         self.records_written = state.get("records_written", 0)
+
+    def restore_histories(self, step: int) -> None:
+        """The heatmaps' history of a run resumed at ``step``: the main profile of every record
+        of an earlier step in ``dirpath`` (a resumed run's own copies of them). A record that
+        cannot be read is left out with a warning naming it."""
+        self.histories = {}
+        for name in [MODEL, *watched_modules(self.dirpath)]:
+            directory = self.record_dir(name)
+            history = History()
+            for path in sorted(directory.glob(RECORD_GLOB)):
+                try:
+                    record = Record.load(path)
+                except RunFileError as error:
+                    log.warning("heatmap: %s", error)
+                    continue
+                if record.step < step:
+                    history.steps.append(record.step)
+                    with np.errstate(divide="ignore"):
+                        history.log10.append(np.log10(record.main_profile))
+            if history.steps:
+                self.histories[name] = history
 
     # --- (hooks in the order of the table above) ------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapters = adapters(trainer)
         if not trainer.is_global_zero:
             return
+        if trainer.global_step > 0:  # resumed
+            self.restore_histories(trainer.global_step)
         # A resumed run carries the layout over with its history: a second one at step 0, after
         # later steps, would make TensorBoard drop those steps as orphaned.
         if trainer.global_step == 0:

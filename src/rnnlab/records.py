@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from functools import cache
@@ -37,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from rnnlab.rundir import GRAD_FLOW
+from rnnlab.rundir import GRAD_FLOW, RunFileError, atomic_write
 
 HORIZON_THRESHOLD = 1e-3
 RECORD_GLOB = "step_*.npz"
@@ -241,27 +239,47 @@ class Record:
                    groups["contributions"], **sections)
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``<directory>/step_<step:07d>.npz`` whole or not at all (a temporary file in the
-        same directory, renamed over the target once written)."""
+        """Write ``<directory>/step_<step:07d>.npz`` whole or not at all (`atomic_write`: a
+        temporary file in the same directory, renamed over the target once on disk; a full
+        disk is a `DiskFullError` naming the file)."""
         path = record_path(directory, self.step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                                             suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(file, **self.arrays())
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        arrays = self.arrays()
+        atomic_write(path, lambda file: np.savez(file, **arrays))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Record:
+        """The record in ``path``; a file that is not a whole record is a `RunFileError`
+        naming it."""
+        return cls.from_arrays(read_record(Path(path)))
+
+
+def read_record(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of one record file, checked to be a whole record (``step``, a profile);
+    otherwise a `RunFileError` naming the file and what to do."""
+    try:
         with np.load(path) as data:
-            return cls.from_arrays(dict(data))
+            arrays = dict(data)
+    except Exception as error:  # zero bytes (EOFError), cut short (BadZipFile), not an npz
+        raise RunFileError(
+            f"{path} cannot be read ({type(error).__name__}: {error}): the record was cut short "
+            "(the run was killed or the disk filled up while it was written) or is not a "
+            "record; delete it (the run's other records load without it)") from None
+    if "step" not in arrays:
+        raise RunFileError(f"{path} holds no 'step' (keys: {', '.join(sorted(arrays))}): it is "
+                           "not a record written by rnnlab; move it out of the records directory")
+    if not any(k.startswith(Record.PREFIXES["profiles"]) for k in arrays):
+        raise RunFileError(f"{path} holds no profile (dL_dz, dL_dh, …): it is not a record "
+                           "written by rnnlab; move it out of the records directory")
+    return arrays
+
+
+def record_T(arrays: dict[str, np.ndarray]) -> int:
+    """The T of a record's arrays: its ``T``, or its first profile's length."""
+    if "T" in arrays:
+        return int(arrays["T"])
+    profile = next(v for k, v in arrays.items() if k.startswith(Record.PREFIXES["profiles"]))
+    return int(np.shape(profile)[-1])
 
 
 @cache
@@ -297,20 +315,30 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
     path of a watched torch.nn module, whose records are ``grad_flow/<module>/step_*.npz``. A key
     that only some records hold (``jacobian_norm`` on steps without the Jacobians) is NaN in the
     others; ``rows`` (the rows' names of a torch.nn module's profiles) is not stacked.
+
+    A `RunFileError` names the file and what to do when a record cannot be read (cut short by a
+    kill or a full disk, zero bytes), is not a record (no ``step``), or belongs to another run
+    (another T, a step twice); and when ``run_dir`` holds several runs rather than one.
     """
     directory = records_dir(run_dir, module)
     files = sorted(directory.glob(RECORD_GLOB))
     if not files:
+        runs = runs_under(directory)
+        if runs:
+            raise RunFileError(
+                f"{directory} is not a run directory: it holds {len(runs)} runs "
+                f"({', '.join(str(r.relative_to(directory)) for r in runs[:5])}"
+                f"{', …' if len(runs) > 5 else ''}); load one run per directory, e.g. "
+                f"load('{runs[0]}') (rnnlab report compares several)")
         raise FileNotFoundError(
             f"no {RECORD_GLOB} in {directory}: give a run directory of scripts/train.py with the "
             "monitor on (monitor.every_n_steps), or a directory of records"
             + (f" (watched modules there: {', '.join(watched_modules(run_dir))})"
                if watched_modules(run_dir) else ""))
-    records = []
-    for path in files:
-        with np.load(path) as data:
-            records.append(dict(data))
-    records.sort(key=lambda r: int(r["step"]))
+    records = [read_record(path) for path in files]
+    check_one_run(files, records)
+    order = sorted(range(len(records)), key=lambda i: int(records[i]["step"]))
+    records = [records[i] for i in order]
     rows = records[-1].pop("rows", None)
     for r in records:
         r.pop("rows", None)
@@ -320,6 +348,33 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
     if rows is not None:
         stacked["rows"] = rows
     return stacked
+
+
+def check_one_run(files: list[Path], records: list[dict[str, np.ndarray]]) -> None:
+    """The records of one directory must be one run's: one T, each step once; otherwise a
+    `RunFileError` naming the files that disagree."""
+    first: dict[int, Path] = {}
+    for path, arrays in zip(files, records):
+        step = int(arrays["step"])
+        if step in first:
+            raise RunFileError(f"{first[step]} and {path} both hold step {step}: two runs' "
+                               "records in one directory; keep one run's records per directory")
+        first[step] = path
+    T = record_T(records[0])
+    for path, arrays in zip(files, records):
+        if record_T(arrays) != T:
+            raise RunFileError(
+                f"{path} holds T = {record_T(arrays)}, but {files[0]} T = {T}: records of runs "
+                "with different task.seq_len in one directory; move it into its own run "
+                "directory")
+
+
+def runs_under(directory: Path) -> list[Path]:
+    """The run directories (holding ``grad_flow/`` with records) below ``directory``."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.parent for p in directory.glob(f"**/{GRAD_FLOW}")
+                  if p.is_dir() and next(p.glob(f"**/{RECORD_GLOB}"), None) is not None)
 
 
 def watched_modules(run_dir: str | Path) -> list[str]:
