@@ -75,6 +75,10 @@ log = logging.getLogger(__name__)
 # Values per parameter per timestep on a monitored step with param_contributions: the probe, its
 # gradient and the per-step weights in the graph, with allocator slack (measured ≈ 5.2 for an LSTM).
 PARAM_PROBE_COPIES = 6
+# With profile_dtype=float64, where each field of a record comes from (`Record.sources`).
+FLOAT64_SOURCES = {"profiles": "float64_copy", "contributions": "float64_copy",
+                   "loss": "float64_copy", "grad_norms": "training_step",
+                   "jacobians": "training_step"}
 MODEL = ""  # the pass name of rnnlab's own model: its records go straight into dirpath
 
 
@@ -196,6 +200,14 @@ class GradFlowCallback(pl.Callback):
             raise ConfigError("monitor.profile_dtype=float64 needs rnnlab's RecurrentModel (it "
                               "rebuilds the model in float64); got "
                               f"{type(pl_module).__name__} (set monitor.profile_dtype=float32)")
+        if self.profile_dtype == "float64" and getattr(pl_module.cell, "adjoint", False):
+            log.warning(
+                "monitor.profile_dtype=float64 with cell.adjoint=true: a record's dL_dz, dL_dW "
+                "and loss come from the float64 copy stepping the adjoint interval by interval, "
+                "its grad_norm_* from the training step (float32, the whole-sequence adjoint in "
+                "segments): they differ up to the solver's tolerance (cell.rtol, cell.atol); each "
+                "record names the sources (source_profiles, source_grad_norms). For one "
+                "computation, set monitor.profile_dtype=float32")
 
     def check_memory(self, model: nn.Module, seq_len: int, device: torch.device) -> None:
         """Refuse, before training, per-step parameter probes that cannot fit in memory.
@@ -223,7 +235,7 @@ class GradFlowCallback(pl.Callback):
     # records, and read back from there when a run resumes (`restore_histories`).
     def state_dict(self) -> dict:
         record = self.last_record.arrays() if self.last_record is not None else {}  # the model's
-        record.pop("rows", None)
+        record = {k: v for k, v in record.items() if v.dtype.kind != "U"}  # rows, sources
         return {"last_record": {k: torch.as_tensor(v) for k, v in record.items()},
                 "records_written": self.records_written}
 
@@ -368,6 +380,8 @@ class GradFlowCallback(pl.Callback):
         for name, probed in passes.items():
             record = Record.from_pass(current.step, probed, reduce, world)
             record.loss, record.grad_norms = loss_value, dict(grad_norms)
+            if self.profile_dtype == "float64":
+                record.sources = dict(FLOAT64_SOURCES)
             records[name] = record
         model = records.get(MODEL)
         if model is not None and isinstance(pl_module, RecurrentModel) and self.jacobian_every \

@@ -16,9 +16,16 @@ field per instrument:
     jacobians      jacobian_norm (T,), jacobian_rate             `Jacobians`
     spectrum       recurrent_singular_values (H,), recurrent_    `Spectrum`
                    spectral_norm, recurrent_spectral_radius
+    sources        source_<field> str                            which computation gave a field,
+                                                                 where not the training step
 
 A file is ``<directory>/step_<step:07d>.npz``: float64 arrays (scalars 0-d), with ``step`` and
-``T``. A new instrument is a `Section` subclass (its keys, its logged scalars) and one field of
+``T``. Every number comes from the monitored training step itself, except where ``sources``
+says otherwise: with ``monitor.profile_dtype=float64`` the profiles, contributions and loss come
+from a float64 copy of the model (``source_profiles = "float64_copy"``), the gradient norms and
+Jacobians from the training step (``"training_step"``).
+
+A new instrument is a `Section` subclass (its keys, its logged scalars) and one field of
 `Record` typed with it; writing, reading, logging and `load`'s stacking follow from the field.
 """
 
@@ -39,6 +46,7 @@ from rnnlab.rundir import GRAD_FLOW, RunFileError, atomic_write
 
 HORIZON_THRESHOLD = 1e-3
 RECORD_GLOB = "step_*.npz"
+SOURCE_PREFIX = "source_"
 
 
 class Section:
@@ -161,6 +169,7 @@ class Record:
     contributions: dict[str, np.ndarray] = field(default_factory=dict)
     jacobians: Jacobians | None = None
     spectrum: Spectrum | None = None
+    sources: dict[str, str] = field(default_factory=dict)  # field → computation, if not the step
 
     PREFIXES: ClassVar[dict[str, str]] = {"contributions": "dL_dW_", "profiles": "dL_d",
                                           "grad_norms": "grad_norm_"}  # in this order
@@ -216,6 +225,8 @@ class Record:
         out["T"] = np.asarray(self.T, dtype=np.int64)
         if self.rows is not None:
             out["rows"] = np.asarray(self.rows, dtype=str)
+        for name, source in self.sources.items():
+            out[SOURCE_PREFIX + name] = np.asarray(source, dtype=str)
         return out
 
     @classmethod
@@ -226,8 +237,12 @@ class Record:
         claimed = {f.name for name, s in sections.items() if s is not None
                    for f in dataclasses.fields(s)}
         groups: dict[str, dict] = {name: {} for name in cls.PREFIXES}
+        sources: dict[str, str] = {}
         for key, value in arrays.items():
             if key in claimed or key in derived or key in ("step", "T", "rows", "loss"):
+                continue
+            if key.startswith(SOURCE_PREFIX):
+                sources[key.removeprefix(SOURCE_PREFIX)] = str(value)
                 continue
             group = next((g for g, prefix in cls.PREFIXES.items() if key.startswith(prefix)),
                          None)
@@ -236,7 +251,7 @@ class Record:
         loss = float(arrays["loss"]) if "loss" in arrays else None
         rows = tuple(str(r) for r in arrays["rows"]) if "rows" in arrays else None
         return cls(int(arrays["step"]), groups["profiles"], rows, loss, groups["grad_norms"],
-                   groups["contributions"], **sections)
+                   groups["contributions"], **sections, sources=sources)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``<directory>/step_<step:07d>.npz`` whole or not at all (`atomic_write`: a
@@ -314,7 +329,8 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
     ``run_dir``: a run directory (holding ``grad_flow/``) or a records directory. ``module``: the
     path of a watched torch.nn module, whose records are ``grad_flow/<module>/step_*.npz``. A key
     that only some records hold (``jacobian_norm`` on steps without the Jacobians) is NaN in the
-    others; ``rows`` (the rows' names of a torch.nn module's profiles) is not stacked.
+    others; ``rows`` (the rows' names of a torch.nn module's profiles) and ``source_<field>``
+    are the latest record's, not stacked.
 
     A `RunFileError` names the file and what to do when a record cannot be read (cut short by a
     kill or a full disk, zero bytes), is not a record (no ``step``), or belongs to another run
@@ -339,14 +355,13 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
     check_one_run(files, records)
     order = sorted(range(len(records)), key=lambda i: int(records[i]["step"]))
     records = [records[i] for i in order]
-    rows = records[-1].pop("rows", None)
-    for r in records:
-        r.pop("rows", None)
+    # Strings, not stacked: the rows' names, and the sources (one per run: its profile_dtype).
+    strings = {k: v for k, v in records[-1].items() if k == "rows" or k.startswith(SOURCE_PREFIX)}
+    records = [{k: v for k, v in r.items() if k not in strings} for r in records]
     shapes = {k: np.shape(v) for r in reversed(records) for k, v in r.items()}
     stacked = {k: np.stack([r[k] if k in r else np.full(shape, math.nan) for r in records])
                for k, shape in sorted(shapes.items())}
-    if rows is not None:
-        stacked["rows"] = rows
+    stacked.update(strings)
     return stacked
 
 

@@ -92,7 +92,7 @@ def record_summary(record: dict[str, np.ndarray | float], prefix: str = "",
     summary = Summary()
     shapes = {}
     for key, value in record.items():
-        if key in NOT_WRITTEN:
+        if key in NOT_WRITTEN or np.asarray(value).dtype.kind == "U":  # names: source_<field>
             continue
         array = np.asarray(value, dtype=np.float64)
         if is_profile_key(key):
