@@ -144,7 +144,8 @@ class GradFlowCallback(pl.Callback):
             over batches of (timestep, sequence) rows, `gradflow.JACOBIAN_ROWS` at most).
         on_nonfinite: a non-finite loss or gradient ``stop``s training with a FloatingPointError,
             or ``skip``s that optimizer step (`rnnlab.nonfinite`).
-        max_skipped_steps: with ``skip``, stop after this many steps in a row were skipped.
+        max_skipped_steps: with ``skip``, stop after this many steps in a row were skipped
+            (``auto``: 10% of the run's steps, at least 10; None: never).
         profile_dtype: ``float32`` reads the probes of the training step itself (as trained);
             ``float64`` (rnnlab's model) measures the profile (and ``dL_dW``) on a float64 copy
             of the model with the same batch: one more forward and backward, in float64, on
@@ -156,7 +157,7 @@ class GradFlowCallback(pl.Callback):
                  timesteps: list[int] | None = None, num_timesteps: int = 5,
                  figure_every_n_records: int = 10, param_contributions: bool = True,
                  jacobian_every_n_steps: int = 50, jacobian_iterations: int = 10,
-                 on_nonfinite: str = "stop", max_skipped_steps: int | None = None,
+                 on_nonfinite: str = "stop", max_skipped_steps: int | str | None = "auto",
                  profile_dtype: str = "float32"):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
@@ -268,6 +269,7 @@ class GradFlowCallback(pl.Callback):
     # --- (hooks in the order of the table above) ------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapters = adapters(trainer)
+        self.policy.set_run_steps(trainer.estimated_stepping_batches)
         if not trainer.is_global_zero:
             return
         if trainer.global_step > 0:  # resumed

@@ -12,13 +12,15 @@ at the two points of a training step where it can be seen:
 A skipped step leaves every parameter and the optimizer's state as they were (the optimizer skips
 a parameter without a gradient). Under data parallelism every process decides alike: the loss's
 finiteness is agreed on by all processes, and the gradients are the same after DDP's all-reduce.
-Skipped steps are counted as ``train/skipped_steps``; after ``max_skipped_steps`` skipped in a row
+Skipped steps are counted as ``train/skipped_steps`` (also in metrics.json); after
+``max_skipped_steps`` skipped in a row (default ``auto``: 10% of the run's steps, at least 10)
 training stops, since its parameters are no longer moving.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytorch_lightning as pl
@@ -35,18 +37,26 @@ ACTIONS = ("stop", "skip")
 class NonFinitePolicy:
     """Args:
         action: ``stop`` or ``skip`` (``monitor.on_nonfinite``).
-        max_skipped_steps: stop once this many steps in a row were skipped (None: never).
+        max_skipped_steps: stop once this many steps in a row were skipped (None: never;
+            ``"auto"``: `auto_max_skipped` of the run's steps, set by `set_run_steps`).
     """
 
-    def __init__(self, action: str = "stop", max_skipped_steps: int | None = None):
+    def __init__(self, action: str = "stop", max_skipped_steps: int | str | None = None):
         self.action = require_choice("monitor.on_nonfinite", action, ACTIONS)
-        require(max_skipped_steps is None or (isinstance(max_skipped_steps, int)
-                                              and max_skipped_steps >= 1),
-                "monitor.max_skipped_steps", max_skipped_steps, "null or an integer >= 1")
-        self.max_skipped_steps = max_skipped_steps
+        counted = (isinstance(max_skipped_steps, int) and not isinstance(max_skipped_steps, bool)
+                   and max_skipped_steps >= 1)
+        require(max_skipped_steps in (None, "auto") or counted, "monitor.max_skipped_steps",
+                max_skipped_steps, "auto, null or an integer >= 1")
+        self.auto = max_skipped_steps == "auto"
+        self.max_skipped_steps = None if self.auto else max_skipped_steps
         self.skipped_steps = 0  # over the whole run
         self.skipped_in_a_row = 0
         self.skipping = False  # the current step's gradients are to be dropped
+
+    def set_run_steps(self, steps: float) -> None:
+        """With ``max_skipped_steps="auto"``: the limit for a run of ``steps`` optimizer steps."""
+        if self.auto:
+            self.max_skipped_steps = auto_max_skipped(steps)
 
     def check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor,
                    last_finite: str) -> bool:
@@ -100,6 +110,14 @@ class NonFinitePolicy:
                 f"{self.skipped_in_a_row} steps in a row skipped for non-finite values (the "
                 f"last at step {step}); the parameters are no longer moving, so training stops "
                 f"(monitor.max_skipped_steps={self.max_skipped_steps}). {ADVICE}")
+
+
+def auto_max_skipped(steps: float) -> int:
+    """10% of a run's steps in a row, at least 10 (a short run's few bad batches pass); 100 for a
+    run of unbounded length."""
+    if not math.isfinite(steps):
+        return 100
+    return max(10, math.ceil(0.1 * steps))
 
 
 ADVICE = ("Lower model.optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or use a "

@@ -143,7 +143,7 @@ def load_run(path: Path, label: str) -> Run:
     overrides = ([short_override(str(o)) for o in read_yaml(run.overrides)]
                  if run.overrides.is_file() else [])
     return Run(path, label, gradflow.load(path), outcome.metrics, config, overrides,
-               outcome.status, outcome.failure)
+               outcome.label, outcome.failure)
 
 
 def read_yaml(path: Path):

@@ -49,6 +49,8 @@ HYDRA_FILES = (".hydra", "train.log")
 OUTCOMES = ("completed", "failed", "interrupted", "incomplete")
 NOT_FINITE_KEY = "not_finite"  # metrics.json: {key: "nan" | "inf" | "-inf"} for each null value
 TEMP_SUFFIX = ".tmp"
+# metrics.json: optimizer steps this run trained, and how many of them were skipped (non-finite)
+TRAINED, SKIPPED = "train/steps_trained", "train/skipped_steps"
 
 
 class RunFileError(ValueError):
@@ -177,6 +179,19 @@ class Outcome:
     failure: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     interruption: dict = field(default_factory=dict)
+
+    @property
+    def every_step_skipped(self) -> bool:
+        """A completed run whose every step was skipped for non-finite values (its parameters
+        never moved): reported as such by the report and the sweep's summary."""
+        trained = self.metrics.get(TRAINED) or 0
+        return self.status == "completed" and trained > 0 and (
+            self.metrics.get(SKIPPED) or 0) >= trained
+
+    @property
+    def label(self) -> str:
+        """The status as the report and the summary show it."""
+        return "completed, every step skipped" if self.every_step_skipped else self.status
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from rnnlab.rundir import (
     METRICS_FILE,
     OUTCOMES,
     OVERRIDES_FILE,
+    SKIPPED,
     RunDir,
     RunFileError,
     atomic_write,
@@ -251,6 +252,10 @@ def job_status(job_dir: Path) -> dict[str, Any]:
                         f"{outcome.interruption.get('resume')}")
     elif outcome.status == "completed":
         row["metrics"] = finite_json(outcome.metrics)  # one written before NaN became null
+        if outcome.every_step_skipped:
+            skipped = outcome.metrics[SKIPPED]
+            row["error"] = (f"every step skipped for non-finite values ({skipped:g} of them): "
+                            "the parameters never moved")
     else:  # killed from outside (OOM killer, cluster time limit) or still running
         row["error"] = f"no {METRICS_FILE} and no {FAILED_FILE}"
     return row

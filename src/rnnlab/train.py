@@ -32,7 +32,7 @@ from rnnlab.resume import (
     record_resume,
     requeued_checkpoint,
 )
-from rnnlab.rundir import CONFIG_FILE, RunDir, atomic_write
+from rnnlab.rundir import CONFIG_FILE, SKIPPED, TRAINED, RunDir, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,13 @@ def fit(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> dict[str, floa
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["val/baseline"] = float(task.baseline)  # exact, not the float32 that was logged
     metrics["step"] = trainer.global_step
+    if monitor is not None:  # a run whose every step was skipped never moved its parameters
+        trained = trainer.global_step - (checkpoint.step if checkpoint is not None else 0)
+        metrics[SKIPPED] = float(monitor.policy.skipped_steps)
+        metrics[TRAINED] = float(trained)
+        if trained and monitor.policy.skipped_steps >= trained:
+            log.warning("the parameters never moved: every one of the %d steps trained had "
+                        "non-finite values and was dropped (monitor.on_nonfinite=skip)", trained)
     cost = next((c for c in callbacks if isinstance(c, RunCost)), None)
     if cost is not None:
         metrics.update(cost.metrics(model.cell_totals))
