@@ -347,7 +347,7 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
                 f"{', …' if len(runs) > 5 else ''}); load one run per directory, e.g. "
                 f"load('{runs[0]}') (rnnlab report compares several)")
         raise FileNotFoundError(
-            f"no {RECORD_GLOB} in {directory}: give a run directory of scripts/train.py with the "
+            f"no {RECORD_GLOB} in {directory}: give a run directory of rnnlab train with the "
             "monitor on (monitor.every_n_steps), or a directory of records"
             + (f" (watched modules there: {', '.join(watched_modules(run_dir))})"
                if watched_modules(run_dir) else ""))

@@ -274,7 +274,7 @@ class RunDir:
     def write_interruption(self, signal_name: str, step: int, checkpoint: str | None) -> None:
         """``interrupted.json``: the signal, the step reached and the checkpoint to resume."""
         record = {"signal": signal_name, "step": step, "checkpoint": checkpoint,
-                  "resume": f"python scripts/train.py ckpt_path={self.path}" if checkpoint
+                  "resume": f"rnnlab train ckpt_path={self.path}" if checkpoint
                   else None, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         write_json(self.interrupted, record)
 

@@ -1,6 +1,6 @@
 """Jobs of a Hydra sweep: isolate each, record its failure, summarise the sweep.
 
-`run(cfg)` is what `scripts/train.py` calls for every job, single run or multirun:
+`run(cfg)` is what `rnnlab train` calls for every job, single run or multirun:
 
 - it sets the job's torch threads (``threads``) and restores the process-wide torch state on exit,
   so jobs that share one process (the basic launcher) cannot leak threads, anomaly mode,
@@ -8,7 +8,7 @@
 - in a multirun, an exception (bad config, NaN loss, out of memory) does not stop the sweep: it is
   written to ``<job dir>/failed.json`` (type, message, traceback), logged, and the job returns the
   finite ``sweep.failure_value`` so that a sweeper such as Optuna records a bad trial and goes on;
-  in a single run the exception propagates (scripts/train.py turns a ConfigError into exit 2);
+  in a single run the exception propagates (`rnnlab.cli.run_job` turns a ConfigError into exit 2);
 - under the joblib launcher each job runs in a process of its own, so that a job killed from
   outside (the out-of-memory killer) is recorded as failed and the sweep goes on;
 - a signal (Ctrl-C, SIGTERM) stops the job at a checkpoint and the whole sweep with it;
