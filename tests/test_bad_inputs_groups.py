@@ -148,6 +148,8 @@ MONITOR = [
     (["+monitor.every_n_step=2"], "monitor.every_n_step"),
     ([f"monitor.dirpath={FILE}"], "monitor.dirpath"),
     (["monitor=profile", "monitor.every_n_steps=0"], "monitor.every_n_steps"),
+    (["monitor.max_skipped_steps=0"], "monitor.max_skipped_steps"),
+    (["monitor.max_skipped_steps=often"], "monitor.max_skipped_steps"),
 ]
 TRAINER = [
     (["trainer.max_epochs=0"], "trainer.max_epochs"),
