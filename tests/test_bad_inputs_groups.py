@@ -248,8 +248,8 @@ def script(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
 def test_an_empty_log_dir_is_refused_before_anything_is_written(tmp_path):
     result = script(tmp_path, "paths.log_dir=")
     assert result.returncode == 2
-    assert "Config error: paths.log_dir must be a directory (e.g. outputs; empty would write " \
-           "runs at the filesystem's root), got '' (set paths.log_dir=...)" in result.stderr
+    assert "Config error: paths.log_dir must be a directory" in result.stderr
+    assert "got '' (set paths.log_dir=...)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -262,3 +262,13 @@ def test_a_yaml_error_in_a_users_config_directory_names_the_file_and_line(tmp_pa
     assert f"Config error: {broken} is not valid YAML" in result.stderr
     assert "at line 3, column 1; fix the file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_stray_top_level_key_is_refused_on_the_command_line(tmp_path):
+    """The command's config has no ``hydra`` node (``@hydra.main`` removes it): the overrides are
+    read from Hydra's own record of the run."""
+    result = script(tmp_path, "+cel=rnn", f"paths.log_dir={tmp_path / 'outputs'}")
+    assert result.returncode == 2
+    assert ("Config error: cel is not a setting (did you mean cell? write cell=rnn)"
+            in result.stderr)
+    assert not any((tmp_path / "outputs").rglob("train.log"))  # no run left behind

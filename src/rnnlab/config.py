@@ -279,9 +279,13 @@ def validate_top_level(cfg: DictConfig) -> None:
     """A ``+key=value`` override that adds a top-level key nothing reads is a typo (``+cel=rnn``
     for ``cell=rnn``): refused with the nearest known key. A key some interpolation reads
     (``+T=100`` with ``task.seq_len: ${T}``) is allowed."""
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+    if overrides is None and HydraConfig.initialized():  # @hydra.main's cfg has no hydra node
+        overrides = HydraConfig.get().overrides.task
+    overrides = overrides or []
     known = primary_keys()
     text = OmegaConf.to_yaml({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
                               if k != "hydra"})
