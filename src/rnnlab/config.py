@@ -471,10 +471,11 @@ def validate_trainer(trainer: DictConfig, task: DictConfig | None = None) -> Non
             "trainer.limit_train_batches", limit,
             "null, an integer >= 1 or a fraction in (0, 1] (0 would train nothing)")
     limit_val = trainer.get("limit_val_batches")
-    require(limit_val is None or is_int(limit_val, 1) or is_fraction(limit_val),
+    # 0: no validation (a benchmark's choice): no val/loss, last.ckpt only at the last step,
+    # every_n_train_steps and a signal.
+    require(limit_val is None or is_int(limit_val, 0) or is_fraction(limit_val),
             "trainer.limit_val_batches", limit_val,
-            "null, an integer >= 1 or a fraction in (0, 1] (validation gives val/loss and the "
-            "checkpoints; validate less often with trainer.check_val_every_n_epoch)")
+            "null, an integer >= 0 (0: no validation) or a fraction in (0, 1]")
     overfit = trainer.get("overfit_batches", 0)
     require(is_int(overfit, 0) or is_fraction(overfit, zero=True), "trainer.overfit_batches",
             overfit, "an integer >= 0 or a fraction in [0, 1]")
