@@ -250,7 +250,8 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float],
     The metrics are logged as ``final/<name>`` at the last step: ``final/val_loss`` … from
     ``metrics``, and the summary scalars of the latest gradient-flow record.
     """
-    final = {f"final/{k.replace('/', '_')}": v for k, v in metrics.items() if k != "step"}
+    final = {f"final/{k.replace('/', '_')}": v for k, v in metrics.items()
+             if k not in ("step", SKIPPED, TRAINED)}  # counts of this process's steps
     record = monitor.last_record if monitor is not None else None
     if record is not None:
         final.update({f"final/{tag.removeprefix('grad_flow/')}": value

@@ -162,10 +162,12 @@ class Task(pl.LightningDataModule):
         trainer = self.trainer
 
         def current_epoch() -> int:
-            return trainer.current_epoch if trainer else 0
+            return trainer.current_epoch
 
+        # Without a trainer (a loader used by hand) the epoch is set_epoch's.
         return ResumableLoader(self._dataset("train", self.train_batches), batch_size=None,
-                               sampler=EpochSampler(self.train_batches, current_epoch),
+                               sampler=EpochSampler(self.train_batches,
+                                                    current_epoch if trainer else None),
                                num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0,
                                trainer_ref=lambda: trainer)
