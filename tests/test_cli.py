@@ -20,7 +20,7 @@ import yaml
 
 from rnnlab import gradflow
 from rnnlab.cli import command_word_choices, header_summary, without_train_word
-from rnnlab.config import ConfigError, checked_log_dir
+from rnnlab.config import ConfigError, checked_log_dir, shadowed_config_files
 from rnnlab.train import train as train_in_process
 
 from .conftest import CONF
@@ -152,6 +152,30 @@ def test_config_dir_and_package_from_the_working_directory_train(tmp_path):
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     assert config["cell"]["_target_"] == "my_cells.local.Local"
     assert gradflow.load(run)["step"].tolist() == [0, 1]
+
+
+def test_train_warns_that_a_user_file_with_a_name_rnnlab_has_is_not_used(tmp_path):
+    my_conf = user_conf(tmp_path).resolve()
+    warning = (f"Warning: {my_conf}/cell/rnn.yaml is not used: rnnlab's own cell/rnn.yaml has "
+               "its name and is found first; rename yours (a new name under cell/)")
+    for args, env in ((["cell=rnn"], {"RNNLAB_CONFIG_PATH": "my_conf"}),
+                      (["--config-dir", "my_conf", "cell=rnn"], None)):
+        shown = rnnlab("train", "--cfg", "job", *args, cwd=tmp_path, env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stderr.splitlines() == [warning]
+        # what Hydra composes is rnnlab's cell, as the warning says
+        assert yaml.safe_load(shown.stdout)["cell"] == \
+            yaml.safe_load((CONF / "cell" / "rnn.yaml").read_text())
+    alone = rnnlab("train", "--cfg", "job", "cell=rnn", cwd=tmp_path)
+    assert alone.returncode == 0 and "Warning" not in alone.stderr
+
+
+def test_nothing_is_shadowed_when_the_users_directory_replaces_rnnlabs(tmp_path):
+    my_conf = user_conf(tmp_path).resolve()
+    assert shadowed_config_files(["--config-dir", str(my_conf)]) == [
+        (my_conf / "cell" / "rnn.yaml", "cell/rnn.yaml")]
+    assert shadowed_config_files(["--config-path", str(my_conf)]) == []
+    assert shadowed_config_files(["-cp", str(my_conf), "-cd", str(my_conf)]) == []
 
 
 def test_a_missing_config_path_directory_is_a_config_error(tmp_path):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import email
 import importlib.metadata
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -19,9 +21,13 @@ import pytest
 import rnnlab
 
 from .conftest import CONF, ROOT
+from .test_cli import first_line, free_port
 
 SOURCES = sorted(p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src").rglob("*.py"))
 CONFIGS = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
+# Package data under src/: the TensorBoard plugin's frontend (static/).
+DATA = sorted(p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src" / "rnnlab").rglob("*")
+              if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts)
 TINY = ["trainer.max_steps=2", "task.seq_len=6", "task.batch_size=4", "task.train_batches=2",
         "task.val_batches=1", "cell.hidden_size=8", "model.encoder_size=4",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
@@ -43,7 +49,7 @@ def dists(tmp_path_factory) -> tuple[Path, Path]:
     return build(tmp_path_factory.mktemp("dist"), "--no-isolation")
 
 
-def test_wheel_holds_every_module_every_config_the_licence_and_the_command(dists):
+def test_wheel_holds_every_module_config_and_data_file_the_licence_and_the_commands(dists):
     _, wheel = dists
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -54,10 +60,15 @@ def test_wheel_holds_every_module_every_config_the_licence_and_the_command(dists
     assert not missing, f"not in the wheel (list their packages in pyproject.toml): {missing}"
     missing = [c for c in CONFIGS if f"rnnlab/conf/{c}" not in names]
     assert not missing, f"configs not in the wheel: {missing}"
+    assert "rnnlab/tensorboard_plugin/static/index.js" in DATA
+    missing = [d for d in DATA if d not in names]
+    assert not missing, f"package data not in the wheel (pyproject's package-data): {missing}"
     assert f"{info}/licenses/LICENSE" in names
     assert metadata["Version"] == rnnlab.__version__
     assert metadata["License-Expression"] == "MIT"
     assert re.search(r"^rnnlab = rnnlab\.cli:main$", entry_points, re.M)
+    assert re.search(r"^\[tensorboard_plugins\]\ngradflow = "
+                     r"rnnlab\.tensorboard_plugin:GradFlowLoader$", entry_points, re.M)
     stray = [n for n in names if n.endswith(".pyc") or not n.startswith(("rnnlab/", info))]
     assert not stray, f"the wheel holds files outside rnnlab/: {stray}"
 
@@ -70,7 +81,8 @@ def test_sdist_is_the_source_tree(dists):
     wanted = (["LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "MANIFEST.in"]
               + [f"src/{s}" for s in SOURCES] + [f"conf/{c}" for c in CONFIGS]
               + [p.relative_to(ROOT).as_posix() for d in ("tests", "scripts", "docs", "examples")
-                 for p in (ROOT / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts])
+                 for p in (ROOT / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+              + [f"src/{d}" for d in DATA])
     missing = [w for w in wanted if w not in names]
     assert not missing, f"not in the sdist: {missing}"
     assert not [n for n in names if n.endswith(".pyc")]
@@ -104,8 +116,8 @@ def files_of(package: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_built_wheel_in_a_fresh_venv_trains_reports_and_lists_from_another_directory(tmp_path):
-    """4 min 42 s on a shared 2-core machine, 1.5 of them installing torch and the other
-    dependencies from pip's cache; the venv (1.3 GB) is removed at the end."""
+    """About 5 min on a shared 2-core machine (305 s measured), 1.5 of them installing torch and
+    the other dependencies from pip's cache; the venv (1.3 GB) is removed at the end."""
     sdist, wheel = build(tmp_path / "dist")  # as a release is built: in isolation
     venv = tmp_path / "venv"
     try:
@@ -136,10 +148,12 @@ def test_built_wheel_in_a_fresh_venv_trains_reports_and_lists_from_another_direc
         assert (run_dir / "metrics.json").is_file() and (run_dir / "grad_flow").is_dir()
         assert trained.stdout.rstrip().endswith(f"rnnlab tensorboard {run_dir}")
 
-        write_readme_cell(work)
-        run("rnnlab", "train", "cell=indrnn", *TINY, RNNLAB_CONFIG_PATH="my_conf")
-        (user_run,) = (work / "outputs" / "adding" / "indrnn").iterdir()
+        cell, target = write_readme_cell(work)
+        user = run("rnnlab", "train", f"cell={cell}", *TINY, RNNLAB_CONFIG_PATH="my_conf")
+        assert "is not used" not in user.stderr
+        (user_run,) = (work / "outputs" / "adding" / cell).iterdir()
         assert (user_run / "metrics.json").is_file()
+        assert f"_target_: {target}\n" in (user_run / ".hydra" / "config.yaml").read_text()
 
         run("rnnlab", "report", "outputs", "--out", "report")
         assert (work / "report" / "report.html").is_file()
@@ -150,7 +164,26 @@ def test_built_wheel_in_a_fresh_venv_trains_reports_and_lists_from_another_direc
             if group:
                 assert re.search(rf"^{re.escape(group)}\n(  .*\n)*  {name} ", listing, re.M), \
                     f"{config} is not listed"
-        assert re.search(r"^cell\n(  .*\n)*  indrnn .*\[.*my_conf\]$", listing, re.M)
+        assert re.search(rf"^cell\n(  .*\n)*  {cell} .*\[.*my_conf\]$", listing, re.M)
+
+        # TensorBoard in the venv finds the Gradient flow plugin and serves its packaged files.
+        server = subprocess.Popen(["rnnlab", "tensorboard", "outputs", "--port", str(free_port())],
+                                  cwd=work, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            url = re.search(r"(http://\S+/)", first_line(server))
+            assert url, server.stderr.read() if server.poll() is not None else "no URL printed"
+
+            def get(path: str) -> bytes:
+                with urllib.request.urlopen(url[1] + path, timeout=60) as page:
+                    return page.read()
+
+            assert "gradflow" in json.loads(get("data/plugins_listing"))  # the entry point
+            assert get("data/plugin/gradflow/static/index.js") == \
+                (ROOT / "src/rnnlab/tensorboard_plugin/static/index.js").read_bytes()
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
         assert files_of(package) == installed, "a command wrote inside the installed package"
 
@@ -167,11 +200,19 @@ def torch_version() -> str:
     return importlib.metadata.version("torch")
 
 
-def write_readme_cell(directory: Path) -> None:
-    """The README's "Add your own cell" files, written into ``directory``."""
+def write_readme_cell(directory: Path) -> tuple[str, str]:
+    """The README's "Add your own cell" files, written into ``directory``. Returns the cell's
+    option name and its YAML's ``_target_``."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Add your own cell\n", 1)[1].split("\n## ", 1)[0]
+    (cell, target) = ("", "")
     for path, text in re.findall(r"^`([\w./-]+)`:\n\n```(?:python|yaml)\n(.*?)^```", section,
                                  re.M | re.S):
         (directory / path).parent.mkdir(parents=True, exist_ok=True)
         (directory / path).write_text(text)
+        if path.startswith("my_conf/cell/"):
+            cell = Path(path).stem
+            target = re.search(r"^_target_: (\S+)$", text, re.M)[1]
+    assert cell and not (CONF / "cell" / f"{cell}.yaml").exists(), \
+        f"the README's cell {cell!r} is missing or has the name of one of rnnlab's"
+    return cell, target

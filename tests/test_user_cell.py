@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rnnlab import gradflow
@@ -52,8 +53,8 @@ def train_readme_example(directory, *overrides: str) -> subprocess.CompletedProc
 def test_readme_names_the_files_and_the_command_the_test_uses():
     section = readme_section("Add your own cell")
     assert [path for path, _ in FILE_BLOCK.findall(section)] == [
-        "my_cells/indrnn.py", "my_conf/cell/indrnn.yaml"]
-    assert readme_command().startswith("RNNLAB_CONFIG_PATH=my_conf rnnlab train cell=indrnn")
+        "my_cells/leaky.py", "my_conf/cell/leaky.yaml"]
+    assert readme_command().startswith("RNNLAB_CONFIG_PATH=my_conf rnnlab train cell=leaky")
     assert "<rnnlab>" not in section and "PYTHONPATH" not in section  # no rnnlab path anywhere
 
 
@@ -65,8 +66,12 @@ def test_readme_user_cell_example_trains_from_its_own_package_and_config_dir(tmp
         "model.encoder_size=4", "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null", "trainer.num_sanity_val_steps=0")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "is not used" not in result.stderr
 
-    (run,) = (tmp_path / "outputs" / "adding" / "indrnn").iterdir()
+    (run,) = (tmp_path / "outputs" / "adding" / "leaky").iterdir()
+    # the user's class trained, not a cell of rnnlab's that has the same name
+    assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["cell"]["_target_"] \
+        == "my_cells.leaky.LeakyRNN"
     record = gradflow.load(run)
     assert record["step"].tolist() == [0, 1, 2]
     assert record["dL_dz"].shape == (3, T) and (record["dL_dz"] > 0).all()
@@ -77,8 +82,7 @@ def test_readme_user_cell_example_trains_from_its_own_package_and_config_dir(tmp
 
 
 def test_readme_user_cell_rejects_a_bad_setting_before_training(tmp_path):
-    result = train_readme_example(tmp_path, "cell.max_recurrent=0")
+    result = train_readme_example(tmp_path, "cell.leak=0")
     assert result.returncode == 2
-    assert "cell.max_recurrent must be a number > 0, got 0 (set cell.max_recurrent=...)" \
-        in result.stderr
+    assert "cell.leak must be a number in (0, 1], got 0 (set cell.leak=...)" in result.stderr
     assert not list(tmp_path.rglob("grad_flow/*.npz"))  # stopped before the first step

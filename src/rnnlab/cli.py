@@ -73,6 +73,7 @@ def train(args: list[str]) -> None:
         check_config_files,
         exiting_on_config_error,
         register_resolvers,
+        shadowed_config_files,
         user_config_dirs,
     )
     from rnnlab.searchpath import register
@@ -80,6 +81,10 @@ def train(args: list[str]) -> None:
     register_resolvers(exit_on_error=True)
     exiting_on_config_error(user_config_dirs)()  # a bad RNNLAB_CONFIG_PATH, before Hydra starts
     exiting_on_config_error(check_config_files)(args)  # a YAML error would be Hydra's traceback
+    if "COMP_LINE" not in os.environ and "LOCAL_RANK" not in os.environ:  # once, on a console
+        for path, name in shadowed_config_files(args):
+            print(f"Warning: {path} is not used: rnnlab's own {name} has its name and is found "
+                  f"first; rename yours (a new name under {Path(name).parent}/)", file=sys.stderr)
     register()
     if os.getcwd() not in sys.path:  # the user's own package, as `python -m` would find it
         sys.path.insert(0, os.getcwd())

@@ -82,19 +82,14 @@ def require_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -
     return value
 
 
-def claim_unique_dir(candidate: str, log_dir: str | None = None) -> str:
+def claim_unique_dir(candidate: str) -> str:
     """Create `candidate` (or `candidate_1`, `candidate_2`, …) atomically and return its path.
 
     Used as the `${unique_dir:...}` resolver for Hydra's run and sweep directories, so two runs
     started in the same second never share (and overwrite) a directory. Registered with
     `use_cache=True`: each config resolves it once, and Hydra copies the cache into each job.
-    With ``log_dir`` (``paths.log_dir``) the candidate lies under it; an empty one is refused
-    (the run would go to the filesystem's root).
+    The directory runs go under is checked first, by ``${log_dir:...}`` (`checked_log_dir`).
     """
-    if log_dir is not None or candidate == "":
-        require(isinstance(log_dir, str) and log_dir.strip() != "", "paths.log_dir", log_dir,
-                "a directory (e.g. outputs; empty would write runs at the filesystem's root)")
-        candidate = str(Path(log_dir) / candidate)
     base = Path(candidate)
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +202,26 @@ def check_config_files(argv: list[str]) -> None:
                 problem = getattr(error, "problem", None) or str(error).splitlines()[0]
                 raise ConfigError(f"{path} is not valid YAML: {problem}{where}; fix the "
                                   "file") from None
+
+
+def shadowed_config_files(argv: list[str]) -> list[tuple[Path, str]]:
+    """The files of the user's config directories that a run cannot use: [(file, its name in
+    rnnlab's configs)]. Hydra searches rnnlab's configs first, so a user's ``cell/indrnn.yaml``
+    is never read once rnnlab has a ``cell/indrnn.yaml`` (a newer rnnlab may add one). With
+    ``--config-path`` the user's directory replaces rnnlab's: nothing is shadowed."""
+    if any(a in ("--config-path", "-cp") or a.startswith(("--config-path=", "-cp="))
+           for a in argv):
+        return []
+    own = CONF_DIR.resolve()
+    shadowed = []
+    for directory in (d.resolve() for d in config_dirs(argv)[1:]):
+        if directory == own:
+            continue
+        for path in sorted(directory.rglob("*.yaml")):
+            name = path.relative_to(directory).as_posix()
+            if (CONF_DIR / name).is_file():
+                shadowed.append((path, name))
+    return shadowed
 
 
 def compose_config(overrides: list[str], output_dir: str | Path,

@@ -115,8 +115,9 @@ class Cell(nn.Module):
     ``cell.<arg>``, so a bad value stops the run before training with the key and the fix.
 
     A cell of your own lives in your package and its YAML in your config directory
-    (``<dir>/cell/<name>.yaml``); run it with ``cell=<name> hydra.searchpath=[file://<dir>]``
-    (README, "Add your own cell"). A minimal cell::
+    (``<dir>/cell/<name>.yaml``, a name rnnlab's cells do not have); run it with
+    ``RNNLAB_CONFIG_PATH=<dir> rnnlab train cell=<name>`` (README, "Add your own cell"). A
+    minimal cell::
 
         class IndRNN(Cell):
             '''h_t = relu(W u_t + w ⊙ h_{t-1} + b)  (Li et al. 2018)'''
