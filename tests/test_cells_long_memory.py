@@ -235,13 +235,13 @@ def test_monitor_uses_the_exact_norms_where_power_iteration_stops_short():
     model = float64_model({"_target_": "rnnlab.cells.mingru.MinGRU", "hidden_size": 6})
     batch = {"x": torch.randn(3, 5, 2, dtype=torch.float64),
              "y": torch.zeros(3, 1, 1, dtype=torch.float64)}
-    record = gradflow.jacobians(model, batch, iterations=1)
+    norms = gradflow.jacobians(model, batch, iterations=1).jacobian_norm
     with torch.no_grad():
         u = model.encoder(batch["x"])
         expected = torch.sigmoid(-model.cell.gate(u)).amax(dim=(0, 2))  # over batch and units
-    np.testing.assert_allclose(record["jacobian_norm"], expected.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(norms, expected.numpy(), rtol=1e-12)
     model.cell.jacobian_norms = None  # the generic path: power iteration
-    estimate = gradflow.jacobians(model, batch, iterations=1)["jacobian_norm"]
+    estimate = gradflow.jacobians(model, batch, iterations=1).jacobian_norm
     assert np.abs(estimate / expected.numpy() - 1).max() > 1e-4
 
 
@@ -266,9 +266,10 @@ def test_lru_jacobian_norm_is_the_largest_eigenvalue_modulus_and_bounds_the_prof
              "y": torch.randn(3, 1, 1, dtype=torch.float64)}
     record = gradflow.grad_flow(model, batch, jacobian_iterations=1)
     largest = float(torch.exp(-torch.exp(model.cell.nu_log.detach())).max())
-    np.testing.assert_allclose(record["jacobian_norm"], largest, rtol=1e-12)
-    bound = gradflow.jacobian_bound(record["dL_dz"], record["jacobian_norm"])
-    assert (record["dL_dz"] <= bound * (1 + 1e-9)).all()
+    norms, profile = record.jacobians.jacobian_norm, record.profiles["dL_dz"]
+    np.testing.assert_allclose(norms, largest, rtol=1e-12)
+    bound = gradflow.jacobian_bound(profile, norms)
+    assert (profile <= bound * (1 + 1e-9)).all()
 
 
 def test_indrnn_bound_is_magnitude_to_the_one_over_horizon_and_initialises_below_it():
