@@ -246,8 +246,9 @@ def script(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
 def test_an_empty_log_dir_is_refused_before_anything_is_written(tmp_path):
     result = script(tmp_path, "paths.log_dir=")
     assert result.returncode == 2
-    assert "Config error: paths.log_dir must be a directory (e.g. outputs; empty would write " \
-           "runs at the filesystem's root), got '' (set paths.log_dir=...)" in result.stderr
+    assert "Config error: paths.log_dir must be a directory, relative to where you launch " \
+           "(default outputs) or absolute; empty would write runs at the filesystem's root, " \
+           "got '' (set paths.log_dir=...)" in result.stderr
     assert "Traceback" not in result.stderr
 
 

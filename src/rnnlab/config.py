@@ -160,7 +160,8 @@ def checked_log_dir(log_dir: Any) -> str:
     ``paths.log_dir=`` would otherwise put the runs at the filesystem's root."""
     require(isinstance(log_dir, (str, int)) and not isinstance(log_dir, bool)
             and str(log_dir).strip() != "", "paths.log_dir", log_dir,
-            "a directory, relative to where you launch (default outputs) or absolute")
+            "a directory, relative to where you launch (default outputs) or absolute; empty "
+            "would write runs at the filesystem's root")
     return str(log_dir)
 
 
