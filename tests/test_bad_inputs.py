@@ -54,7 +54,7 @@ BAD = [
     (["monitor.timesteps=[100]"], "monitor.timesteps must be timesteps in [-10, 9] for the task's"),
     (["monitor.timesteps=[-11]"], "out of range: [-11]"),
     (["monitor.timesteps=[a]"], "monitor.timesteps must be null or a list of integers"),
-    (["monitor.num_timesteps=0"], "monitor.num_timesteps must be an integer >= 1"),
+    (["monitor.num_timesteps=-1"], "monitor.num_timesteps must be an integer >= 0"),
     (["monitor.every_n_steps=2", "monitor.jacobian_every_n_steps=3"],
      "monitor.jacobian_every_n_steps must be 0 (off) or a multiple of monitor.every_n_steps"),
     (["monitor.on_nonfinite=ignore"], "monitor.on_nonfinite must be one of stop, skip"),

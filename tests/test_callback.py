@@ -27,14 +27,18 @@ import plain_loop  # noqa: E402
 T, STEPS = 9, 4
 
 
-def fit(tmp_path, callback: bool, every_n_steps: int = 1, dtype=torch.float64, logger=False):
-    """The example's classifier, small, trained STEPS steps; returns (model, trainer)."""
+def fit(tmp_path, callback: bool, every_n_steps: int = 1, dtype=torch.float64, logger=False,
+        **monitor):
+    """The example's classifier, small, trained STEPS steps; returns (model, trainer).
+    ``monitor``: the callback's other arguments (default: timestep 0 as scalars, figures every
+    2nd record)."""
+    monitor = {"timesteps": [0], "figure_every_n_records": 2, **monitor}
     pl.seed_everything(0)
     model = lstm_classifier.LSTMClassifier(features=3, hidden=5).to(dtype)
     data = lstm_classifier.first_sign_data(STEPS * 4, T, 3)
     data.tensors = (data.tensors[0].to(dtype), data.tensors[1])
     callbacks = [rnnlab.GradFlowCallback(tmp_path / "grad_flow", every_n_steps=every_n_steps,
-                                         figure_every_n_records=2)] if callback else []
+                                         **monitor)] if callback else []
     trainer = pl.Trainer(max_steps=STEPS, logger=logger, callbacks=callbacks,
                          log_every_n_steps=1, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -112,6 +116,20 @@ def test_with_only_a_csv_logger_every_scalar_reaches_the_csv_and_the_log_says_wh
         "grad_flow_lstm_profile_0000002.png", "grad_flow_lstm_profile_0000003.png"]
 
 
+def test_with_only_a_csv_logger_and_no_figures_the_log_says_where_the_records_are(tmp_path,
+                                                                                  caplog):
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    with caplog.at_level(logging.INFO, logger="rnnlab.callbacks"):
+        fit(tmp_path, callback=True, logger=logger, timesteps=None, figure_every_n_records=0)
+    header = next(csv.reader(open(tmp_path / "csv" / "metrics.csv")))
+    assert "grad_flow/lstm/l0/decay_rate" in header
+    assert not [tag for tag in header if "/t_" in tag]
+    assert "figures are off (monitor.figure_every_n_records=0)" in caplog.text
+    assert f"every number is in the records under {tmp_path / 'grad_flow'}" in caplog.text
+    assert not (tmp_path / "grad_flow" / "figures").exists()
+    assert len(list((tmp_path / "grad_flow" / "lstm").glob("step_*.npz"))) == STEPS
+
+
 def test_rnnlab_run_with_tensorboard_and_csv_logs_the_records_scalars_to_both(make_cfg,
                                                                                tmp_path):
     train(make_cfg("logger=[tensorboard,csv]", "task.seq_len=6", "trainer.max_steps=2"))
@@ -121,7 +139,7 @@ def test_rnnlab_run_with_tensorboard_and_csv_logs_the_records_scalars_to_both(ma
     np.testing.assert_allclose(logged, record["decay_rate"], rtol=1e-12)
     assert [r for r in rows if r.get("final/val_loss")]  # the final metrics too
     assert (tmp_path / "run" / "csv" / "hparams.yaml").is_file()
-    assert (tmp_path / "run" / "tensorboard").is_dir()
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
 
 
 def test_examples_train_and_record_at_small_size(tmp_path):

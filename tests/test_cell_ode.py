@@ -357,7 +357,7 @@ def test_nfe_counts_every_evaluation_of_g_in_forward_and_backward(solver, adjoin
 def test_training_logs_nfe_to_tensorboard(make_cfg, tmp_path):
     train(make_cfg("cell=node", "cell.solver=rk4", "cell.adjoint=true", "task.seq_len=5",
                    "trainer.max_steps=2"))
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
     for tag in ("cell/nfe_forward", "cell/nfe_backward"):  # rk4: 4 evaluations × 5 intervals
         assert [(e.step, e.value) for e in events.Scalars(tag)] == [(0, 20.0), (1, 20.0)]

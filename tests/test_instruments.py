@@ -47,7 +47,7 @@ def adding_batch(T: int, B: int = 5) -> dict:
 
 
 def events(run) -> EventAccumulator:
-    accumulator = EventAccumulator(str(run / "tensorboard"),
+    accumulator = EventAccumulator(str(run),
                                    size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     accumulator.Reload()
     return accumulator
@@ -318,7 +318,7 @@ def test_monitor_profile_records_neither_contributions_nor_jacobians(make_cfg, t
 
 def test_new_tensorboard_scalars_equal_grad_flow_records(make_cfg, tmp_path):
     train(make_cfg("task.seq_len=12", "trainer.max_steps=4", "monitor.every_n_steps=2",
-                   "trainer.gradient_clip_val=0.5"))
+                   "trainer.gradient_clip_val=0.5", "monitor.num_timesteps=5"))
     record = gradflow.load(tmp_path / "run")
     accumulator = events(tmp_path / "run")
     steps = record["step"].tolist()
@@ -348,7 +348,7 @@ def read_layout(accumulator: EventAccumulator) -> dict[str, list[str]]:
 
 
 def test_custom_scalars_layout_puts_each_instruments_timesteps_on_one_chart(make_cfg, tmp_path):
-    train(make_cfg("task.seq_len=12", "trainer.max_steps=1"))
+    train(make_cfg("task.seq_len=12", "trainer.max_steps=1", "monitor.num_timesteps=5"))
     accumulator = events(tmp_path / "run")
     layout = read_layout(accumulator)
     scalars = accumulator.Tags()["scalars"]
@@ -360,6 +360,19 @@ def test_custom_scalars_layout_puts_each_instruments_timesteps_on_one_chart(make
         assert expected in charted.values(), f"no chart holds exactly the {prefix} timesteps"
     assert ["grad_norm/total", "grad_norm/total_clipped"] in charted.values()
     assert ["grad_flow/decay_rate", "grad_flow/jacobian_rate"] in charted.values()
+    assert all(charted.values()), "a chart matches no logged tag"
+
+
+def test_custom_scalars_layout_without_timesteps_charts_the_summaries(make_cfg, tmp_path):
+    train(make_cfg("task.seq_len=12", "trainer.max_steps=1"))
+    accumulator = events(tmp_path / "run")
+    scalars = accumulator.Tags()["scalars"]
+    charted = {title: sorted(t for t in scalars if any(re.search(r, t) for r in regexes))
+               for title, regexes in read_layout(accumulator).items()}
+    for tags in (["grad_flow/decay_rate", "grad_flow/jacobian_rate"],
+                 ["grad_flow/log10_first_last"], ["grad_flow/horizon"]):
+        assert tags in charted.values()
+    assert not [t for tags in charted.values() for t in tags if "/t_" in t]
     assert all(charted.values()), "a chart matches no logged tag"
 
 
@@ -432,7 +445,8 @@ def test_a_figure_that_cannot_be_drawn_is_a_warning_and_training_goes_on(make_cf
 
     monkeypatch.setattr(callbacks, "profile_figure", broken)
     open_before = set(plt.get_fignums())
-    metrics = train(make_cfg("task.seq_len=6", "trainer.max_steps=3"))
+    metrics = train(make_cfg("task.seq_len=6", "trainer.max_steps=3",
+                             "monitor.figure_every_n_records=1"))
     assert metrics["step"] == 3
     assert gradflow.load(tmp_path / "run")["step"].tolist() == [0, 1, 2]  # every record kept
     assert "grad_flow figures of step 0 not drawn (OverflowError" in caplog.text

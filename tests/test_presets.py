@@ -134,7 +134,7 @@ def test_debug_fast_dev_run_trains_one_step_without_tensorboard(make_cfg, tmp_pa
     metrics = train(make_cfg("debug=fast_dev_run"))
     assert metrics["step"] == 1
     assert gradflow.load(tmp_path / "run")["step"].tolist() == [0]
-    assert not (tmp_path / "run" / "tensorboard").exists()
+    assert not list((tmp_path / "run").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.filterwarnings("ignore:You requested to overfit")

@@ -46,7 +46,7 @@ def parameters(run: Path) -> dict[str, torch.Tensor]:
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
             for tag in events.Tags()["scalars"]}

@@ -18,7 +18,9 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 
 from rnnlab.config import ConfigError, safe_dirname
 from rnnlab.sweep import (
+    SweptNames,
     available_cpus,
+    constant_keys,
     isolated_job,
     job_threads,
     main,
@@ -28,13 +30,11 @@ from rnnlab.sweep import (
 
 from .conftest import ROOT
 
-# Settings every job of the test sweeps shares, kept out of the job directory names.
+# Settings every job of the test sweeps shares (SweptNames keeps them out of the job names).
 TINY = ["trainer.max_steps=2", "task.seq_len=8", "task.batch_size=4", "task.train_batches=2",
         "task.val_batches=1", "trainer.num_sanity_val_steps=0", "callbacks.progress_bar=null",
         "model.encoder_size=4", "monitor.every_n_steps=1", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false"]
-QUIET_NAMES = ("hydra.job.config.override_dirname.exclude_keys=["
-               + ",".join(o.split("=")[0] for o in TINY) + "]")
 
 
 def as_multirun_job(cfg):
@@ -61,12 +61,48 @@ def test_safe_dirname_replaces_path_separators_and_shell_characters():
         "0_ckpt_path=-a-b-c,monitor.timesteps=-0,-1"
 
 
-def test_safe_dirname_caps_the_length():
-    assert len(safe_dirname("1_" + "x" * 500)) == 120
+def test_safe_dirname_cuts_a_long_name_between_overrides_never_in_a_value():
+    name = "7_cell.gain=0.9,model.optimizer.lr=0.001,task.seq_len=200"
+    assert safe_dirname(name, max_length=40) == "7_cell.gain=0.9,model.optimizer.lr=0.001"
+    assert safe_dirname(name, max_length=39) == "7_cell.gain=0.9"
+    assert safe_dirname("3_monitor.timesteps=[0,-1],cell=gru", max_length=30) == \
+        "3_monitor.timesteps=-0,-1"  # a list's commas are not boundaries
+    assert safe_dirname("1_" + "x" * 500) == "1"  # not even one fits: the job number alone
+    assert len(safe_dirname("1_" + ",".join(["cell.gain=0.9"] * 40))) <= 120
 
 
 def test_safe_dirname_of_a_job_without_overrides_is_its_number():
     assert safe_dirname("0_") == "0"
+
+
+def sweep_config(task: list[str], params: dict[str, str] | None = None):
+    return OmegaConf.create({"hydra": {
+        "overrides": {"task": task, "hydra": ["hydra.sweep.dir=x"]},
+        "sweeper": {"params": params},
+        "job": {"config": {"override_dirname": {"exclude_keys": ["experiment", "threads"]}}}}})
+
+
+def test_constant_keys_are_the_overrides_every_job_shares():
+    config = sweep_config(["cell=rnn", "cell.gain=0.9,1.1", "task.seq_len=200", "+seed=3"])
+    assert constant_keys(config) == ["cell", "seed", "task.seq_len"]
+    # a preset's hydra.sweeper.params sweep too, unless the command line fixes the key
+    preset = sweep_config(["experiment=gain_sweep", "task.seq_len=50", "cell.nonlinearity=tanh"],
+                          {"cell.nonlinearity": "identity,tanh", "cell.gain": "0.8,1.2"})
+    assert constant_keys(preset) == ["cell.nonlinearity", "experiment", "task.seq_len"]
+    nested = sweep_config(["T=200"], {"experiment/long_range_task@_global_": "adding,copy"})
+    assert constant_keys(nested) == ["T"]
+    assert constant_keys(sweep_config(["cell.gain=0.9", "seed=1"])) == []  # nothing swept
+
+
+def test_swept_names_adds_the_constant_keys_to_the_excluded_ones_as_a_hydra_override():
+    config = sweep_config(["cell.gain=0.9,1.1", "task.seq_len=200", "experiment=gain_sweep"])
+    SweptNames().on_multirun_start(config)
+    assert list(config.hydra.overrides.hydra) == [
+        "hydra.sweep.dir=x", "hydra.job.config.override_dirname.exclude_keys="
+        "['experiment','threads','task.seq_len']"]
+    lone = sweep_config(["cell.gain=0.9"])
+    SweptNames().on_multirun_start(lone)
+    assert list(lone.hydra.overrides.hydra) == ["hydra.sweep.dir=x"]
 
 
 # --- torch threads and isolation -----------------------------------------------------------------
@@ -221,7 +257,7 @@ def test_summary_command_rewrites_the_summary_of_an_interrupted_sweep(tmp_path, 
 
 # --- real multiruns of scripts/train.py ----------------------------------------------------------
 def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY, QUIET_NAMES,
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY,
                f"hydra.sweep.dir={sweep_dir}", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}  # tests.helpers
     return subprocess.run(command, cwd=sweep_dir.parent, env=env, capture_output=True, text=True,
@@ -267,7 +303,27 @@ def test_multirun_tensorboard_runs_are_named_after_the_jobs(sweep_2x2):
     sweep, _ = sweep_2x2
     runs = EventMultiplexer().AddRunsFromDirectory(str(sweep)).Runs()
     completed = {job for job, status in JOBS_2X2.items() if status == "completed"}
-    assert set(runs) == {f"{job}/tensorboard" for job in completed}
+    assert set(runs) == completed  # the event files sit in the job directory itself
+
+
+def test_multirun_jobs_write_their_overrides_for_the_tabs_short_labels(sweep_2x2):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    from rnnlab.tensorboard_plugin import summary
+    from rnnlab.tensorboard_plugin.labels import short_labels
+
+    sweep, _ = sweep_2x2
+    infos = {}
+    for job in ("2_cell.gain=1.0,cell.hidden_size=4", "3_cell.gain=1.0,cell.hidden_size=8"):
+        events = EventAccumulator(str(sweep / job), size_guidance={"tensors": 0})
+        events.Reload()
+        (event,) = events.Tensors(summary.RUN_INFO_TAG)
+        infos[job] = summary.parse_json(tensor_util.make_ndarray(event.tensor_proto))
+        written = OmegaConf.load(sweep / job / ".hydra" / "overrides.yaml")
+        assert event.step == 0 and infos[job]["overrides"] == list(written)
+    assert short_labels(infos) == {"2_cell.gain=1.0,cell.hidden_size=4": "cell.hidden_size=4",
+                                   "3_cell.gain=1.0,cell.hidden_size=8": "cell.hidden_size=8"}
 
 
 def test_multirun_summary_lists_every_job_with_its_status(sweep_2x2):

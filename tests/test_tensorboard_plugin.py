@@ -18,16 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_TENSOR
 from tensorboard.util import tensor_util
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
+import rnnlab
 from rnnlab.records import Record
 from rnnlab.tensorboard_plugin import GradFlowLoader, summary
 from rnnlab.tensorboard_plugin.labels import short_labels
 from rnnlab.train import train
 
 from .helpers.tensorboard_tab import get, has_records, synthetic_record, tensorboard, write_run
+from .test_callback import lstm_classifier
 
 T = 16
 STEPS = list(range(0, 60, 5))  # 12 records: TensorBoard keeps 10 of a plugin it does not know
@@ -332,28 +337,50 @@ def check_served_records(port: int, records: dict[int, dict]) -> None:
         assert summaries[f"summary/{key}"]["values"] == [float(records[s][key]) for s in steps]
 
 
-def test_routes_serve_the_records_of_a_trained_run(make_cfg, tmp_path):
-    train(make_cfg(*TRAINED))
-    run = tmp_path / "run"
-    records = npz_records(run)
-    assert sorted(records) == [0, 2]
-    # What the monitor will write: each saved record through rnnlab's writer, beside the run's
-    # own event file.
-    writer = SummaryWriter(str(next(run.glob("**/events.out.tfevents.*")).parent),
-                           filename_suffix=".gradflow")
-    summary.write(writer, 0, summary.run_info_summary(TRAINED))
-    for step, record in records.items():
-        summary.write_record(writer, step, record)
-    writer.close()
-    with tensorboard(run, "--load_fast=false", ready=has_records(len(records), 1)) as port:
-        check_served_records(port, records)
-
-
-@pytest.mark.skip(reason="GradFlowMonitor does not write the gradflow summaries yet: switch on "
-                         "once it calls rnnlab.tensorboard_plugin.summary.write_record")
 def test_the_monitor_writes_the_gradflow_summaries_of_every_record(make_cfg, tmp_path):
     train(make_cfg(*TRAINED))
     run = tmp_path / "run"
     records = npz_records(run)
+    assert sorted(records) == [0, 2]
     with tensorboard(run, "--load_fast=false", ready=has_records(len(records), 1)) as port:
         check_served_records(port, records)
+        (served,) = runs_by_name(port).values()
+    assert served["label"] == served["run"]  # no Hydra job, no run_info: named by its directory
+
+
+def test_a_watched_models_rows_and_its_run_info_reach_the_tab(tmp_path):
+    """A user's LightningModule with a 2-layer torch.nn.LSTM: each layer's ||dL/dh_t||,
+    ||dL/dc_t|| served as its own profile, equal to the npz records; the callback's run_info
+    names the runs."""
+    for lr in (0.1, 0.01):
+        pl.seed_everything(0)
+        out = tmp_path / f"lr={lr}"
+        model = lstm_classifier.LSTMClassifier(features=3, hidden=5, lr=lr).double()
+        data = lstm_classifier.first_sign_data(12, 7, 3)
+        data.tensors = (data.tensors[0].double(), data.tensors[1])
+        callback = rnnlab.GradFlowCallback(out / "grad_flow", every_n_steps=1,
+                                           run_info=["hidden=5", f"lr={lr}"])
+        trainer = pl.Trainer(max_steps=3, logger=TensorBoardLogger(out, name="", version=""),
+                             callbacks=[callback], enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, DataLoader(data, batch_size=4))
+    loaded = lambda body: len(body["runs"]) == 2 and all(  # noqa: E731
+        len(r["tags"].get("lstm/dL_dh/l1", {}).get("steps", [])) == 3 for r in body["runs"])
+    with tensorboard(tmp_path, "--load_fast=false", ready=loaded) as port:
+        runs = runs_by_name(port)
+        assert {run: r["label"] for run, r in runs.items()} == {"lr=0.1": "lr=0.1",
+                                                                "lr=0.01": "lr=0.01"}
+        for run in runs:
+            records = {}
+            for path in sorted((tmp_path / run / "grad_flow" / "lstm").glob("step_*.npz")):
+                with np.load(path) as saved:
+                    records[int(saved["step"])] = {k: saved[k] for k in saved.files}
+            assert sorted(records) == [0, 1, 2]
+            rows = [str(r) for r in records[0]["rows"]]
+            assert rows == ["l0", "l1"]
+            for key in ("dL_dh", "dL_dc"):
+                for i, row in enumerate(rows):
+                    body = get(port, "/data/plugin/gradflow/profile", run=run,
+                               tag=f"lstm/{key}/{row}")
+                    assert body["steps"] == [0, 1, 2] and body["T"] == 7
+                    assert body["values"] == [as_json(records[s][key][i]) for s in (0, 1, 2)]

@@ -57,7 +57,8 @@ def get(port: int, path: str, **query):
 
 @pytest.fixture
 def served_run(make_cfg, tmp_path):
-    train(make_cfg("task.seq_len=10", "trainer.max_steps=4", "monitor.every_n_steps=2"))
+    train(make_cfg("task.seq_len=10", "trainer.max_steps=4", "monitor.every_n_steps=2",
+                   "monitor.timesteps=[0,-1]", "monitor.figure_every_n_records=1"))
     run = tmp_path / "run"
     port = free_port()
     server = subprocess.Popen(

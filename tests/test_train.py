@@ -26,7 +26,7 @@ def test_train_writes_metrics_grad_flow_and_events(make_cfg, tmp_path):
     assert np.isfinite(saved["val/loss"]) and saved["step"] == 3
     assert sorted(p.name for p in (run / "grad_flow").iterdir()) == [
         "step_0000000.npz", "step_0000001.npz", "step_0000002.npz"]
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run.glob("events.out.tfevents.*"))
 
 
 def test_monitor_runs_on_step_zero_and_every_n_steps(make_cfg, tmp_path):
@@ -37,14 +37,17 @@ def test_monitor_runs_on_step_zero_and_every_n_steps(make_cfg, tmp_path):
 
 
 def test_tensorboard_scalars_equal_grad_flow_records(make_cfg, tmp_path):
-    train(make_cfg("task.seq_len=12", "trainer.max_steps=4", "monitor.every_n_steps=2"))
+    train(make_cfg("task.seq_len=12", "trainer.max_steps=4", "monitor.every_n_steps=2",
+                   "monitor.timesteps=[0,3,-1]", "monitor.figure_every_n_records=2"))
     record = gradflow.load(tmp_path / "run")
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"),
+    events = EventAccumulator(str(tmp_path / "run"),
                               size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
-    times = chosen_timesteps(12, None, 5)
-    assert times == [0, 3, 6, 8, 11]
+    times = chosen_timesteps(12, [0, 3, -1], 0)
+    assert times == [0, 3, 11]
+    assert sorted(t for t in tags["scalars"] if t.startswith("dL_dz/t_")) == [
+        "dL_dz/t_0000", "dL_dz/t_0003", "dL_dz/t_0011"]  # the timesteps asked for, no others
     for t in times:
         logged = events.Scalars(f"dL_dz/t_{t:04d}")
         assert [e.step for e in logged] == record["step"].tolist()
@@ -60,6 +63,20 @@ def test_tensorboard_scalars_equal_grad_flow_records(make_cfg, tmp_path):
     assert {"train/loss", "val/loss", "val/baseline", "val/accuracy"} <= set(tags["scalars"])
     assert {"grad_flow/profile", "grad_flow/heatmap"} <= set(tags["images"])
     assert "hp_metric" not in tags["scalars"]
+
+
+def test_by_default_no_per_timestep_scalars_and_no_figures(make_cfg, tmp_path):
+    """The whole profiles are in the records and the Gradient flow tab: by default no
+    ``<key>/t_<t>`` scalar tags and no images; the summaries stay scalars."""
+    train(make_cfg("task.seq_len=12", "trainer.max_steps=2"))
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert not [t for t in tags["scalars"] if "/t_" in t]
+    assert not tags["images"]
+    assert {"grad_flow/decay_rate", "grad_flow/log10_first_last", "grad_flow/horizon",
+            "grad_flow/jacobian_rate"} <= set(tags["scalars"])
+    assert not (tmp_path / "run" / "grad_flow" / "figures").exists()
 
 
 def test_claimed_run_directories_are_never_reused(tmp_path):

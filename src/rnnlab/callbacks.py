@@ -130,12 +130,14 @@ class GradFlowCallback(pl.Callback):
         every_n_steps: monitor step 0 and every n-th training step.
         modules: the modules to watch (paths in ``named_modules()``, or the modules); default:
             every recurrent module (`rnnlab.watch.find_targets`).
-        timesteps: timesteps logged as scalars (negative = from the end); default
-            ``num_timesteps`` evenly spaced.
-        num_timesteps: how many evenly spaced timesteps when ``timesteps`` is not given.
-        figure_every_n_records: draw the profile and heatmap figures every n-th monitored step,
-            and at the last one (the two cost about 0.5 s, measured: more than the probed step at
-            T = 100; the records and scalars are always written).
+        timesteps: timesteps whose per-timestep values are also logged as scalars
+            (``dL_dz/t_<t>``, …; negative = from the end); default none: the whole profiles are
+            in the records and TensorBoard's Gradient flow tab.
+        num_timesteps: instead of ``timesteps``, this many evenly spaced ones (0: none).
+        figure_every_n_records: draw the profile and heatmap figures (images) every n-th
+            monitored step, and at the last one; 0 (default): none, the Gradient flow tab draws
+            them from the records (the two cost about 0.5 s, measured: more than the probed step
+            at T = 100).
         param_contributions: also measure ``dL_dW_<module>`` (T,) on monitored steps (rnnlab's
             model); costs T times the parameter count in memory on those steps.
         jacobian_every_n_steps: measure the transition Jacobians (rnnlab's model) on monitored
@@ -150,23 +152,27 @@ class GradFlowCallback(pl.Callback):
             ``float64`` (rnnlab's model) measures the profile (and ``dL_dW``) on a float64 copy
             of the model with the same batch: one more forward and backward, in float64, on
             monitored steps only; the update is unchanged.
+        run_info: what configures the run (e.g. ``["cell.gain=0.9"]``), written once at step 0
+            for the Gradient flow tab, which names runs by what differs between them; default:
+            the Hydra job's overrides when the run is a Hydra job, else nothing.
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 50,
                  modules: Iterable[str | nn.Module] | None = None,
-                 timesteps: list[int] | None = None, num_timesteps: int = 5,
-                 figure_every_n_records: int = 10, param_contributions: bool = True,
+                 timesteps: list[int] | None = None, num_timesteps: int = 0,
+                 figure_every_n_records: int = 0, param_contributions: bool = True,
                  jacobian_every_n_steps: int = 50, jacobian_iterations: int = 10,
                  on_nonfinite: str = "stop", max_skipped_steps: int | str | None = "auto",
-                 profile_dtype: str = "float32"):
+                 profile_dtype: str = "float32", run_info: Iterable[str] | None = None):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
         self.modules = list(modules) if modules is not None else None
         require(timesteps is None or all(isinstance(t, int) for t in timesteps),
                 "monitor.timesteps", timesteps, "null or a list of integers")
         self.timesteps = list(timesteps) if timesteps else None
-        self.num_timesteps = require_int("monitor.num_timesteps", num_timesteps)
-        self.figure_every = require_int("monitor.figure_every_n_records", figure_every_n_records)
+        self.num_timesteps = require_int("monitor.num_timesteps", num_timesteps, minimum=0)
+        self.figure_every = require_int("monitor.figure_every_n_records", figure_every_n_records,
+                                        minimum=0)
         require(isinstance(param_contributions, bool), "monitor.param_contributions",
                 param_contributions, "true or false")
         self.param_contributions = param_contributions
@@ -188,6 +194,7 @@ class GradFlowCallback(pl.Callback):
         self.last_finite = "none yet (no monitored step finished)"
         self.histories: dict[str, History] = {}
         self.records_written = 0
+        self.run_info = [str(o) for o in run_info] if run_info is not None else None
 
     # --- settings that need the model -----------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -277,11 +284,19 @@ class GradFlowCallback(pl.Callback):
         # A resumed run carries the layout over with its history: a second one at step 0, after
         # later steps, would make TensorBoard drop those steps as orphaned.
         if trainer.global_step == 0:
-            layout = custom_scalars_layout(self.watch.targets)
+            layout = custom_scalars_layout(self.watch.targets, bool(self.timesteps
+                                                                    or self.num_timesteps))
+            overrides = run_overrides(self.run_info)
             for adapter in self.adapters:
                 adapter.layout(layout)
+                if overrides is not None:
+                    adapter.run_info(overrides)
         without = [a.name for a in self.adapters if not a.takes_figures]
-        if without:
+        if not self.figure_every:
+            log.info("gradient-flow figures are off (monitor.figure_every_n_records=0): "
+                     "TensorBoard's Gradient flow tab draws them; every number is in the records "
+                     "under %s", self.dirpath)
+        elif without:
             where = ", ".join(f"{a.name} ({a.logger.log_dir})" for a in self.adapters
                               if a.takes_figures) or f"PNG files in {self.figure_dir}"
             log.info("%s takes no figures: the gradient-flow figures go to %s; every number they "
@@ -358,7 +373,7 @@ class GradFlowCallback(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.watch is not None:
             self.watch.stop()
-        if (trainer.is_global_zero and self.last_records
+        if (trainer.is_global_zero and self.last_records and self.figure_every
                 and not self.figures_due()):  # the last records' were not drawn
             self.draw_figures(self.last_records)
 
@@ -440,13 +455,15 @@ class GradFlowCallback(pl.Callback):
                 history.log10.append(np.log10(record.main_profile))
         for adapter in self.adapters:
             adapter.scalars(metrics, step)
+            for name, record in records.items():
+                adapter.record(name, record)
         self.records_written += 1
         if self.figures_due():
             self.draw_figures(records)
 
     def figures_due(self) -> bool:
         """Whether the latest record is one whose figures are drawn (every n-th, from the first)."""
-        return (self.records_written - 1) % self.figure_every == 0
+        return bool(self.figure_every) and (self.records_written - 1) % self.figure_every == 0
 
     def draw_figures(self, records: dict[str, Record]) -> None:
         """The profile and heatmap of each watched pass, to every logger that takes figures (PNG
@@ -501,8 +518,20 @@ def record_scalars(name: str, record: Record, timesteps: list[int] | None,
     return metrics
 
 
-def custom_scalars_layout(targets) -> dict:
-    """TensorBoard custom-scalars layout: each instrument's chosen timesteps on one chart."""
+def run_overrides(given: list[str] | None) -> list[str] | None:
+    """What configures the run: ``given``, else the Hydra job's overrides, else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if given is not None:
+        return given
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return None
+
+
+def custom_scalars_layout(targets, per_timestep: bool = True) -> dict:
+    """TensorBoard custom-scalars layout: the summaries over training, and each instrument's
+    chosen timesteps on one chart (``per_timestep``: when timesteps are chosen)."""
     from rnnlab.cells.base import state_keys
 
     charts: dict[str, list] = {}
@@ -514,15 +543,21 @@ def custom_scalars_layout(targets) -> dict:
         module = target.module
         if isinstance(module, RecurrentModel):
             names = module.cell.state_names
-            for key in state_keys(names):
+            for key in state_keys(names) if per_timestep else ():
                 charts[f"||dL/d{key.removeprefix('dL_d')}_t|| at the chosen t"] = [
                     "Multiline", [rf"^{key}/t_\d+$"]]
-            for m, _ in module.named_children():
+            for m, _ in module.named_children() if per_timestep else ():
                 charts[f"||dL/dW(t)|| of the {m} at the chosen t"] = [
                     "Multiline", [rf"^dL_dW_{m}/t_\d+$"]]
-            charts["||dz_t/dz_(t-1)|| at the chosen t"] = ["Multiline", [r"^jacobian_norm/t_\d+$"]]
+            if per_timestep:
+                charts["||dz_t/dz_(t-1)|| at the chosen t"] = [
+                    "Multiline", [r"^jacobian_norm/t_\d+$"]]
             charts["decay rate per step: measured, and allowed by the Jacobians"] = [
                 "Multiline", [r"^grad_flow/decay_rate$", r"^grad_flow/jacobian_rate$"]]
+            charts["log10 ||dL/dz_0|| / ||dL/dz_(T-1)||"] = [
+                "Multiline", [r"^grad_flow/log10_first_last$"]]
+            charts["horizon: steps back within 1e-3 of the largest norm"] = [
+                "Multiline", [r"^grad_flow/horizon$"]]
             if hasattr(module.cell, "recurrent_weight"):
                 charts["recurrent matrix W"] = ["Multiline", [r"^recurrent/"]]
             gradient_norms["per module"] = [
@@ -531,5 +566,9 @@ def custom_scalars_layout(targets) -> dict:
             path = target.path.replace(".", r"\.")
             charts[f"{target.path}: decay rate per step, each layer and direction"] = [
                 "Multiline", [rf"^grad_flow/{path}/[^/]+/decay_rate$"]]
+            charts[f"{target.path}: log10 first/last, each layer and direction"] = [
+                "Multiline", [rf"^grad_flow/{path}/[^/]+/log10_first_last$"]]
+            charts[f"{target.path}: horizon, each layer and direction"] = [
+                "Multiline", [rf"^grad_flow/{path}/[^/]+/horizon$"]]
     return {"gradient flow": charts, "gradient norms": gradient_norms}
 

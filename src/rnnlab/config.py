@@ -117,12 +117,32 @@ def safe_dirname(name: str, max_length: int = MAX_DIRNAME) -> str:
     """A job directory name from ``<num>_<override_dirname>``, safe on any filesystem.
 
     Nested-group keys lose their path and package (``experiment/urnn_figure@_global_=lstm`` →
-    ``urnn_figure=lstm``); characters other than letters, digits and ``._,=+-`` become ``-``;
-    names are cut to ``max_length`` (the job number in front keeps them unique).
+    ``urnn_figure=lstm``); characters other than letters, digits and ``._,=+-`` become ``-``.
+    A name longer than ``max_length`` keeps the whole overrides that fit, never part of a value
+    (the job number in front keeps names unique; it stands alone if not even one fits).
     """
     name = re.sub(r"(^\d+_|^|,)[\w.]*/(?:[\w.]*/)*(\w+)@\w+=", r"\1\2=", name)
-    name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", name).strip("_-")
-    return name[:max_length] or "job"
+    number = re.match(r"^\d+_", name)
+    head, rest = (number.group(0), name[number.end():]) if number else ("", name)
+    items = [re.sub(r"[^A-Za-z0-9._,=+-]", "-", item) for item in top_level_items(rest)]
+    kept: list[str] = []
+    for item in items:
+        if len((head + ",".join([*kept, item])).strip("_-")) > max_length:
+            break
+        kept.append(item)
+    return (head + ",".join(kept)).strip("_-") or "job"
+
+
+def top_level_items(overrides: str) -> list[str]:
+    """``a=1,b=[0,1]`` → ``["a=1", "b=[0,1]"]``: split at the commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(overrides):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth <= 0:
+            items.append(overrides[start:i])
+            start = i + 1
+    items.append(overrides[start:])
+    return [item for item in items if item]
 
 
 def short_override(override: str) -> str:

@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
 from rnnlab.records import Record
+from rnnlab.tensorboard_plugin import summary
 
 
 class LoggerAdapter:
@@ -52,8 +53,12 @@ class LoggerAdapter:
     def layout(self, layout: dict) -> None:
         """A custom-scalars layout (TensorBoard's); other loggers have none."""
 
-    def record(self, step: int, record: Record, prefix: str = "") -> None:
-        """A record's arrays, for loggers that can show them (TensorBoard's Gradient-flow tab)."""
+    def record(self, name: str, record: Record) -> None:
+        """A record's arrays, for loggers that can show them (TensorBoard's Gradient-flow tab);
+        ``name``: the watched module's path, "" for rnnlab's own model."""
+
+    def run_info(self, overrides: list[str]) -> None:
+        """What configures the run (Hydra overrides), for loggers that name runs by it."""
 
     def hparams(self, params: dict[str, Any], final: dict[str, float], step: int) -> None:
         """The run's configuration next to its final metrics."""
@@ -72,6 +77,14 @@ class TensorBoardAdapter(LoggerAdapter):
 
     def layout(self, layout: dict) -> None:
         self.logger.experiment.add_custom_scalars(layout)
+
+    def record(self, name: str, record: Record) -> None:
+        # Tensor summaries in the event file: TensorBoard's data provider serves them to the tab.
+        summary.write_record(self.logger.experiment, record.step, record.arrays(),
+                             prefix=f"{name}/" if name else "")
+
+    def run_info(self, overrides: list[str]) -> None:
+        summary.write(self.logger.experiment, 0, summary.run_info_summary(overrides))
 
     def hparams(self, params: dict[str, Any], final: dict[str, float], step: int) -> None:
         self.logger.log_hyperparams(params, final, step=step)

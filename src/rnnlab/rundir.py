@@ -5,7 +5,8 @@ One run of `rnnlab.train.train` (one job of a sweep) owns one directory::
     <run dir>/
         grad_flow/step_<step:07d>.npz       the gradient-flow records (rnnlab.records)
         grad_flow/<module path>/step_*.npz   records of watched torch.nn modules
-        tensorboard/                         event files
+        events.out.tfevents.*                TensorBoard's event files (it names the run by
+                                             this directory: 0_cell.gain=0.9 in a sweep)
         checkpoints/last.ckpt                the latest checkpoint
         metrics.json                         final metrics: written when training ends
         failed.json                          the error of a run that raised
@@ -36,7 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 GRAD_FLOW = "grad_flow"
-TENSORBOARD = "tensorboard"
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's, directly in the run directory
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 METRICS_FILE = "metrics.json"
 FAILED_FILE = "failed.json"
@@ -209,7 +210,11 @@ class RunDir:
 
     @property
     def tensorboard(self) -> Path:
-        return self.path / TENSORBOARD
+        """Where TensorBoard's event files are: the run directory itself."""
+        return self.path
+
+    def event_files(self) -> list[Path]:
+        return sorted(self.tensorboard.glob(EVENT_FILES))
 
     @property
     def checkpoint(self) -> Path:
@@ -245,9 +250,10 @@ class RunDir:
 
     def run_files(self) -> list[str]:
         """The files and folders of a run found here (empty for a fresh directory)."""
-        names = (GRAD_FLOW, TENSORBOARD, CHECKPOINT.parts[0], METRICS_FILE, FAILED_FILE,
+        names = (GRAD_FLOW, CHECKPOINT.parts[0], METRICS_FILE, FAILED_FILE,
                  INTERRUPTED_FILE, RESUMED_FILE, str(CONFIG_FILE))
-        return [name for name in names if (self.path / name).exists()]
+        found = [name for name in names if (self.path / name).exists()]
+        return found + ([EVENT_FILES] if self.event_files() else [])
 
     # --- how the run ended ---------------------------------------------------------------------
     def outcome(self) -> Outcome:

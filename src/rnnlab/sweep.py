@@ -14,6 +14,7 @@
 - a signal (Ctrl-C, SIGTERM) stops the job at a checkpoint and the whole sweep with it;
 - it returns ``metrics[sweep.objective]`` (default ``val/loss``), the value a sweeper optimises.
 
+`SweptNames` (a Hydra callback) names each job's directory by the overrides that are swept.
 `SweepSummary` (a Hydra callback, ``hydra.callbacks`` in conf/hydra/default.yaml) writes
 ``<sweep dir>/summary.json`` and ``summary.md`` when the sweep ends, by scanning the job
 directories, so it works for every launcher. ``python -m rnnlab.sweep <sweep dir>`` rewrites them
@@ -37,7 +38,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from rnnlab.checkpointing import RunInterrupted
 from rnnlab.config import ConfigError, is_number, require, validate_threads
@@ -342,6 +343,46 @@ class SweepSummary(Callback):
         print(f"\nSweep: {counts_line(summary['counts'])}; summary in "
               f"{sweep_dir / 'summary.md'}")
         print(f"TensorBoard: tensorboard --logdir {sweep_dir}")
+
+
+# --- the jobs' directory names ------------------------------------------------------------------
+def constant_keys(config: DictConfig) -> list[str]:
+    """The keys of the sweep's command-line overrides that every job shares (``task.seq_len=200``
+    given once), when at least one key is swept (``cell.gain=0.9,1.0``, or a list in
+    ``hydra.sweeper.params``, as the presets have); [] when nothing is swept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    given = parser.parse_overrides(list(config.hydra.overrides.task))
+    params = config.hydra.sweeper.get("params") or {}
+    preset = parser.parse_overrides([f"{key}={value}" for key, value in params.items()])
+    constant = {o.key_or_group for o in given if not o.is_sweep_override()}
+    swept = ({o.key_or_group for o in given if o.is_sweep_override()}
+             | {o.key_or_group for o in preset if o.is_sweep_override()} - constant)
+    return sorted(constant - swept) if swept else []
+
+
+class SweptNames(Callback):
+    """Hydra callback: a multirun job's directory names only the swept overrides
+    (``0_cell.gain=0.9``, not ``0_cell.gain=0.9,task.seq_len=200``), so that TensorBoard, the
+    summary and the report show the value that differs.
+
+    Hydra names a job ``${hydra.job.num}_${hydra.job.override_dirname}`` (conf/hydra), leaving out
+    ``hydra.job.config.override_dirname.exclude_keys``. Before the sweep starts this adds the
+    constant keys to that list, as a Hydra override: every launcher (basic, joblib, submitit)
+    rebuilds each job's config from ``hydra.overrides.hydra``.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        constant = constant_keys(config)
+        if not constant:
+            return
+        excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
+        keys = excluded + [k for k in constant if k not in excluded]
+        listed = ",".join(f"'{k}'" for k in keys)  # quoted: keys such as experiment/x
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(
+                f"hydra.job.config.override_dirname.exclude_keys=[{listed}]")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """GradFlowPlugin: the "Gradient flow" tab's backend, JSON routes over TensorBoard's data provider.
 
-Routes (under ``/data/plugin/gradflow``; docs/tensorboard_tab.md has their full form):
+Routes (under ``/data/plugin/gradflow``; README and docs/tensorboard_tab.md have their full form):
 
 - ``/runs``: every run with its gradflow tags (kind, row, steps, T) and its short label;
 - ``/profile?run=&tag=[&step=][&format=float64]``: one profile tag of one run, ``{"steps", "T",

@@ -2,7 +2,7 @@
 //
 // Left, the instrument and the runs; right, the profile of every selected run at the slider's
 // training step, the heatmaps over (training step × t) and the summaries over training. The
-// routes are relative to the frame's base (`data/plugin/gradflow/`); docs/tensorboard_tab.md.
+// routes are relative to the frame's base (`data/plugin/gradflow/`); README, "The Gradient flow tab in TensorBoard".
 //
 // `window.gradflow` exposes the state, what the profile chart drew and `reload()`, for tests and
 // the console.
