@@ -9,7 +9,10 @@
 - the transition Jacobians ``jacobian_norm[t] = ‖∂z_t/∂z_{t−1}‖₂`` by power iteration (`jacobians`):
   since ∂L/∂z_{t−1} = J_tᵀ ∂L/∂z_t wherever the loss is not read at t−1, the product of these
   norms bounds the decay or growth of the profile — the cause next to the effect;
-- the spectrum of a cell's recurrent matrix (`recurrent_spectrum`).
+- the spectrum of a cell's recurrent matrix (`recurrent_spectrum`);
+- the Lyapunov spectrum of the backward product and the profile it predicts (`rnnlab.lyapunov`):
+  the rate the product of Jacobians actually shrinks or stretches gradients, where the product of
+  their norms only bounds it.
 
 `grad_flow(model, batch)` runs them all on one batch and returns the `rnnlab.records.Record`; the
 monitor (`rnnlab.callbacks.GradFlowCallback`) runs them during training and writes the records,
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from rnnlab.cells.base import Cell, State
+from rnnlab.lyapunov import lyapunov
 from rnnlab.probing import ProbeRequest
 from rnnlab.records import Jacobians, Record, Spectrum, load, summarize
 
@@ -198,15 +202,17 @@ def recurrent_spectrum(cell: Cell) -> Spectrum | None:
                     float(torch.linalg.eigvals(W).abs().max()))
 
 
-
-
 def grad_flow(model, batch: dict[str, Tensor], param_contributions: bool = False,
-              jacobian_iterations: int = 0) -> Record:
+              jacobian_iterations: int = 0, lyapunov_k: int = 0, lyapunov_ons_every: int = 1,
+              lyapunov_sequences: int | None = None) -> Record:
     """One batch's exact gradient flow through rnnlab's model, without touching the ``.grad`` of
     its parameters: the `Record` of the profiles (``dL_dz``, and ``dL_d<state>`` for every further
     state, e.g. ``dL_dc`` for the LSTM), the loss, ``grad_norm_<module>`` for encoder, cell and
     decoder and the summaries; with ``param_contributions`` also ``dL_dW_<module>`` (T,); with
-    ``jacobian_iterations`` > 0 also the `jacobians` and the recurrent matrix's spectrum.
+    ``jacobian_iterations`` > 0 also the `jacobians` and the recurrent matrix's spectrum; with
+    ``lyapunov_k`` > 0 also the top ``lyapunov_k`` Lyapunov exponents of the backward product
+    over ``lyapunov_sequences`` of the batch's sequences (None: all), the predicted profile and
+    ``predicted_decay_rate`` (`rnnlab.lyapunov.lyapunov`).
     """
     with model.probing(ProbeRequest(contributions=param_contributions)) as passes:
         loss = model.loss_fn(model(batch["x"], batch.get("dt")), batch["y"])
@@ -223,4 +229,7 @@ def grad_flow(model, batch: dict[str, Tensor], param_contributions: bool = False
     if jacobian_iterations:
         record.jacobians = jacobians(model, batch, jacobian_iterations)
         record.spectrum = recurrent_spectrum(model.cell)
+    if lyapunov_k:
+        record.lyapunov = lyapunov(model, batch, lyapunov_k, lyapunov_ons_every,
+                                   lyapunov_sequences, last_norm=float(record.main_profile[-1]))
     return record
