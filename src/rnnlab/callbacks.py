@@ -136,8 +136,10 @@ class GradFlowCallback(pl.Callback):
             model); costs T times the parameter count in memory on those steps.
         jacobian_every_n_steps: measure the transition Jacobians (rnnlab's model) on monitored
             steps that are a multiple of this (0: never); a multiple of ``every_n_steps``.
-        jacobian_iterations: power iterations per Jacobian (each one jvp and one vjp of the cell
-            over batches of (timestep, sequence) rows, `gradflow.JACOBIAN_ROWS` at most).
+        jacobian_iterations: Lanczos steps per Jacobian norm (each one jvp and one vjp of the
+            cell over batches of (timestep, sequence) rows, `gradflow.JACOBIAN_ROWS` at most);
+            the default 20 is accurate to 1e-4 relative (measured ≤ 4e-7 at H = 64: tanh RNN,
+            GRU, LSTM, ODE), and any value ≥ the state's size is exact up to rounding.
         on_nonfinite: a non-finite loss or gradient ``stop``s training with a FloatingPointError,
             or ``skip``s that optimizer step (`rnnlab.nonfinite`).
         max_skipped_steps: with ``skip``, stop after this many steps in a row were skipped.
@@ -158,7 +160,7 @@ class GradFlowCallback(pl.Callback):
                  modules: Iterable[str | nn.Module] | None = None,
                  timesteps: list[int] | None = None, num_timesteps: int = 5,
                  figure_every_n_records: int = 10, param_contributions: bool = True,
-                 jacobian_every_n_steps: int = 50, jacobian_iterations: int = 10,
+                 jacobian_every_n_steps: int = 50, jacobian_iterations: int = 20,
                  on_nonfinite: str = "stop", max_skipped_steps: int | None = None,
                  profile_dtype: str = "float32", lyapunov_every_n_steps: int = 50,
                  lyapunov_k: int = 32, lyapunov_ons_every: int = 1,
