@@ -182,3 +182,29 @@ def test_monitor_records_and_logs_the_spectrum_as_grad_flow_measures_it(make_cfg
 def test_bad_lyapunov_settings_name_their_key_before_training(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key):
         train(make_cfg(*override))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_long_term_jacobian_is_the_product_of_the_exact_step_jacobians(cell):
+    model = make_model(cell, hidden_size=4)
+    batch, T = adding_batch(12, B=2), 12
+    g = (torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),) * len(
+        model.cell.state_names)
+    result = lyapunov.long_term_jacobian(model, batch, g, timesteps=[0, 5, -1], top=3,
+                                         sequence=1)
+    J = exact_jacobians(model.cell, model.encoder(batch["x"]).detach()[1])
+    gradient = torch.cat(g)
+    assert result.t.tolist() == [0, 5, T - 1]
+    for i, t in enumerate(result.t):
+        M = torch.eye(J[0].shape[0], dtype=torch.float64)
+        for s in range(t + 1, T):
+            M = J[s] @ M
+        U, sigma, _ = torch.linalg.svd(M)
+        np.testing.assert_allclose(result.singular_values[i], sigma[:3].numpy(), rtol=1e-9)
+        condition = float(sigma[0] / sigma[-1])
+        if condition < 1e8:  # beyond, σ_min is rounding in both computations
+            assert result.condition[i] == pytest.approx(condition, rel=1e-6)
+        else:
+            assert result.condition[i] > 1e8
+        share = (U[:, :3].T @ gradient) ** 2 / gradient.square().sum()
+        np.testing.assert_allclose(result.alignment[i], share.numpy(), rtol=1e-8, atol=1e-14)

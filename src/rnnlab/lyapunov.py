@@ -168,3 +168,70 @@ def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
     return Lyapunov(lyapunov=spectrum.exponents.mean(0), lyapunov_per_sequence=spectrum.exponents,
                     lyapunov_prediction=prediction,
                     predicted_decay_rate=summarize(prediction)["decay_rate"])
+
+
+@dataclass
+class LongTermJacobian:
+    """∂z_{T−1}/∂z_t of one sequence at chosen t: what gradient flossing controls.
+
+    ``t`` (n,); ``singular_values`` (n, r) the top r, descending; ``condition`` (n,) σ_max/σ_min
+    over the whole state; ``alignment`` (n, r): (u_iᵀ g)² / ‖g‖² for the left singular vectors
+    u_i and g = ∂L/∂z_{T−1}, the share of the gradient that the i-th direction amplifies by σ_i
+    on its way back to t (∂L/∂z_t = Mᵀ g = Σ σ_i (u_iᵀ g) v_i).
+    """
+
+    t: np.ndarray
+    singular_values: np.ndarray
+    condition: np.ndarray
+    alignment: np.ndarray
+
+
+def long_term_jacobian(model, batch: dict[str, Tensor], dL_dz_last: tuple[Tensor, ...],
+                       timesteps: list[int], top: int = 4, sequence: int = 0
+                       ) -> LongTermJacobian:
+    """M_t = ∂z_{T−1}/∂z_t = J_{T−1} … J_{t+1} of ``sequence`` at each of ``timesteps``, exactly:
+    Mᵀ is carried backward from the identity by vector–Jacobian products of ``cell.step`` (D
+    vectors, D the state's size), then `torch.linalg.svd`. ``dL_dz_last``: ∂L/∂z_{T−1} of that
+    sequence, one (D_i,) tensor per state."""
+    x, dt = batch["x"][sequence:sequence + 1], batch.get("dt")
+    dt = dt[sequence:sequence + 1] if dt is not None else None
+    previous: list[State] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            u = model.encoder(x)
+            model.unroll(u, dt, previous_states=previous)
+        T = u.shape[1]
+        wanted = sorted({t % T for t in timesteps})
+        widths = [s.shape[1] for s in previous[0]]
+        D = sum(widths)
+        first = previous[0][0]
+        Mt = torch.eye(D, dtype=first.dtype, device=first.device)  # rows: Mᵀ's columns, carried
+        inputs = u.detach().unbind(1)
+        dts = dt.unbind(1) if dt is not None else (None,) * T
+        found = {}
+        if T - 1 in wanted:
+            found[T - 1] = Mt.clone()
+        for t in range(T - 1, min(wanted), -1):  # applies J_tᵀ: from z_t's cotangent to z_{t−1}'s
+            z = tuple(s.detach().expand(D, -1).clone().requires_grad_() for s in previous[t])
+            with torch.enable_grad():
+                out = model.cell.step(inputs[t].expand(D, -1), z,
+                                      dts[t].expand(D) if dts[t] is not None else None)
+                grads = torch.autograd.grad(out, z, Mt.split(widths, 1), allow_unused=True)
+            Mt = torch.cat([g if g is not None else torch.zeros_like(s)
+                            for g, s in zip(grads, z)], 1)
+            if t - 1 in wanted:
+                found[t - 1] = Mt.clone()
+    finally:
+        model.train(was_training)
+    g = torch.cat([p.reshape(-1) for p in dL_dz_last]).double().cpu()
+    values, conditions, alignments = [], [], []
+    for t in wanted:
+        # Row j of Mt is (Mᵀ e_j)ᵀ = row j of M: Mt is M itself.
+        U, sigma, _ = torch.linalg.svd(found[t].double().cpu())
+        values.append(sigma[:top].numpy())
+        conditions.append(float(sigma[0] / sigma[-1]) if sigma[-1] > 0 else float("inf"))
+        alignments.append(((U[:, :top].T @ g) ** 2 / g.square().sum()).numpy())
+    return LongTermJacobian(np.array(wanted), np.stack(values), np.array(conditions),
+                            np.stack(alignments))
