@@ -163,7 +163,7 @@ class GradFlowCallback(pl.Callback):
                  jacobian_every_n_steps: int = 50, jacobian_iterations: int = 20,
                  on_nonfinite: str = "stop", max_skipped_steps: int | None = None,
                  profile_dtype: str = "float32", lyapunov_every_n_steps: int = 50,
-                 lyapunov_k: int = 32, lyapunov_ons_every: int = 1,
+                 lyapunov_k: int = 32, lyapunov_ons_every: int = 5,
                  lyapunov_sequences: int | None = None):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
