@@ -233,7 +233,8 @@ def lyapunov_cost(cell: str, T: int, k: int, ons_every: int, repeats: int, devic
     step_s, spectrum_s = statistics.median(steps), statistics.median(spectra)
     print(f"Lyapunov spectrum, {cell}, k={k}, QR every {ons_every}, T={T}, H={H}, B={B} "
           f"({B // k} sequences), {device}, {torch.get_num_threads()} threads, median of "
-          f"{repeats}: probed step {step_s:.3f} s, spectrum {spectrum_s:.3f} s, ratio {spectrum_s / step_s:.2f}")
+          f"{repeats}: probed step {step_s:.3f} s, spectrum {spectrum_s:.3f} s, "
+          f"ratio {spectrum_s / step_s:.2f}")
 
 
 class UserLSTM(pl.LightningModule):
