@@ -359,7 +359,8 @@ def test_custom_scalars_layout_puts_each_instruments_timesteps_on_one_chart(make
         expected = [f"{prefix}/t_{t:04d}" for t in times]
         assert expected in charted.values(), f"no chart holds exactly the {prefix} timesteps"
     assert ["grad_norm/total", "grad_norm/total_clipped"] in charted.values()
-    assert ["grad_flow/decay_rate", "grad_flow/jacobian_rate"] in charted.values()
+    assert ["grad_flow/decay_rate", "grad_flow/jacobian_rate",
+            "grad_flow/predicted_decay_rate"] in charted.values()
     assert all(charted.values()), "a chart matches no logged tag"
 
 
@@ -394,6 +395,7 @@ def test_hparams_tab_holds_the_config_and_the_final_metrics(make_cfg, tmp_path):
                 "final/log10_first_last": record["log10_first_last"][-1],
                 "final/horizon": record["horizon"][-1],
                 "final/jacobian_rate": record["jacobian_rate"][-1],
+                "final/predicted_decay_rate": record["predicted_decay_rate"][-1],
                 "final/train_seconds_per_step": metrics["train/seconds_per_step"],
                 "final/train_peak_memory_mb": metrics["train/peak_memory_mb"]}
     assert sorted(metric_tags) == sorted(expected)

@@ -198,6 +198,45 @@ def run_probed(cell: str, T: int, repeats: int, device: str) -> dict:
     return {"plain_s": statistics.median(plain), "probed_s": statistics.median(probed)}
 
 
+def lyapunov_cost(cell: str, T: int, k: int, ons_every: int, repeats: int, device: str) -> None:
+    """Print the median seconds of a probed step (forward + backward, B sequences) and of the
+    Lyapunov spectrum of the same model and batch (k vectors of B // k sequences, the monitor's
+    default), measured interleaved, and their ratio."""
+    from rnnlab.config import compose_config
+    from rnnlab.lyapunov import lyapunov
+    from rnnlab.train import build, build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(rnnlab_overrides(cell, T, device), Path(tmp) / "run")
+        model = build_model(cfg, build(cfg.task)).to(device)
+    model.hparams.fast_path = False
+    x, y = next(adding_batches(T, device))
+
+    def timed(work) -> float:
+        sync(torch.device(device))
+        start = time.perf_counter()
+        work()
+        sync(torch.device(device))
+        return time.perf_counter() - start
+
+    def probed() -> None:
+        model.loss_fn(model(x, None, model.make_probes(B, T)), y).backward()
+
+    def spectrum() -> None:
+        lyapunov(model, {"x": x, "y": y}, k, ons_every, sequences=max(1, B // k))
+
+    timed(probed), timed(spectrum)  # warm up
+    steps, spectra = [], []
+    for _ in range(repeats):
+        steps.append(timed(probed))
+        spectra.append(timed(spectrum))
+    step_s, spectrum_s = statistics.median(steps), statistics.median(spectra)
+    print(f"Lyapunov spectrum, {cell}, k={k}, QR every {ons_every}, T={T}, H={H}, B={B} "
+          f"({B // k} sequences), {device}, {torch.get_num_threads()} threads, median of "
+          f"{repeats}: probed step {step_s:.3f} s, spectrum {spectrum_s:.3f} s, "
+          f"ratio {spectrum_s / step_s:.2f}")
+
+
 class UserLSTM(pl.LightningModule):
     """A user's model as written without rnnlab: 2-layer nn.LSTM, linear read-out of the last
     output, MSE (the adding task), Adam."""
@@ -605,6 +644,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads of each --scans case (1: steady on a shared CPU)")
     parser.add_argument("--scan-batch", type=int, default=B)
     parser.add_argument("--scan-hidden", type=int, default=H)
+    parser.add_argument("--lyapunov", action="store_true",
+                        help="only: the Lyapunov spectrum's cost (k=32) against a probed step, "
+                             "for each of --cells at each of --lengths")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
@@ -612,6 +654,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.subnormals:
         subnormal_cost()
+        return
+    if args.lyapunov:
+        for cell in (c for c in args.cells.split(",") if c):
+            for T in (int(t) for t in args.lengths.split(",")):
+                for ons_every in (1, 5):
+                    lyapunov_cost(cell, T, 32, ons_every, repeats=3, device=args.device)
         return
 
     from rich.console import Console

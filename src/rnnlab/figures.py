@@ -16,10 +16,11 @@ from rnnlab.records import Record  # noqa: E402
 BOUND_DECADES = 6  # how far above the profile's peak the Jacobian bound is drawn
 
 
-def profile_figure(record: Record, step: int) -> plt.Figure:
+def profile_figure(record: Record, step: int, bound: bool = False) -> plt.Figure:
     """Left: ||dL/dz_t|| on a log scale (||dL/dc_t|| too for the LSTM; a line per layer and
-    direction for a torch.nn module), with the bound the Jacobians give when measured; right: the
-    per-step parameter contributions ||dL/dW⁽ᵗ⁾||."""
+    direction for a torch.nn module), with the profile the Lyapunov spectrum predicts when
+    measured, and the bound the Jacobians give when measured and either ``bound`` is set or there
+    is no prediction; right: the per-step parameter contributions ||dL/dW⁽ᵗ⁾||."""
     contributions = record.contributions
     fig, axes = plt.subplots(1, 2 if contributions else 1, figsize=(10 if contributions else 6,
                                                                     3.2), dpi=100, squeeze=False)
@@ -31,7 +32,11 @@ def profile_figure(record: Record, step: int) -> plt.Figure:
         else:
             for row, row_values in zip(record.rows, values):
                 semilogy_positive(ax, row_values, f"||{name}_t|| {row}")
-    if record.jacobians is not None:
+    if record.lyapunov is not None:
+        semilogy_positive(ax, record.lyapunov.lyapunov_prediction,
+                          "predicted by the Lyapunov spectrum: ||dL/dz_(T-1)|| · 10^(running λ1 "
+                          f"· (T-1-t)), rate {record.lyapunov.predicted_decay_rate:.3g}/step", ":")
+    if record.jacobians is not None and (bound or record.lyapunov is None):
         dL_dz = record.main_profile
         bound = gradflow.jacobian_bound(dL_dz, record.jacobians.jacobian_norm)
         # ||J_s|| ≈ 2 over 1000 steps puts the bound 300 decades up, past float64 and what a log
@@ -53,6 +58,27 @@ def profile_figure(record: Record, step: int) -> plt.Figure:
         ax.set_xlabel("timestep t")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def lyapunov_figure(record: Record) -> plt.Figure:
+    """The Lyapunov spectrum of the backward product: each measured sequence's exponents and
+    their mean against the index i, with the measured decay rate for comparison."""
+    section = record.lyapunov
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    index = np.arange(1, len(section.lyapunov) + 1)
+    for exponents in np.atleast_2d(section.lyapunov_per_sequence):
+        ax.plot(index, exponents, "-", color="0.75", lw=0.8)
+    ax.plot(index, section.lyapunov, "o-", label="mean over the measured sequences")
+    ax.axhline(float(np.ravel(record.summary.decay_rate)[0]), color="C3", ls="--",
+               label="measured decay rate of ||dL/dz_t||")
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_xlabel("exponent i")
+    ax.set_ylabel("λ_i (log10 per step)")
+    ax.set_title(f"Lyapunov spectrum, training step {record.step}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     return fig
 

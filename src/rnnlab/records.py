@@ -16,6 +16,8 @@ field per instrument:
     jacobians      jacobian_norm (T,), jacobian_rate             `Jacobians`
     spectrum       recurrent_singular_values (H,), recurrent_    `Spectrum`
                    spectral_norm, recurrent_spectral_radius
+    lyapunov       lyapunov (k,), lyapunov_per_sequence (S, k),  `Lyapunov`
+                   lyapunov_prediction (T,), predicted_decay_rate
     sources        source_<field> str                            which computation gave a field,
                                                                  where not the training step
 
@@ -109,6 +111,24 @@ class Spectrum(Section):
 
 
 @dataclass
+class Lyapunov(Section):
+    """The Lyapunov spectrum of the backward product J_{t+1}ᵀ … J_{T−1}ᵀ (`rnnlab.lyapunov`):
+    ``lyapunov`` (k,) the batch mean of ``lyapunov_per_sequence`` (S, k), log10 per step,
+    descending; ``lyapunov_prediction`` (T,) the profile it predicts and
+    ``predicted_decay_rate`` that profile's decay rate, fitted as ``decay_rate`` is."""
+
+    lyapunov: np.ndarray
+    lyapunov_per_sequence: np.ndarray
+    lyapunov_prediction: np.ndarray
+    predicted_decay_rate: float
+
+    def scalars(self) -> dict[str, float]:
+        exponents = {f"lyapunov/lambda_{i}": float(v)
+                     for i, v in enumerate(np.ravel(self.lyapunov), start=1)}
+        return {"grad_flow/predicted_decay_rate": self.predicted_decay_rate, **exponents}
+
+
+@dataclass
 class Summary(Section):
     """Summary scalars of a profile (T,); arrays (rows,) for a profile of several rows.
 
@@ -170,6 +190,7 @@ class Record:
     jacobians: Jacobians | None = None
     spectrum: Spectrum | None = None
     sources: dict[str, str] = field(default_factory=dict)  # field → computation, if not the step
+    lyapunov: Lyapunov | None = None
 
     PREFIXES: ClassVar[dict[str, str]] = {"contributions": "dL_dW_", "profiles": "dL_d",
                                           "grad_norms": "grad_norm_"}  # in this order

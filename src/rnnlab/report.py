@@ -45,7 +45,8 @@ from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive 
 from rnnlab.rundir import GRAD_FLOW, RunDir, RunFileError, atomic_write  # noqa: E402
 
 FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
-RECORD_COLUMNS = ("decay_rate", "log10_first_last", "horizon", "jacobian_rate")  # last record
+RECORD_COLUMNS = ("decay_rate", "predicted_decay_rate", "log10_first_last", "horizon",
+                  "jacobian_rate")  # the last record's
 COST_COLUMNS = {"s/step": "train/seconds_per_step", "peak MB": "train/peak_memory_mb",
                 "NFE fwd": "cell/nfe_forward", "NFE bwd": "cell/nfe_backward"}  # metrics.json
 COLUMNS = ("run", "overrides", "status", "cell", "gain", "T", "steps", "val/loss", "val/baseline",
@@ -267,6 +268,10 @@ def decay_vs_gain_figure(runs: list[Run]) -> plt.Figure:
                 label=f"{cell}, step {int(group[0].record['step'][0])}")
         ax.plot(gains, [r.record["decay_rate"][-1] for r in group], "s-",
                 label=f"{cell}, last record")
+        if any("predicted_decay_rate" in r.record for r in group):
+            ax.plot(gains, [r.record["predicted_decay_rate"][-1] if "predicted_decay_rate"
+                            in r.record else math.nan for r in group], "x:", ms=9,
+                    label=f"{cell}, last record: predicted by the Lyapunov spectrum")
     if with_gain:
         grid = np.geomspace(min(r.gain for r in with_gain), max(r.gain for r in with_gain), 50)
         ax.plot(grid, np.log10(grid), "k:", label="log10(gain): linear orthogonal RNN")
@@ -361,7 +366,7 @@ def write_report(paths: list[str | Path], out: str | Path, steps: list[int] | No
     `RunFileError` naming the file when a run's file cannot be read or ``out`` written."""
     console = console or Console()
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
-        console.width = max(console.width, 200)
+        console.width = max(console.width, 240)
     out = Path(out)
     reason = unwritable_reason(out)
     if reason is not None:

@@ -10,6 +10,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.config import is_number, require, require_choice
+from rnnlab.meanfield import CRITICAL_BIAS_SCALE, critical_weight_scale
 
 NONLINEARITIES = {
     "tanh": torch.tanh,
@@ -17,7 +18,7 @@ NONLINEARITIES = {
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
 }
-INITS = ("default", "orthogonal", "identity", "normal")
+INITS = ("default", "orthogonal", "identity", "normal", "critical")
 CONSTRAINTS = ("none", "orthogonal")
 
 
@@ -41,7 +42,9 @@ class ElmanRNN(Cell):
     - ``nonlinearity`` φ ∈ {tanh, relu, sigmoid, identity}; identity gives the linear RNN whose
       gradient scales by exactly ``gain`` per step when W is orthogonal (docs/architecture.md).
     - ``init`` of W: ``default`` (PyTorch's U(±1/√H)), ``orthogonal`` (W = Q, QᵀQ = I),
-      ``identity`` (the IRNN of Le et al. 2015), ``normal`` (N(0, 1/H): spectral radius ≈ 1).
+      ``identity`` (the IRNN of Le et al. 2015), ``normal`` (N(0, 1/H): spectral radius ≈ 1),
+      ``critical`` (tanh: W = σ_w·Q orthogonal, b ~ N(0, σ_b²) with (σ_w, σ_b) on the mean-field
+      order-to-chaos boundary, `rnnlab.meanfield`; Chen, Pennington & Schoenholz 2018).
     - ``gain`` scales W after init: ``init=orthogonal gain=g`` gives W = g·Q.
     - ``constraint=orthogonal`` keeps W = gain·Q with Q exactly orthogonal throughout training:
       the optimiser moves an unconstrained matrix A and Q = B·exp(A − Aᵀ)
@@ -84,6 +87,11 @@ class ElmanRNN(Cell):
                 self.weight_hh.copy_(torch.eye(H))
             elif init == "normal":
                 self.weight_hh.normal_(0.0, 1.0 / math.sqrt(H))
+            elif init == "critical":
+                nn.init.orthogonal_(self.weight_hh)
+                self.weight_hh.mul_(critical_weight_scale(CRITICAL_BIAS_SCALE))
+                self.bias_ih.zero_()
+                self.bias_hh.normal_(0.0, CRITICAL_BIAS_SCALE)
             if constraint == "none":
                 self.weight_hh.mul_(gain)
         if constraint == "orthogonal":

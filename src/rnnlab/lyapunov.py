@@ -1,0 +1,237 @@
+"""Lyapunov spectra of the backward product: the rate at which gradients shrink or grow in time.
+
+Backpropagation multiplies ∂L/∂z_t by the transposed transition Jacobians, ∂L/∂z_{t−1} =
+J_tᵀ ∂L/∂z_t with J_t = ∂z_t/∂z_{t−1}. The norm of a product is not the product of the norms:
+how fast J_{t+1}ᵀ … J_{T−1}ᵀ stretches or shrinks vectors is given by its Lyapunov exponents
+(Engelken, Wolf & Abbott 2023; Vogt et al. 2022). They are measured by carrying k orthonormal
+vectors backward from t = T−1 and re-orthonormalising them with QR (Benettin's method): the
+logarithms of R's diagonal, summed and divided by the number of steps, are the exponents.
+
+    λ_i = (1/n) Σ_t log10 |R_ii(t)|     (decades per step, descending; n = steps after warm-up)
+
+The vector–Jacobian products Jᵀv are reverse-mode autograd through one ``cell.step`` at a time,
+so any cell with a differentiable step works (ODE solvers, the adjoint, a user's cell), and only
+the trajectory z_t of the measured sequences is kept: memory grows with T only by that trajectory.
+The k vectors of a sequence are k rows of one batch: its z_{t−1} and u_t repeated k times, one
+cotangent per row.
+
+- `backward_spectrum`: the raw result for a few sequences (`BackwardSpectrum`).
+- `lyapunov`: the instrument on rnnlab's model and a batch, returning the record's `Lyapunov`
+  section: the batch-mean spectrum, the per-sequence spectra, the predicted profile and the
+  predicted decay rate (how the prediction is made: `predicted_profile`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rnnlab.cells.base import Cell, State
+from rnnlab.config import require_int
+from rnnlab.records import Lyapunov, summarize
+
+# The first tenth of the steps (from T−1 backward) aligns the random initial vectors with the
+# Lyapunov vectors; the exponents average the steps after it. The prediction uses every step.
+WARMUP_FRACTION = 0.1
+LYAPUNOV_SEED = 0  # the initial vectors are the same on every call
+
+
+@dataclass
+class BackwardSpectrum:
+    """What one backward QR pass over S sequences measured.
+
+    ``exponents`` (S, k): per-sequence finite-time exponents in log10 per step, descending, over
+    the steps after the warm-up. ``top_growth`` (T, S): log10 of the factor by which the first
+    vector grew through J_tᵀ at each t = 1 … T−1 (0 at t = 0, which has no J_t applied in the
+    profile). ``steps``: how many steps the exponents average.
+    """
+
+    exponents: np.ndarray
+    top_growth: np.ndarray
+    steps: int
+
+
+def warmup_steps(T: int, ons_every: int) -> int:
+    """Steps (from T−1 backward) left out of the exponents: `WARMUP_FRACTION` of the T−1 steps,
+    rounded down to a multiple of the re-orthonormalisation interval."""
+    warmup = int(WARMUP_FRACTION * (T - 1))
+    return warmup - warmup % ons_every
+
+
+def backward_spectrum(cell: Cell, u: Tensor, previous_states: list[State], dt: Tensor | None,
+                      k: int, ons_every: int = 1) -> BackwardSpectrum:
+    """The top k Lyapunov exponents of J_{T−1}ᵀ … J_1ᵀ for every sequence of ``u``.
+
+    ``u``: (S, T, input) the cell's inputs; ``previous_states[t]``: z_{t−1} (S, …) per state
+    tensor; ``dt``: (S, T) or None. For a state of several tensors (the LSTM's (h, c)) the
+    vectors live in their concatenation. ``ons_every``: re-orthonormalise every this many steps
+    (the first vector is normalised every step, which leaves the span and the other R_ii as
+    they are, so the top exponent's growth is known per step).
+    """
+    S, T = u.shape[:2]
+    widths = [s.shape[1] for s in previous_states[0]]
+    D = sum(widths)
+    k = min(k, D)
+    first = previous_states[0][0]
+    generator = torch.Generator().manual_seed(LYAPUNOV_SEED)
+    start = torch.randn(S, D, k, generator=generator, dtype=torch.float64)
+    Q = torch.linalg.qr(start)[0].to(dtype=first.dtype, device=first.device)  # (S, D, k)
+    top_growth = torch.zeros(T, S, dtype=torch.float64)
+    log_r = torch.zeros(T, S, k, dtype=torch.float64)
+    inputs = u.detach().unbind(1)
+    dts = dt.detach().unbind(1) if dt is not None else (None,) * T
+    for n, t in enumerate(range(T - 1, 0, -1), start=1):
+        z = tuple(s.detach().repeat_interleave(k, 0).requires_grad_() for s in previous_states[t])
+        u_t = inputs[t].repeat_interleave(k, 0)
+        dt_t = dts[t].repeat_interleave(k, 0) if dts[t] is not None else None
+        with torch.enable_grad():
+            out = cell.step(u_t, z, dt_t)
+            cotangent = Q.transpose(1, 2).reshape(S * k, D).split(widths, 1)
+            grads = torch.autograd.grad(out, z, cotangent, allow_unused=True)
+        V = torch.cat([g if g is not None else torch.zeros_like(s) for g, s in zip(grads, z)], 1)
+        V = V.reshape(S, k, D).transpose(1, 2)  # column i: J_tᵀ q_i
+        top = V[:, :, 0].norm(dim=1)
+        top_growth[t] = torch.log10(top).double().cpu()
+        V = torch.cat([V[:, :, :1] / top[:, None, None], V[:, :, 1:]], 2)
+        if n % ons_every == 0 or t == 1:
+            Q, R = torch.linalg.qr(V)
+            diagonal = R.diagonal(dim1=-2, dim2=-1).abs()
+            log_r[t] = torch.log10(diagonal).double().cpu()
+            log_r[t, :, 0] = 0.0  # R_11 = 1: the first vector's growth is in top_growth
+        else:
+            Q = V
+    warmup = warmup_steps(T, ons_every)
+    counted = slice(1, T - warmup)  # t = 1 … T−1−warmup
+    steps = T - 1 - warmup
+    sums = log_r[counted].sum(0)
+    sums[:, 0] = top_growth[counted].sum(0)
+    exponents = (sums / max(steps, 1)).numpy()
+    return BackwardSpectrum(-np.sort(-exponents, axis=1), top_growth.numpy(), steps)
+
+
+def predicted_profile(top_growth: np.ndarray, last: float) -> np.ndarray:
+    """The profile the spectrum predicts, (T,): ``last`` · 10^{P(t)}, where
+
+        P(t) = log10 √( mean_b 10^{2 G_b(t)} ),   G_b(t) = Σ_{s=t+1}^{T−1} top_growth[s, b]
+
+    G_b(t) is the finite-time top exponent of sequence b summed from T−1 back to t (the running
+    form of λ₁·(T−1−t)), and the batch's Frobenius norm adds the sequences' squared norms: the
+    log-mean-exp makes the slowest-decaying sequence dominate, as it does in the measured batch
+    norm. Every sequence starts from the same norm at T−1 (``last`` = ‖∂L/∂z_{T−1}‖), so the
+    prediction is of the profile's shape, not of how the loss weighs the sequences."""
+    after = np.concatenate([np.cumsum(top_growth[:0:-1], axis=0)[::-1],
+                            np.zeros((1, top_growth.shape[1]))])  # G_b(t), (T, S)
+    peak = after.max(1, keepdims=True)
+    log_mean = peak[:, 0] + 0.5 * np.log10(np.mean(10.0 ** (2 * (after - peak)), axis=1))
+    return last * 10.0 ** log_mean
+
+
+def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
+             sequences: int | None = None, last_norm: float = 1.0) -> Lyapunov:
+    """The Lyapunov spectrum of the backward product of rnnlab's model on one batch.
+
+    ``k``: how many exponents (at most the state's size). ``sequences``: how many of the
+    batch's sequences (the first ones) to measure; None: all. ``last_norm``: ‖∂L/∂z_{T−1}‖ of the
+    batch, the predicted profile's value at T−1 (`predicted_profile`).
+
+    - ``lyapunov`` (k,): the mean over the sequences of their exponents, log10 per step.
+    - ``lyapunov_per_sequence`` (S, k).
+    - ``lyapunov_prediction`` (T,): the predicted profile.
+    - ``predicted_decay_rate``: the decay rate of ``lyapunov_prediction``, fitted as the
+      measured ``decay_rate`` is (least squares of log10 against T−1−t): the number to set
+      beside it.
+
+    The trajectory comes from one more pass of the model's loop over the measured sequences (no
+    gradient), in eval mode as `rnnlab.gradflow.jacobians` does.
+    """
+    k = require_int("monitor.lyapunov_k", k)
+    ons_every = require_int("monitor.lyapunov_ons_every", ons_every)
+    x, dt = batch["x"], batch.get("dt")
+    S = x.shape[0] if sequences is None else min(require_int("monitor.lyapunov_sequences",
+                                                             sequences), x.shape[0])
+    x = x[:S]
+    dt = dt[:S] if dt is not None else None
+    previous: list[State] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            u = model.encoder(x)
+            model.unroll(u, dt, previous_states=previous)
+        spectrum = backward_spectrum(model.cell, u, previous, dt, k, ons_every)
+    finally:
+        model.train(was_training)
+    prediction = predicted_profile(spectrum.top_growth, last_norm)
+    return Lyapunov(lyapunov=spectrum.exponents.mean(0), lyapunov_per_sequence=spectrum.exponents,
+                    lyapunov_prediction=prediction,
+                    predicted_decay_rate=summarize(prediction)["decay_rate"])
+
+
+@dataclass
+class LongTermJacobian:
+    """∂z_{T−1}/∂z_t of one sequence at chosen t: what gradient flossing controls.
+
+    ``t`` (n,); ``singular_values`` (n, r) the top r, descending; ``condition`` (n,) σ_max/σ_min
+    over the whole state; ``alignment`` (n, r): (u_iᵀ g)² / ‖g‖² for the left singular vectors
+    u_i and g = ∂L/∂z_{T−1}, the share of the gradient that the i-th direction amplifies by σ_i
+    on its way back to t (∂L/∂z_t = Mᵀ g = Σ σ_i (u_iᵀ g) v_i).
+    """
+
+    t: np.ndarray
+    singular_values: np.ndarray
+    condition: np.ndarray
+    alignment: np.ndarray
+
+
+def long_term_jacobian(model, batch: dict[str, Tensor], dL_dz_last: tuple[Tensor, ...],
+                       timesteps: list[int], top: int = 4, sequence: int = 0
+                       ) -> LongTermJacobian:
+    """M_t = ∂z_{T−1}/∂z_t = J_{T−1} … J_{t+1} of ``sequence`` at each of ``timesteps``, exactly:
+    Mᵀ is carried backward from the identity by vector–Jacobian products of ``cell.step`` (D
+    vectors, D the state's size), then `torch.linalg.svd`. ``dL_dz_last``: ∂L/∂z_{T−1} of that
+    sequence, one (D_i,) tensor per state."""
+    x, dt = batch["x"][sequence:sequence + 1], batch.get("dt")
+    dt = dt[sequence:sequence + 1] if dt is not None else None
+    previous: list[State] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            u = model.encoder(x)
+            model.unroll(u, dt, previous_states=previous)
+        T = u.shape[1]
+        wanted = sorted({t % T for t in timesteps})
+        widths = [s.shape[1] for s in previous[0]]
+        D = sum(widths)
+        first = previous[0][0]
+        Mt = torch.eye(D, dtype=first.dtype, device=first.device)  # rows: Mᵀ's columns, carried
+        inputs = u.detach().unbind(1)
+        dts = dt.unbind(1) if dt is not None else (None,) * T
+        found = {}
+        if T - 1 in wanted:
+            found[T - 1] = Mt.clone()
+        for t in range(T - 1, min(wanted), -1):  # applies J_tᵀ: from z_t's cotangent to z_{t−1}'s
+            z = tuple(s.detach().expand(D, -1).clone().requires_grad_() for s in previous[t])
+            with torch.enable_grad():
+                out = model.cell.step(inputs[t].expand(D, -1), z,
+                                      dts[t].expand(D) if dts[t] is not None else None)
+                grads = torch.autograd.grad(out, z, Mt.split(widths, 1), allow_unused=True)
+            Mt = torch.cat([g if g is not None else torch.zeros_like(s)
+                            for g, s in zip(grads, z)], 1)
+            if t - 1 in wanted:
+                found[t - 1] = Mt.clone()
+    finally:
+        model.train(was_training)
+    g = torch.cat([p.reshape(-1) for p in dL_dz_last]).double().cpu()
+    values, conditions, alignments = [], [], []
+    for t in wanted:
+        # Row j of Mt is (Mᵀ e_j)ᵀ = row j of M: Mt is M itself.
+        U, sigma, _ = torch.linalg.svd(found[t].double().cpu())
+        values.append(sigma[:top].numpy())
+        conditions.append(float(sigma[0] / sigma[-1]) if sigma[-1] > 0 else float("inf"))
+        alignments.append(((U[:, :top].T @ g) ** 2 / g.square().sum()).numpy())
+    return LongTermJacobian(np.array(wanted), np.stack(values), np.array(conditions),
+                            np.stack(alignments))

@@ -1,0 +1,210 @@
+"""The Lyapunov spectrum of the backward product against closed forms and independent QR runs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rnnlab import gradflow, lyapunov
+from rnnlab.config import ConfigError
+from rnnlab.records import Record, summarize
+from rnnlab.tasks import Adding
+from rnnlab.train import build, build_model, train
+
+from .conftest import CONF, float64_model
+
+
+def make_model(cell: str = "rnn", hidden_size: int = 8, **overrides):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / f"{cell}.yaml"))
+    cfg.update({"hidden_size": hidden_size, **overrides})
+    return float64_model(cfg, encoder_size=4)
+
+
+def adding_batch(T: int, B: int = 3, seed: int = 0) -> dict:
+    batch = Adding(seq_len=T, batch_size=B).generate(B, torch.Generator().manual_seed(seed))
+    return {k: v.double() for k, v in batch.items()}
+
+
+def test_linear_rnn_exponents_are_log10_of_the_eigenvalue_moduli_of_W():
+    model = make_model(nonlinearity="identity", init="normal")
+    section = lyapunov.lyapunov(model, adding_batch(600), k=8)
+    W = model.cell.weight_hh.detach()
+    expected = np.sort(np.log10(torch.linalg.eigvals(W).abs().numpy()))[::-1]
+    # Complex pairs rotate within their plane: their finite-time split converges as 1/T.
+    np.testing.assert_allclose(section.lyapunov, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("ons_every", [1, 5])
+def test_orthogonal_times_gain_gives_every_exponent_log10_gain(ons_every):
+    gain = 0.9
+    model = make_model(nonlinearity="identity", init="orthogonal", gain=gain)
+    section = lyapunov.lyapunov(model, adding_batch(60), k=8, ons_every=ons_every)
+    np.testing.assert_allclose(section.lyapunov_per_sequence, math.log10(gain), atol=1e-12)
+
+
+def test_prediction_of_a_linear_orthogonal_rnn_is_its_measured_profile():
+    model = make_model(nonlinearity="identity", init="orthogonal", gain=1.1)
+    record = gradflow.grad_flow(model, adding_batch(40), lyapunov_k=3)
+    np.testing.assert_allclose(record.lyapunov.lyapunov_prediction, record.profiles["dL_dz"],
+                               rtol=1e-10)
+    assert record.lyapunov.predicted_decay_rate == pytest.approx(record.summary.decay_rate,
+                                                                 rel=1e-10)
+
+
+def exact_jacobians(cell, u: torch.Tensor, dt=None) -> list[torch.Tensor]:
+    """J_t = ∂z_t/∂z_{t−1}, t = 0 … T−1, of one sequence u (T, input), the state's tensors
+    concatenated, by torch.autograd.functional.jacobian: (D, D) each."""
+    state = cell.init_state(1)
+    widths = [s.shape[1] for s in state]
+    jacobians = []
+    for t in range(u.shape[0]):
+        def step(flat, t=t):
+            return torch.cat(cell.step(u[t:t + 1], tuple(flat.split(widths, 1)), None), 1)[0]
+        flat = torch.cat(state, 1)
+        jacobians.append(torch.autograd.functional.jacobian(step, flat)[:, 0])
+        state = tuple(s.detach() for s in cell.step(u[t:t + 1], state, None))
+    return jacobians
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "node"])
+def test_exponents_equal_a_qr_run_over_exact_jacobian_matrices(cell):
+    model = make_model(cell, hidden_size=5)
+    batch, k, T = adding_batch(30, B=2), 4, 30
+    section = lyapunov.lyapunov(model, batch, k=k, ons_every=3)
+    u = model.encoder(batch["x"]).detach()
+    warmup = lyapunov.warmup_steps(T, 3)
+    D = sum(s.shape[1] for s in model.cell.init_state(1))
+    start = torch.randn(2, D, k, generator=torch.Generator().manual_seed(lyapunov.LYAPUNOV_SEED),
+                        dtype=torch.float64)
+    for b in range(2):
+        J = exact_jacobians(model.cell, u[b])
+        Q = torch.linalg.qr(start[b])[0]
+        logs = np.zeros(k)
+        for n, t in enumerate(range(T - 1, 0, -1), start=1):  # the same QR schedule, plain
+            Q, R = torch.linalg.qr(J[t].T @ Q) if (n % 3 == 0 or t == 1) else (J[t].T @ Q, None)
+            if R is not None and t < T - warmup:
+                logs += np.log10(R.diagonal().abs().numpy())
+        # A QR over 3 steps at once: R's diagonal is the one of the per-step schedule's product.
+        expected = np.sort(logs / (T - 1 - warmup))[::-1]
+        np.testing.assert_allclose(section.lyapunov_per_sequence[b], expected, atol=1e-10)
+
+
+def test_predicted_profile_is_the_log_mean_exp_of_the_sequences_growth():
+    top_growth = np.array([[0.0, 0.0], [-1.0, -0.5], [-1.0, -2.0], [0.5, -1.0]])  # (T=4, S=2)
+    # G_b(t) = Σ_{s>t} top_growth[s, b]: t=0 → (-1.5, -3.5), t=1 → (-0.5, -3), t=2 → (0.5, -1)
+    G = np.array([[-1.5, -3.5], [-0.5, -3.0], [0.5, -1.0], [0.0, 0.0]])
+    expected = 2.0 * np.sqrt(np.mean(10.0 ** (2 * G), axis=1))
+    np.testing.assert_allclose(lyapunov.predicted_profile(top_growth, 2.0), expected, rtol=1e-14)
+
+
+def train_on_adding(cell: str, T: int = 50, steps: int = 300, hidden_size: int = 32):
+    """A float64 model trained by Adam on the adding task, loss read at the last step."""
+    torch.manual_seed(0)
+    model = make_model(cell, hidden_size=hidden_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    task, generator = Adding(seq_len=T, batch_size=32), torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = {k: v.double() for k, v in task.generate(32, generator).items()}
+        loss = model.loss_fn(model(batch["x"]), batch["y"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, {k: v.double() for k, v in task.generate(32, generator).items()}
+
+
+# Measured: the gated cells' top exponents are nearly degenerate (the LSTM's −0.062, −0.067,
+# −0.074, −0.079 per step), so within T = 50 steps the gradient does not align with the top
+# Lyapunov vector and the finite-time prediction misses the measured decay by more than 5%.
+GATED_GAP = ("gated cells: nearly degenerate top exponents; measured at T = 50: GRU −0.0368 "
+             "against −0.0411 predicted (12%), LSTM −0.082 against −0.063 (23%; 8% at T = 400)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["rnn", *(pytest.param(
+    c, marks=pytest.mark.xfail(strict=True, reason=GATED_GAP)) for c in ("gru", "lstm"))])
+def test_predicted_decay_rate_is_within_5_percent_of_the_measured_on_trained_cells(cell):
+    model, batch = train_on_adding(cell)
+    record = gradflow.grad_flow(model, batch, lyapunov_k=8)
+    measured = record.summary.decay_rate
+    assert record.lyapunov.predicted_decay_rate == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.slow
+def test_four_sequences_estimate_the_batch_mean_top_exponent_of_a_trained_gru():
+    model, batch = train_on_adding("gru")
+    every = lyapunov.lyapunov(model, batch, k=8)
+    four = lyapunov.lyapunov(model, batch, k=8, sequences=4)
+    assert four.lyapunov[0] == pytest.approx(every.lyapunov[0], rel=0.05)
+
+
+def test_monitor_records_and_logs_the_spectrum_as_grad_flow_measures_it(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_steps=1", "task.seq_len=12", "monitor.lyapunov_k=3",
+                   "monitor.lyapunov_ons_every=2")
+    train(cfg)
+    run = tmp_path / "run"
+    (path,) = (run / "grad_flow").glob("step_*.npz")
+    recorded = Record.load(path)
+
+    pl.seed_everything(cfg.seed)  # rebuild the untrained model exactly as train() does
+    task = build(cfg.task)
+    model = build_model(cfg, task)
+    batch = next(iter(task.train_dataloader()))
+    sequences = max(1, cfg.task.batch_size // 3)
+    expected = lyapunov.lyapunov(model, batch, 3, 2, sequences,
+                                 last_norm=float(recorded.main_profile[-1]))
+    np.testing.assert_allclose(recorded.lyapunov.lyapunov, expected.lyapunov, rtol=1e-4,
+                               atol=1e-6)
+    assert recorded.lyapunov.predicted_decay_rate == pytest.approx(
+        summarize(recorded.lyapunov.lyapunov_prediction)["decay_rate"], rel=1e-12)
+    accumulator = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    for i in range(3):
+        (event,) = accumulator.Scalars(f"lyapunov/lambda_{i + 1}")
+        assert event.value == pytest.approx(recorded.lyapunov.lyapunov[i], rel=1e-6)
+    assert "grad_flow/predicted_decay_rate" in tags
+    assert "grad_flow/lyapunov" in accumulator.Tags()["images"]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    (["monitor.every_n_steps=2", "monitor.lyapunov_every_n_steps=3"],
+     "monitor.lyapunov_every_n_steps"),
+    (["monitor.lyapunov_k=0"], "monitor.lyapunov_k"),
+    (["monitor.lyapunov_ons_every=0"], "monitor.lyapunov_ons_every"),
+    (["monitor.lyapunov_sequences=0"], "monitor.lyapunov_sequences"),
+])
+def test_bad_lyapunov_settings_name_their_key_before_training(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=key):
+        train(make_cfg(*override))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_long_term_jacobian_is_the_product_of_the_exact_step_jacobians(cell):
+    model = make_model(cell, hidden_size=4)
+    batch, T = adding_batch(12, B=2), 12
+    g = (torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),) * len(
+        model.cell.state_names)
+    result = lyapunov.long_term_jacobian(model, batch, g, timesteps=[0, 5, -1], top=3,
+                                         sequence=1)
+    J = exact_jacobians(model.cell, model.encoder(batch["x"]).detach()[1])
+    gradient = torch.cat(g)
+    assert result.t.tolist() == [0, 5, T - 1]
+    for i, t in enumerate(result.t):
+        M = torch.eye(J[0].shape[0], dtype=torch.float64)
+        for s in range(t + 1, T):
+            M = J[s] @ M
+        U, sigma, _ = torch.linalg.svd(M)
+        np.testing.assert_allclose(result.singular_values[i], sigma[:3].numpy(), rtol=1e-9)
+        condition = float(sigma[0] / sigma[-1])
+        if condition < 1e8:  # beyond, σ_min is rounding in both computations
+            assert result.condition[i] == pytest.approx(condition, rel=1e-6)
+        else:
+            assert result.condition[i] > 1e8
+        share = (U[:, :3].T @ gradient) ** 2 / gradient.square().sum()
+        np.testing.assert_allclose(result.alignment[i], share.numpy(), rtol=1e-8, atol=1e-14)
