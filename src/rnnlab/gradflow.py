@@ -149,7 +149,14 @@ def lanczos_norms(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | Non
             r = images[-1]
             for _ in range(2):
                 r = r - torch.einsum("nj,njd->nd", torch.einsum("nd,njd->nj", r, Q), Q)
-            q = r / r.norm(dim=1, keepdim=True).clamp_min(torch.finfo(r.dtype).tiny)
+            # Breakdown: JᵀJ maps the basis into itself (e.g. an orthogonal J: one vector spans
+            # it), and r is rounding noise that normalising would make a wrong direction. Such a
+            # row continues with 0, which adds only an eigenvalue 0 to the projection.
+            norm = r.norm(dim=1, keepdim=True)
+            scale = images[-1].norm(dim=1, keepdim=True)
+            done = norm <= torch.finfo(r.dtype).eps ** 0.5 * scale
+            q = torch.where(done, torch.zeros_like(r),
+                            r / norm.clamp_min(torch.finfo(r.dtype).tiny))
     Q, AQ = torch.stack(basis, 1), torch.stack(images, 1)
     projected = Q @ AQ.transpose(1, 2)  # (N, m, m): q_i·JᵀJ q_j
     projected = (projected + projected.transpose(1, 2)) / 2
