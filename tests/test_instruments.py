@@ -370,7 +370,8 @@ def test_custom_scalars_layout_without_timesteps_charts_the_summaries(make_cfg, 
     scalars = accumulator.Tags()["scalars"]
     charted = {title: sorted(t for t in scalars if any(re.search(r, t) for r in regexes))
                for title, regexes in read_layout(accumulator).items()}
-    for tags in (["grad_flow/decay_rate", "grad_flow/jacobian_rate"],
+    for tags in (["grad_flow/decay_rate", "grad_flow/jacobian_rate",
+                  "grad_flow/predicted_decay_rate"],
                  ["grad_flow/log10_first_last"], ["grad_flow/horizon"]):
         assert tags in charted.values()
     assert not [t for tags in charted.values() for t in tags if "/t_" in t]
