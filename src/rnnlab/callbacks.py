@@ -188,17 +188,19 @@ class GradFlowCallback(pl.Callback):
         require(isinstance(param_contributions, bool), "monitor.param_contributions",
                 param_contributions, "true or false")
         self.param_contributions = param_contributions
-        self.jacobian_every = require_int("monitor.jacobian_every_n_steps",
-                                          jacobian_every_n_steps, minimum=0)
-        require(self.jacobian_every % self.every_n_steps == 0, "monitor.jacobian_every_n_steps",
-                jacobian_every_n_steps,
-                f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
+
+        def monitored_multiple(key: str, value: int) -> int:
+            """Steps of an instrument that runs on monitored steps: 0 (off) or a multiple."""
+            n = require_int(key, value, minimum=0)
+            require(n % self.every_n_steps == 0, key, value,
+                    f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
+            return n
+
+        self.jacobian_every = monitored_multiple("monitor.jacobian_every_n_steps",
+                                                 jacobian_every_n_steps)
         self.jacobian_iterations = require_int("monitor.jacobian_iterations", jacobian_iterations)
-        self.lyapunov_every = require_int("monitor.lyapunov_every_n_steps",
-                                          lyapunov_every_n_steps, minimum=0)
-        require(self.lyapunov_every % self.every_n_steps == 0, "monitor.lyapunov_every_n_steps",
-                lyapunov_every_n_steps,
-                f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
+        self.lyapunov_every = monitored_multiple("monitor.lyapunov_every_n_steps",
+                                                 lyapunov_every_n_steps)
         self.lyapunov_k = require_int("monitor.lyapunov_k", lyapunov_k)
         self.lyapunov_ons_every = require_int("monitor.lyapunov_ons_every", lyapunov_ons_every)
         require(lyapunov_sequences is None or (isinstance(lyapunov_sequences, int)

@@ -183,21 +183,12 @@ def jacobians(model, batch: dict[str, Tensor], iterations: int) -> Jacobians:
     - ``jacobian_rate``: mean log10 jacobian_norm[t] over t = 1 … T−1, the per-step rate that
       bound allows: log10_first_last ≤ (T−1)·jacobian_rate when the loss is read at T−1 only.
 
-    The states come from one more pass of the model's loop (no gradient). The analysis runs in
-    eval mode, as analysis does, so it neither counts as training work (an ODE cell's NFE) nor
-    draws training randomness; the model's mode is restored after.
+    The states come from one more pass of the model's loop (`RecurrentModel.trajectory`, in
+    eval mode).
     """
-    x, dt = batch["x"], batch.get("dt")
-    previous: list[State] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            u = model.encoder(x)
-            model.unroll(u, dt, previous_states=previous)
+    dt = batch.get("dt")
+    with model.trajectory(batch["x"], dt) as (u, previous):
         norms = transition_jacobian_norms(model.cell, u, previous, dt, iterations)
-    finally:
-        model.train(was_training)
     return jacobian_summary(norms.amax(1).double().cpu().numpy())
 
 

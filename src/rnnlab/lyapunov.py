@@ -154,16 +154,8 @@ def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
                                                              sequences), x.shape[0])
     x = x[:S]
     dt = dt[:S] if dt is not None else None
-    previous: list[State] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            u = model.encoder(x)
-            model.unroll(u, dt, previous_states=previous)
+    with model.trajectory(x, dt) as (u, previous):
         spectrum = backward_spectrum(model.cell, u, previous, dt, k, ons_every)
-    finally:
-        model.train(was_training)
     prediction = predicted_profile(spectrum.top_growth, last_norm)
     return Lyapunov(lyapunov=spectrum.exponents.mean(0), lyapunov_per_sequence=spectrum.exponents,
                     lyapunov_prediction=prediction,
@@ -195,13 +187,7 @@ def long_term_jacobian(model, batch: dict[str, Tensor], dL_dz_last: tuple[Tensor
     sequence, one (D_i,) tensor per state."""
     x, dt = batch["x"][sequence:sequence + 1], batch.get("dt")
     dt = dt[sequence:sequence + 1] if dt is not None else None
-    previous: list[State] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            u = model.encoder(x)
-            model.unroll(u, dt, previous_states=previous)
+    with model.trajectory(x, dt) as (u, previous):
         T = u.shape[1]
         wanted = sorted({t % T for t in timesteps})
         widths = [s.shape[1] for s in previous[0]]
@@ -223,8 +209,6 @@ def long_term_jacobian(model, batch: dict[str, Tensor], dL_dz_last: tuple[Tensor
                             for g, s in zip(grads, z)], 1)
             if t - 1 in wanted:
                 found[t - 1] = Mt.clone()
-    finally:
-        model.train(was_training)
     g = torch.cat([p.reshape(-1) for p in dL_dz_last]).double().cpu()
     values, conditions, alignments = [], [], []
     for t in wanted:

@@ -105,6 +105,27 @@ class RecurrentModel(pl.LightningModule):
         finally:
             self._probing = None
 
+    @contextmanager
+    def trajectory(self, x: Tensor, dt: Tensor | None = None
+                   ) -> Iterator[tuple[Tensor, list[State]]]:
+        """For analysing the transitions of a batch x (B, T, …): yields the cell's inputs
+        u = encoder(x) (B, T, input) and ``previous[t]`` = z_{t−1}, the state step t starts from
+        (z_{−1} the initial state), from one pass of the loop without gradient.
+
+        The model is in eval mode inside, as analysis is, so it neither counts as training work
+        (an ODE cell's NFE) nor draws training randomness; its mode is restored after.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            previous: list[State] = []
+            with torch.no_grad():
+                u = self.encoder(x)
+                self.unroll(u, dt, previous_states=previous)
+            yield u, previous
+        finally:
+            self.train(was_training)
+
     def probed_pass(self, x: Tensor, request: ProbeRequest) -> tuple[ProbedPass, State,
                                                                     ParamProbes | None]:
         """Fresh probes for a forward pass over x (B, T, …), and the pass that reads them."""
