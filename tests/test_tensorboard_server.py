@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
@@ -18,6 +14,7 @@ from rnnlab import gradflow
 from rnnlab.train import train
 
 from .conftest import ROOT
+from .helpers.tensorboard_tab import free_port, get
 
 
 def readme_tags() -> dict[str, bool]:
@@ -38,21 +35,6 @@ def tag_pattern(tag: str) -> re.Pattern:
     """`dL_dz/t_<t>` → dL_dz/t_\\d+ ; `val/<metric>` → val/\\w+ ."""
     parts = re.split(r"<[^>]+>", tag)
     return re.compile(r"[\w.]+".join(re.escape(p) for p in parts) + "$")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(port: int, path: str, **query):
-    url = f"http://127.0.0.1:{port}{path}"
-    if query:
-        url += "?" + urllib.parse.urlencode(query)
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = response.read()
-        return json.loads(body) if "json" in response.headers.get("Content-Type", "") else body
 
 
 @pytest.fixture
