@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -64,3 +65,22 @@ def float64_model(cell: dict, encoder_size: int = 4, seed: int | None = 0) -> Re
     with default_dtype(torch.float64):
         return RecurrentModel(cell=cell, input_size=2, output_size=1, n_out=1, loss="mse",
                               encoder_size=encoder_size)
+
+
+def exact_jacobian_norms(model: RecurrentModel, batch: dict) -> np.ndarray:
+    """max over the batch of σ_max(∂z_t/∂z_{t−1}), from full Jacobians (the state's tensors
+    concatenated) by torch.autograd.functional.jacobian and an SVD, one sequence at a time."""
+    u = model.encoder(batch["x"]).detach()
+    B, T = u.shape[:2]
+    state = model.cell.init_state(B)
+    norms = np.zeros(T)
+    for t in range(T):
+        for b in range(B):
+            before = tuple(s[b:b + 1] for s in state)
+            blocks = torch.autograd.functional.jacobian(
+                lambda *s, t=t, b=b: model.cell.step(u[b:b + 1, t], s, None), before)
+            J = torch.cat([torch.cat([blk.reshape(blk.shape[1], blk.shape[3]) for blk in row], 1)
+                           for row in blocks], 0)
+            norms[t] = max(norms[t], float(torch.linalg.matrix_norm(J, 2)))
+        state = tuple(s.detach() for s in model.cell.step(u[:, t], state, None))
+    return norms

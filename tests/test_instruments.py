@@ -29,7 +29,7 @@ from rnnlab.records import Jacobians, Record, record_path
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
 
-from .conftest import CONF, float64_model
+from .conftest import CONF, exact_jacobian_norms, float64_model
 
 CELLS = sorted(p.stem for p in (CONF / "cell").glob("*.yaml"))
 
@@ -129,25 +129,6 @@ def test_param_contributions_leave_the_models_parameter_grads_untouched():
 
 
 # --- transition Jacobians ----------------------------------------------------------------------
-def autograd_jacobian_norms(model: RecurrentModel, batch: dict) -> np.ndarray:
-    """max over the batch of σ_max(∂z_t/∂z_{t−1}), from full Jacobians (the state's tensors
-    concatenated) by torch.autograd.functional.jacobian and an SVD, one sequence at a time."""
-    u = model.encoder(batch["x"]).detach()
-    B, T = u.shape[:2]
-    state = model.cell.init_state(B)
-    norms = np.zeros(T)
-    for t in range(T):
-        for b in range(B):
-            before = tuple(s[b:b + 1] for s in state)
-            blocks = torch.autograd.functional.jacobian(
-                lambda *s, t=t, b=b: model.cell.step(u[b:b + 1, t], s, None), before)
-            J = torch.cat([torch.cat([blk.reshape(blk.shape[1], blk.shape[3]) for blk in row], 1)
-                           for row in blocks], 0)
-            norms[t] = max(norms[t], float(torch.linalg.matrix_norm(J, 2)))
-        state = model.cell.step(u[:, t], state, None)
-    return norms
-
-
 SPREAD_SINGULAR_VALUES = {"node": {"dt": 1.0}, "lem": {"dt": 1.0},
                           "cornn": {"dt": 1.0, "gamma": 1.0, "epsilon": 1.0},
                           "antisymmetric": {"epsilon": 1.0, "sigma": 1.0}}
@@ -162,7 +143,7 @@ def test_jacobian_norm_is_the_largest_singular_value_of_the_autograd_jacobian(ce
     model = make_model(cell, **SPREAD_SINGULAR_VALUES.get(cell, {}))
     batch = adding_batch(6, B=3)
     record = gradflow.jacobians(model, batch, iterations=300)
-    np.testing.assert_allclose(record.jacobian_norm, autograd_jacobian_norms(model, batch),
+    np.testing.assert_allclose(record.jacobian_norm, exact_jacobian_norms(model, batch),
                                rtol=1e-8)
 
 

@@ -12,31 +12,9 @@ from omegaconf import OmegaConf
 from rnnlab import GradFlowCallback, gradflow
 from rnnlab.tasks import Adding
 
-from .conftest import CONF, float64_model
+from .conftest import CONF, exact_jacobian_norms, float64_model
 
 DEFAULT_ITERATIONS = inspect.signature(GradFlowCallback).parameters["jacobian_iterations"].default
-
-
-def exact_norms(model, batch: dict) -> np.ndarray:
-    """max over the batch of torch.linalg.svdvals(∂z_t/∂z_{t−1})[0], the Jacobian built by
-    torch.autograd.functional.jacobian one sequence at a time (state tensors concatenated)."""
-    u = model.encoder(batch["x"]).detach()
-    B, T = u.shape[:2]
-    state = model.cell.init_state(B)
-    norms = np.zeros(T)
-    for t in range(T):
-        for b in range(B):
-            before = tuple(s[b:b + 1] for s in state)
-            widths = [s.shape[1] for s in before]
-
-            def step(flat, t=t, b=b, widths=widths):
-                return torch.cat(model.cell.step(u[b:b + 1, t], tuple(flat.split(widths, 1)),
-                                                 None), 1)[0]
-
-            J = torch.autograd.functional.jacobian(step, torch.cat(before, 1))[:, 0]
-            norms[t] = max(norms[t], float(torch.linalg.svdvals(J)[0]))
-        state = tuple(s.detach() for s in model.cell.step(u[:, t], state, None))
-    return norms
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "node"])
@@ -50,4 +28,4 @@ def test_default_jacobian_norms_are_within_1e_4_of_the_exact_singular_value(cell
     batch = {k: v.double() for k, v in batch.items()}
     assert DEFAULT_ITERATIONS < 48
     estimate = gradflow.jacobians(model, batch, DEFAULT_ITERATIONS).jacobian_norm
-    np.testing.assert_allclose(estimate, exact_norms(model, batch), rtol=1e-4)
+    np.testing.assert_allclose(estimate, exact_jacobian_norms(model, batch), rtol=1e-4)
