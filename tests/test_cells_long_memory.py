@@ -12,7 +12,7 @@ import torch
 
 from rnnlab import gradflow
 from rnnlab.cells import LEM, LRU, AntisymmetricRNN, CoRNN, IndRNN, MinGRU
-from rnnlab.cells.scan import chunk_length, linear_scan
+from rnnlab.cells.scan import linear_scan
 from rnnlab.config import ConfigError
 
 from .test_cells import make_cell, step_through
@@ -154,11 +154,6 @@ def test_linear_scan_equals_the_loop_and_its_gradients_pass_gradcheck(dtype, con
     torch.testing.assert_close(linear_scan(*inputs), stepped_recurrence(*inputs), rtol=1e-12,
                                atol=1e-14)
     assert torch.autograd.gradcheck(linear_scan, inputs)
-
-
-@pytest.mark.parametrize(("T", "L"), [(1, 1), (100, 10), (1000, 25), (10_000, 100), (37, 6)])
-def test_chunks_are_about_the_square_root_of_T_and_divide_it_where_they_can(T, L):
-    assert chunk_length(T) == L
 
 
 @pytest.mark.parametrize("path", ["lru", "mingru", "mingru_log_space"])
