@@ -37,8 +37,9 @@ class LRU(Cell):
     setting for long-range tasks; its code's defaults are 0, 1, 2π), max_phase 2π. B_re, B_im ~
     N(0, 1/(2·input)).
 
-    `sequence` is the chunked scan `rnnlab.cells.scan.linear_scan` with a = λ the same every
-    step (about 2√T tensor operations instead of T), equal to stepping to 1e-10 in float64.
+    `sequence` is `LRUScan`: the recurrence with a = λ the same every step, one in-place
+    operation per step and a hand-written backward (the adjoint scan, `rnnlab.cells.scan`),
+    equal to stepping to 1e-10 in float64.
     """
 
     state_names = ("x",)
