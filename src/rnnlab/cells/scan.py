@@ -4,8 +4,9 @@ PyTorch has no associative scan. On a CPU the recurrence is bound by memory traf
 arithmetic: one in-place `addcmul` per step into a time-major buffer (every step's slice
 contiguous) reads a_t, b_t and writes h_t once — one pass over the data, the least any scan
 can do — for a few microseconds of overhead per step. A chunked or log-depth parallel scan
-spends fewer operations but passes over the B·T·H values three times or more: the √T-chunked
-scan this replaced ran 2–3× slower forward (`python scripts/bench.py --scans`, docs/cells.md).
+spends fewer operations but passes over the B·T·H values three times or more, and each pass
+allocates a (B, T, H) tensor whose pages the kernel must first map (the √T-chunked scan this
+replaced: docs/cells.md, before and after).
 
 What makes it fast next to stepping a cell is that autograd does not see the T steps: the
 backward pass is the same loop run backwards in time (the adjoint of a linear recurrence is
@@ -22,6 +23,8 @@ so that each block's inputs (a matmul) and gradients are made and used while in 
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -45,9 +48,9 @@ def steps_forward(a: Tensor, b: Tensor, h: Tensor, out: Tensor) -> Tensor:
     """h_t = a_t ⊙ h_{t−1} + b_t over a block of L steps, time-major: a (L, B, H) or (H,) the
     same every step, b and out (L, B, H), h (B, H) the state before the block. Writes every h_t
     into out; returns the last."""
-    constant = a.dim() == 1
-    for t in range(b.shape[0]):
-        h = torch.addcmul(b[t], a if constant else a[t], h, out=out[t])
+    a_steps = itertools.repeat(a) if a.dim() == 1 else a.unbind(0)  # one call for every view
+    for a_t, b_t, out_t in zip(a_steps, b.unbind(0), out.unbind(0)):
+        h = torch.addcmul(b_t, a_t, h, out=out_t)
     return h
 
 
@@ -56,11 +59,10 @@ def steps_adjoint(a: Tensor, grad: Tensor, g: Tensor, a_after: Tensor, out: Tens
     (L, B, H) the block's own a_t (conjugated by the caller where complex) or (H,) the same
     every step, grad and out (L, B, H), g (B, H) and a_after the g and a of the step after the
     block (g = 0 after the last step). Writes every g_t into out; returns g of the first step."""
-    constant = a.dim() == 1
-    last = grad.shape[0] - 1
-    for t in range(last, -1, -1):
-        a_next = a if constant else (a_after if t == last else a[t + 1])
-        g = torch.addcmul(grad[t], a_next, g, out=out[t])
+    a_next = (itertools.repeat(a) if a.dim() == 1
+              else itertools.chain([a_after], reversed(a[1:].unbind(0))))
+    for a_t, grad_t, out_t in zip(a_next, reversed(grad.unbind(0)), reversed(out.unbind(0))):
+        g = torch.addcmul(grad_t, a_t, g, out=out_t)
     return g
 
 
