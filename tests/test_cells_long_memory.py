@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from rnnlab import gradflow
-from rnnlab.cells import LEM, LRU, AntisymmetricRNN, CoRNN, IndRNN, MinGRU
-from rnnlab.cells.scan import chunk_length, linear_scan
+from rnnlab.cells import LEM, LRU, AntisymmetricRNN, CoRNN, IndRNN, MinGRU, scan
+from rnnlab.cells.lru import LRUScan
+from rnnlab.cells.mingru import MinGRUScan, candidate_slope, g
+from rnnlab.cells.scan import linear_scan
 from rnnlab.config import ConfigError
 
 from .test_cells import make_cell, step_through
@@ -142,7 +144,7 @@ def stepped_recurrence(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> to
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("constant", [False, True], ids=["a_t", "a"])
-@pytest.mark.parametrize("length", [1, 2, 12, 37])  # 37: prime, the last chunk padded
+@pytest.mark.parametrize("length", [1, 2, 12, 37])
 def test_linear_scan_equals_the_loop_and_its_gradients_pass_gradcheck(dtype, constant, length):
     generator = torch.Generator().manual_seed(length)
     # |a| < 1, as in the cells: the finite differences of gradcheck stay accurate at T = 100
@@ -156,14 +158,14 @@ def test_linear_scan_equals_the_loop_and_its_gradients_pass_gradcheck(dtype, con
     assert torch.autograd.gradcheck(linear_scan, inputs)
 
 
-@pytest.mark.parametrize(("T", "L"), [(1, 1), (100, 10), (1000, 25), (10_000, 100), (37, 6)])
-def test_chunks_are_about_the_square_root_of_T_and_divide_it_where_they_can(T, L):
-    assert chunk_length(T) == L
-
-
 @pytest.mark.parametrize("path", ["lru", "mingru", "mingru_log_space"])
 @pytest.mark.parametrize("length", [1, 5, 64, 101, 257])
-def test_scan_equals_stepping_to_1e10_with_gradients(path, length):
+# blocks of 1 step, of 2–5 steps (the last one shorter), and one block for the whole sequence
+@pytest.mark.parametrize("block_values", [1, 100, scan.BLOCK_VALUES])
+def test_scan_equals_stepping_to_1e10_with_gradients(path, length, block_values, monkeypatch):
+    if path == "mingru_log_space" and block_values != scan.BLOCK_VALUES:
+        pytest.skip("the log-space scan has no blocks")
+    monkeypatch.setattr(scan, "BLOCK_VALUES", block_values)
     name = path.split("_")[0]
     cell = make_cell(name)
     sequence = cell.log_space_sequence if path == "mingru_log_space" else cell.sequence
@@ -194,6 +196,50 @@ def test_mingru_scans_stay_at_1e10_when_the_gates_close_over_long_sequences(log_
     sequence = cell.log_space_sequence if log_space else cell.sequence
     fast, _ = sequence(u, cell.init_state(2))
     torch.testing.assert_close(fast, step_through(cell, u)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_values", [1, 40, scan.BLOCK_VALUES])
+def test_the_cells_scan_functions_pass_gradcheck(block_values, monkeypatch):
+    # their hand-written backward passes against finite differences, over several blocks
+    monkeypatch.setattr(scan, "BLOCK_VALUES", block_values)
+    generator = torch.Generator().manual_seed(block_values)
+
+    def randn(*shape, dtype=torch.float64):
+        return torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
+
+    lam = (0.8 * torch.rand(3, generator=generator, dtype=torch.float64)
+           * torch.exp(1j * randn(3).detach())).requires_grad_()
+    assert torch.autograd.gradcheck(
+        LRUScan.apply, (randn(2, 9, 4), randn(6, 4), lam, randn(2, 3, dtype=torch.complex128)))
+    assert torch.autograd.gradcheck(MinGRUScan.apply,
+                                    (randn(2, 9, 4), randn(6, 4), randn(6), randn(2, 3)))
+
+
+def test_candidate_slope_is_autograds_derivative_of_g_including_the_tie_at_0():
+    c = torch.tensor([-30.0, -2.0, -1e-3, 0.0, 1e-3, 2.0, 30.0], dtype=torch.float64,
+                     requires_grad=True)
+    (expected,) = torch.autograd.grad(g(c).sum(), c)
+    assert expected[3] == 0.625  # torch.maximum splits the tie: (1 + σ'(0))/2
+    torch.testing.assert_close(candidate_slope(c.detach(), torch.sigmoid(c.detach())), expected,
+                               rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("case", ["lru_near_1", "lru_near_0", "mingru_closing_gates"])
+def test_scans_equal_stepping_to_1e10_at_10000_steps(case):
+    # decays near 1 (|λ| up to 0.99999: nothing forgotten in 10^4 steps) and near 0
+    overrides = {"lru_near_1": {"r_min": 0.9999, "r_max": 0.99999},
+                 "lru_near_0": {"r_min": 0.0, "r_max": 1e-3}, "mingru_closing_gates": {}}[case]
+    cell = make_cell(case.split("_")[0], **overrides)
+    u = torch.randn(2, 10_000, 3, dtype=torch.float64, requires_grad=True)
+    scale = 8.0 if case == "mingru_closing_gates" else 1.0  # 1 − z_t near 0 and near 1
+    fast, _ = cell.sequence(scale * u, cell.init_state(2))
+    stepped, _ = step_through(cell, scale * u)
+    torch.testing.assert_close(fast, stepped, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(stepped)
+    inputs = [u, *cell.parameters()]
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), inputs),
+                    torch.autograd.grad((stepped * weights).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_mingru_state_stays_positive_from_a_zero_start():

@@ -7,9 +7,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.cells.scan import linear_scan
+from rnnlab.cells.scan import block_length, steps_adjoint, steps_forward, sum_over_steps, time_major
 from rnnlab.config import is_int, is_number, require
 
 
@@ -36,8 +37,9 @@ class LRU(Cell):
     setting for long-range tasks; its code's defaults are 0, 1, 2π), max_phase 2π. B_re, B_im ~
     N(0, 1/(2·input)).
 
-    `sequence` is the chunked scan `rnnlab.cells.scan.linear_scan` with a = λ the same every
-    step (about 2√T tensor operations instead of T), equal to stepping to 1e-10 in float64.
+    `sequence` is `LRUScan`: the recurrence with a = λ the same every step, one in-place
+    operation per step and a hand-written backward (the adjoint scan, `rnnlab.cells.scan`),
+    equal to stepping to 1e-10 in float64.
     """
 
     state_names = ("x",)
@@ -83,15 +85,65 @@ class LRU(Cell):
         return (pack(x),)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
-        """u: (B, T, input) → x_t at every t as (B, T, hidden), by the chunked scan."""
-        x = linear_scan(torch.exp(self.log_lambda()), self.drive(u), unpack(state[0]))
-        out = pack(x)
+        """u: (B, T, input) → x_t at every t as (B, T, hidden), by the scan `LRUScan`."""
+        gamma = torch.exp(self.gamma_log)[:, None]
+        weight = torch.stack([gamma * self.B_re, gamma * self.B_im], dim=1).flatten(0, 1)
+        out = LRUScan.apply(u, weight, torch.exp(self.log_lambda()), unpack(state[0]))
         return out, (out[:, -1],)
 
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
         """max_j |λ_j| for every row: each unit's block is |λ_j| times a rotation."""
         modulus = torch.exp(-torch.exp(self.nu_log)).amax()
         return modulus.expand(u_t.shape[0])
+
+
+class LRUScan(torch.autograd.Function):
+    """x_t = λ ⊙ x_{t−1} + unpack(W u_t) over the whole sequence, a block of `block_length`
+    steps at a time: each block's drive W u_t (one matmul) is made and scanned while in the
+    cache, and in the backward pass each block's adjoint g_t = ∂L/∂x_t + conj(λ) ⊙ g_{t+1}
+    (`rnnlab.cells.scan`) goes straight into the block's ∂L/∂u = g W and ∂L/∂W += gᵀ u. Only
+    u and the states x are kept for the backward pass; no (B, T, ·) drive or adjoint is made.
+
+    u (B, T, input) real; weight (2N, input), rows alternating Re, Im (γ folded in); lam (N,)
+    and x0 (B, N) complex. Returns the packed states (B, T, 2N), a view of a time-major buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor, lam: Tensor, x0: Tensor) -> Tensor:
+        B, T, _ = u.shape
+        u = time_major(u).contiguous()  # each block's rows (steps × sequences) in one matrix
+        x = torch.empty(T, B, lam.shape[0], dtype=lam.dtype, device=u.device)
+        L = block_length(B, weight.shape[0])
+        state = x0
+        for t0 in range(0, T, L):
+            t1 = min(t0 + L, T)
+            drive = unpack(torch.matmul(u[t0:t1], weight.T))
+            state = steps_forward(lam, drive, state, x[t0:t1])
+        ctx.save_for_backward(u, weight, lam, x0, x)
+        return time_major(pack(x))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        u, weight, lam, x0, x = ctx.saved_tensors  # u and x time-major
+        T, B, _ = u.shape
+        grad = unpack(time_major(grad))  # ∂L/∂x_t, (T, B, N) complex
+        lam_conj = lam.conj().resolve_conj()
+        grad_u = torch.empty_like(u)
+        grad_weight = torch.zeros_like(weight)
+        grad_lam = torch.zeros_like(lam)
+        L = block_length(B, weight.shape[0])
+        g = torch.zeros_like(x0)
+        for t0 in reversed(range(0, T, L)):
+            t1 = min(t0 + L, T)
+            adjoint = torch.empty_like(x[t0:t1])
+            g = steps_adjoint(lam_conj, grad[t0:t1], g, lam_conj, adjoint)
+            before = x[t0 - 1:t1 - 1] if t0 else torch.cat([x0[None], x[:t1 - 1]])
+            grad_lam += sum_over_steps(before, adjoint)
+            grad_drive = pack(adjoint).flatten(0, 1)  # (steps·B, 2N): ∂L/∂(W u_t)
+            torch.mm(grad_drive, weight, out=grad_u[t0:t1].flatten(0, 1))
+            grad_weight.addmm_(grad_drive.T, u[t0:t1].flatten(0, 1))
+        return time_major(grad_u), grad_weight, grad_lam, lam_conj * g
 
 
 def pack(x: Tensor) -> Tensor:

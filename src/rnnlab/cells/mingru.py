@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.cells.scan import linear_scan
+from rnnlab.cells.scan import block_length, steps_adjoint, steps_forward, time_major
 
 
 def g(x: Tensor) -> Tensor:
@@ -42,10 +43,10 @@ class MinGRU(Cell):
     h_t > 0 from h_{−1} ≥ 0, and the recurrence h_t = a_t ⊙ h_{t−1} + b_t (a_t = 1 − z_t,
     b_t = z_t ⊙ h̃_t) has a parallel form. The paper's is the log-space scan (`log_space_scan`:
     one cumsum and one logcumsumexp), which needs log b_t, hence b_t > 0. `sequence` instead
-    runs the chunked scan `rnnlab.cells.scan.linear_scan` on a_t, b_t themselves: it never
-    divides by a running product (the reason for the paper's logs), since 0 < a_t < 1 only
-    shrinks them, and on this CPU it measured faster than torch's logcumsumexp
-    (`python scripts/bench.py --scans`). Both equal stepping to 1e-10 in float64 (tests).
+    is `MinGRUScan`, the recurrence on a_t, b_t themselves (`rnnlab.cells.scan`: one in-place
+    operation per step, a hand-written backward): it never divides by a running product (the
+    reason for the paper's logs), and on this CPU it measured 13–22× faster than torch's
+    logcumsumexp (`python scripts/bench.py --scans`). Both equal stepping to 1e-10 in float64.
     ∂h_t/∂h_{t−1} = diag(1 − z_t) does not depend on h: `jacobian_norms` is max_i (1 − z_t,i).
     """
 
@@ -61,9 +62,10 @@ class MinGRU(Cell):
         return (torch.sigmoid(-k) * h + torch.sigmoid(k) * g(self.candidate(u_t)),)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
-        """u: (B, T, input) → h_t at every t (B, T, hidden), by the chunked scan."""
-        k = self.gate(u)
-        h = linear_scan(torch.sigmoid(-k), torch.sigmoid(k) * g(self.candidate(u)), state[0])
+        """u: (B, T, input) → h_t at every t (B, T, hidden), by the scan `MinGRUScan`."""
+        weight = torch.cat([self.gate.weight, self.candidate.weight])
+        bias = torch.cat([self.gate.bias, self.candidate.bias])
+        h = MinGRUScan.apply(u, weight, bias, state[0])
         return h, (h[:, -1],)
 
     def log_space_sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
@@ -80,3 +82,79 @@ class MinGRU(Cell):
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
         """max_i (1 − z_t,i) per row: J = diag(1 − z_t)."""
         return torch.sigmoid(-self.gate(u_t)).amax(dim=-1)
+
+
+class MinGRUScan(torch.autograd.Function):
+    """h_t = (1 − z_t) ⊙ h_{t−1} + z_t ⊙ g(h̃_t) over the whole sequence, a block of
+    `block_length` steps at a time, so that each block's gates (one matmul for both) and their
+    gradients are made and used while in the cache. The backward pass recomputes each block's
+    gates (one matmul again) instead of keeping them: only u and h are kept. With a_t = 1 − z_t,
+    b_t = z_t ⊙ g(h̃_t) and the adjoint g_t = ∂L/∂h_t + a_{t+1} ⊙ g_{t+1} (`rnnlab.cells.scan`):
+
+        ∂L/∂k_t = g_t ⊙ z_t ⊙ a_t ⊙ (g(h̃_t) − h_{t−1})     (k_t = W_z u_t + b_z)
+        ∂L/∂h̃_t = g_t ⊙ z_t ⊙ g'(h̃_t),  g' = 1 for h̃ ≥ 0, σ(h̃)(1 − σ(h̃)) below
+
+    u (B, T, input); weight (2H, input) and bias (2H,): [W_z; W_h] and [b_z; b_h]; h0 (B, H).
+    Returns h (B, T, H), a view of a time-major buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor, h0: Tensor) -> Tensor:
+        B, T, _ = u.shape
+        u = time_major(u).contiguous()  # each block's rows (steps × sequences) in one matrix
+        h = torch.empty(T, B, h0.shape[-1], dtype=h0.dtype, device=u.device)
+        L = block_length(B, weight.shape[0])
+        state = h0
+        for t0 in range(0, T, L):
+            t1 = min(t0 + L, T)
+            z, a, _, _, candidate = gates(u[t0:t1], weight, bias)
+            state = steps_forward(a, candidate.mul_(z), state, h[t0:t1])
+        ctx.save_for_backward(u, weight, bias, h0, h)
+        return time_major(h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        u, weight, bias, h0, h = ctx.saved_tensors  # u and h time-major
+        T, B, _ = u.shape
+        grad = time_major(grad)
+        grad_u = torch.empty_like(u)
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = torch.zeros_like(bias)
+        L = block_length(B, weight.shape[0])
+        g = a_after = torch.zeros_like(h0)  # nothing after the last step
+        for t0 in reversed(range(0, T, L)):
+            t1 = min(t0 + L, T)
+            z, a, c, sigma_c, candidate = gates(u[t0:t1], weight, bias)
+            grad_gates = torch.empty(t1 - t0, B, weight.shape[0], dtype=h.dtype,
+                                     device=h.device)
+            grad_k, grad_c = grad_gates.chunk(2, dim=-1)
+            adjoint = torch.empty_like(z)
+            g = steps_adjoint(a, grad[t0:t1], g, a_after, adjoint).clone()  # adjoint changes
+            a_after = a[0]
+            before = h[t0 - 1:t1 - 1] if t0 else torch.cat([h0[None], h[:t1 - 1]])
+            adjoint.mul_(z)  # g_t ⊙ z_t, shared by both gates
+            torch.sub(candidate, before, out=grad_k).mul_(a).mul_(adjoint)
+            torch.mul(adjoint, candidate_slope(c, sigma_c), out=grad_c)
+            rows = grad_gates.flatten(0, 1)
+            torch.mm(rows, weight, out=grad_u[t0:t1].flatten(0, 1))
+            grad_weight.addmm_(rows.T, u[t0:t1].flatten(0, 1))
+            grad_bias += rows.sum(0)
+        return time_major(grad_u), grad_weight, grad_bias, a_after * g
+
+
+def gates(u: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, ...]:
+    """For a block of inputs u (L, B, input): z_t, 1 − z_t = σ(−k_t), the candidate's
+    pre-activation c_t, σ(c_t) and g(c_t), each (L, B, H) (the last three fresh)."""
+    k, c = torch.addmm(bias, u.flatten(0, 1), weight.T).unflatten(0, u.shape[:2]).chunk(2, -1)
+    sigma_c = torch.sigmoid(c)
+    return torch.sigmoid(k), torch.sigmoid(-k), c, sigma_c, torch.maximum(c + 0.5, sigma_c)
+
+
+def candidate_slope(c: Tensor, sigma_c: Tensor) -> Tensor:
+    """g'(c) = 1 for c > 0 and σ(c)(1 − σ(c)) for c < 0, as s + step·(1 − s) with
+    step = (1 + sign c)/2: no boolean mask (masked ops run 20× slower than arithmetic here),
+    and at c = 0 the mean of the two sides, as autograd differentiates the tie in `g`'s max."""
+    s = (1 - sigma_c).mul_(sigma_c)
+    step = torch.sign(c).add_(1).mul_(0.5)
+    return torch.addcmul(s, step, 1 - s)

@@ -1,33 +1,81 @@
-"""The chunked scan of a diagonal linear recurrence h_t = a_t ⊙ h_{t−1} + b_t, and its adjoint.
+"""The scan of a diagonal linear recurrence h_t = a_t ⊙ h_{t−1} + b_t, and its adjoint.
 
-PyTorch has no associative scan. `linear_scan` splits the T steps into C chunks of about √T
-steps: one loop over the L steps of a chunk runs every chunk at once (each from h = 0, keeping
-the running product of the a_t), one loop over the C chunks carries the state from chunk to
-chunk, and one pass adds each chunk's carried-in state times the running products. That is
-L + C ≈ 2√T tensor operations instead of T, each on B·C·H values, and no division: where
-0 ≤ |a_t| ≤ 1 (minGRU's 1 − z_t, the LRU's λ) the products only shrink, so nothing overflows.
+PyTorch has no associative scan. On a CPU the recurrence is bound by memory traffic, not by
+arithmetic: one in-place `addcmul` per step into a time-major buffer (every step's slice
+contiguous) reads a_t, b_t and writes h_t once — one pass over the data, the least any scan
+can do — for a few microseconds of overhead per step. A chunked or log-depth parallel scan
+spends fewer operations but passes over the B·T·H values three times or more, and each pass
+allocates a (B, T, H) tensor whose pages the kernel must first map (the √T-chunked scan this
+replaced: docs/cells.md, before and after).
 
-It is an autograd Function: the backward pass is the same scan run backwards in time,
-g_t = ∂L/∂h_t + conj(a_{t+1}) ⊙ g_{t+1}, with ∂L/∂b_t = g_t, ∂L/∂a_t = g_t ⊙ conj(h_{t−1}),
-∂L/∂h_{−1} = conj(a_0) ⊙ g_0 (conj: complex inputs, PyTorch's convention), so the graph holds
-a, h and h_{−1} and not the L + C steps. Real or complex; a either (B, T, H) or (H,), the same
-every step (the LRU's λ, whose running products are then powers λ^k).
+What makes it fast next to stepping a cell is that autograd does not see the T steps: the
+backward pass is the same loop run backwards in time (the adjoint of a linear recurrence is
+the transposed recurrence),
+
+    g_t = ∂L/∂h_t + conj(a_{t+1}) ⊙ g_{t+1},   g_{T−1} = ∂L/∂h_{T−1}
+    ∂L/∂b_t = g_t,   ∂L/∂a_t = g_t ⊙ conj(h_{t−1}),   ∂L/∂h_{−1} = conj(a_0) ⊙ g_0
+
+(conj: complex inputs, PyTorch's convention). Nothing is divided by a running product, so
+decays near 0 and near 1 stay exact at any T. The cells (LRU, minGRU) run `steps_forward` and
+`steps_adjoint` a block of `block_length` steps at a time inside their own autograd Functions,
+so that each block's inputs (a matmul) and gradients are made and used while in the cache;
+`linear_scan` is the same recurrence for given a and b.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+BLOCK_VALUES = 2**18  # values in a block tensor: 1 MB in float32, within the cache
+
+
+def block_length(batch: int, width: int) -> int:
+    """Steps per block: about `BLOCK_VALUES` values in each (steps, batch, width) block
+    tensor, small enough for the cache, large enough for an efficient matmul."""
+    return max(1, BLOCK_VALUES // (batch * width))
+
+
+def time_major(x: Tensor) -> Tensor:
+    """(B, T, …) ↔ (T, B, …): a view, no copy."""
+    return x.transpose(0, 1)
+
+
+def steps_forward(a: Tensor, b: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    """h_t = a_t ⊙ h_{t−1} + b_t over a block of L steps, time-major: a (L, B, H) or (H,) the
+    same every step, b and out (L, B, H), h (B, H) the state before the block. Writes every h_t
+    into out; returns the last."""
+    a_steps = itertools.repeat(a) if a.dim() == 1 else a.unbind(0)  # one call for every view
+    for a_t, b_t, out_t in zip(a_steps, b.unbind(0), out.unbind(0)):
+        h = torch.addcmul(b_t, a_t, h, out=out_t)
+    return h
+
+
+def steps_adjoint(a: Tensor, grad: Tensor, g: Tensor, a_after: Tensor, out: Tensor) -> Tensor:
+    """g_t = grad_t + a_{t+1} ⊙ g_{t+1} backwards over a block of L steps, time-major: a
+    (L, B, H) the block's own a_t (conjugated by the caller where complex) or (H,) the same
+    every step, grad and out (L, B, H), g (B, H) and a_after the g and a of the step after the
+    block (g = 0 after the last step). Writes every g_t into out; returns g of the first step."""
+    a_next = (itertools.repeat(a) if a.dim() == 1
+              else itertools.chain([a_after], reversed(a[1:].unbind(0))))
+    for a_t, grad_t, out_t in zip(a_next, reversed(grad.unbind(0)), reversed(out.unbind(0))):
+        g = torch.addcmul(grad_t, a_t, g, out=out_t)
+    return g
+
+
+def sum_over_steps(x: Tensor, y: Tensor) -> Tensor:
+    """Σ over steps and sequences of conj(x) ⊙ y: x, y (L, B, H) of any layout → (H,)."""
+    return torch.linalg.vecdot(x, y, dim=1).sum(0)
+
 
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
-    """h_t = a_t ⊙ h_{t−1} + b_t for t = 0 … T−1 from h_{−1} = h0, every t at once.
+    """h_t = a_t ⊙ h_{t−1} + b_t for t = 0 … T−1 from h_{−1} = h0, with its exact gradients.
 
     a: (B, T, H), or (H,) for the same a every step; b: (B, T, H); h0: (B, H). Returns h
-    (B, T, H), equal to the step-by-step loop up to rounding, and its exact gradients.
+    (B, T, H), a view of a time-major (T, B, H) buffer. Real or complex.
     """
     return LinearScan.apply(a, b, h0)
 
@@ -35,81 +83,27 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
 class LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
-        h = chunked_scan(a, b, h0, reverse=False)
+        B, T, H = b.shape
+        a_tm = a if a.dim() == 1 else time_major(a)
+        h = torch.empty(T, B, H, dtype=torch.result_type(a, b), device=b.device)
+        steps_forward(a_tm, time_major(b), h0, h)
         ctx.save_for_backward(a, h, h0)
-        return h
+        return time_major(h)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a, h, h0 = ctx.saved_tensors
-        if a.dim() == 1:  # the same a every step: g_t = ∂L/∂h_t + conj(a) g_{t+1}, g_T = 0
-            g = chunked_scan(a.conj(), grad, torch.zeros_like(h0), reverse=True)
-            a_first = a
-        else:  # a_{t+1} multiplies g_{t+1}, and nothing comes after T−1
-            a_next = torch.empty_like(a)
-            a_next[:, :-1] = a[:, 1:]
-            a_next[:, -1] = 0
-            g = chunked_scan(a_next.conj(), grad, torch.zeros_like(h0), reverse=True)
-            a_first = a[:, 0]
-        grad_h0 = a_first.conj() * g[:, 0]
-        if a.dim() == 1:  # summed over the batch and every step
-            grad_a = (g[:, 1:] * h[:, :-1].conj()).sum((0, 1)) + (g[:, 0] * h0.conj()).sum(0)
+        a, h, h0 = ctx.saved_tensors  # h time-major
+        a_tm = (a if a.dim() == 1 else time_major(a)).conj()
+        g = torch.empty_like(h)
+        zero = torch.zeros_like(h0)
+        g_first = steps_adjoint(a_tm, time_major(grad), zero, zero, g)
+        grad_h0 = (a_tm if a.dim() == 1 else a_tm[0]) * g_first
+        if a.dim() == 1:  # the same a every step: summed over steps and sequences
+            grad_a = sum_over_steps(h[:-1], g[1:]) + sum_over_steps(h0[None], g[:1])
         else:
             grad_a = torch.empty_like(g)
-            torch.mul(g[:, 1:], h[:, :-1].conj(), out=grad_a[:, 1:])
-            torch.mul(g[:, 0], h0.conj(), out=grad_a[:, 0])
-        return grad_a, g, grad_h0
-
-
-def chunk_length(T: int) -> int:
-    """About √T: a divisor of T within a factor 2 of √T where there is one (no padding)."""
-    root = max(1, math.isqrt(T))
-    divisors = [d for d in range(max(1, root // 2), 2 * root + 1) if T % d == 0]
-    return min(divisors, key=lambda d: abs(d - root)) if divisors else root
-
-
-def chunked_scan(a: Tensor, b: Tensor, h0: Tensor, reverse: bool) -> Tensor:
-    """The scan without autograd: forwards (h_{−1} = h0 before t = 0) or, with ``reverse``,
-    backwards in time (h0 after t = T−1: h_t = a_t ⊙ h_{t+1} + b_t). Shapes as `linear_scan`."""
-    B, T, H = b.shape
-    L = chunk_length(T)
-    C = -(-T // L)
-    pad = C * L - T
-    constant = a.dim() == 1
-    with torch.no_grad():
-        if pad:  # steps with a = 1, b = 0 past the far end (before the start when reversed)
-            where = (0, 0, pad, 0) if reverse else (0, 0, 0, pad)
-            b = torch.nn.functional.pad(b, where)
-            if not constant:
-                a = torch.nn.functional.pad(a, where, value=1.0)
-        b4 = b.reshape(B, C, L, H)
-        a4 = None if constant else a.reshape(B, C, L, H)
-        steps = range(L - 1, -1, -1) if reverse else range(L)
-        # inside every chunk at once, from 0: the states and the running products of a over
-        # the steps taken (a^(k+1) forwards, a^(L−k) backwards where a is the same every step)
-        local = torch.empty_like(b4)
-        if constant:
-            products = torch.cumprod(a.expand(L, H), dim=0)  # (L, H)
-            products = products.flip(0) if reverse else products
-        else:
-            products = torch.empty_like(a4)
-        h = torch.zeros_like(b4[:, :, 0])
-        product = None
-        for k in steps:
-            a_k = a if constant else a4[:, :, k]
-            h = torch.addcmul(b4[:, :, k], a_k, h, out=local[:, :, k])
-            if not constant:
-                product = (products[:, :, k].copy_(a_k) if product is None
-                           else torch.mul(product, a_k, out=products[:, :, k]))
-        # the state each chunk starts from, carried over the chunks
-        starts = torch.empty_like(b4[:, :, 0])
-        state = h0
-        edge = 0 if reverse else L - 1  # the chunk's last step in the scan's direction
-        for c in (range(C - 1, -1, -1) if reverse else range(C)):
-            starts[:, c] = state
-            carried = products[edge] if constant else products[:, c, edge]
-            state = torch.addcmul(local[:, c, edge], carried, state)
-        scale = products[None, None] if constant else products
-        out = torch.addcmul(local, scale, starts[:, :, None]).reshape(B, C * L, H)
-    return out[:, pad:] if reverse else out[:, :T]
+            torch.mul(g[1:], h[:-1].conj(), out=grad_a[1:])
+            torch.mul(g[0], h0.conj(), out=grad_a[0])
+            grad_a = time_major(grad_a)
+        return grad_a, time_major(g), grad_h0
