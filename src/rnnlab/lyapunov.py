@@ -18,7 +18,8 @@ cotangent per row.
 - `backward_spectrum`: the raw result for a few sequences (`BackwardSpectrum`).
 - `lyapunov`: the instrument on rnnlab's model and a batch, returning the record's `Lyapunov`
   section: the batch-mean spectrum, the per-sequence spectra, the predicted profile and the
-  predicted decay rate (how the prediction is made: `predicted_profile`).
+  predicted decay rate (how the prediction is made: `predicted_profile`); for a cell with a time
+  step, the spectrum per unit of time too (`elapsed_time`).
 """
 
 from __future__ import annotations
@@ -112,6 +113,20 @@ def backward_spectrum(cell: Cell, u: Tensor, previous_states: list[State], dt: T
     return BackwardSpectrum(-np.sort(-exponents, axis=1), top_growth.numpy(), steps)
 
 
+def elapsed_time(cell: Cell, dt: Tensor | None, steps: int) -> np.ndarray | None:
+    """The time (S, 1) spanned by the steps t = 1 … ``steps`` that the exponents average, for a
+    cell with a time step (a number ``cell.dt``: the neural ODE, coRNN, LEM): Σ_t dt[:, t] when
+    the task supplies the gaps ``dt`` (S, T), else steps · cell.dt; None for a discrete cell.
+    The exponents per unit of time are then the total log10 growth over that time: per step
+    · steps / time, which is per step / cell.dt for a fixed step."""
+    step = getattr(cell, "dt", None)
+    if not isinstance(step, (int, float)) or isinstance(step, bool):
+        return None
+    if dt is not None:
+        return dt[:, 1:steps + 1].detach().double().sum(1, keepdim=True).cpu().numpy()
+    return np.full((1, 1), float(step) * steps)
+
+
 def predicted_profile(top_growth: np.ndarray, last: float) -> np.ndarray:
     """The profile the spectrum predicts, (T,): ``last`` · 10^{P(t)}, where
 
@@ -143,6 +158,8 @@ def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
     - ``predicted_decay_rate``: the decay rate of ``lyapunov_prediction``, fitted as the
       measured ``decay_rate`` is (least squares of log10 against T−1−t): the number to set
       beside it.
+    - ``lyapunov_per_time`` (k,): for a cell with a time step, the mean over the sequences of
+      their exponents in log10 per unit of time (`elapsed_time`); None for a discrete cell.
 
     The trajectory comes from one more pass of the model's loop over the measured sequences (no
     gradient), in eval mode as `rnnlab.gradflow.jacobians` does.
@@ -157,9 +174,12 @@ def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
     with model.trajectory(x, dt) as (u, previous):
         spectrum = backward_spectrum(model.cell, u, previous, dt, k, ons_every)
     prediction = predicted_profile(spectrum.top_growth, last_norm)
+    time = elapsed_time(model.cell, dt, spectrum.steps)
+    per_time = None if time is None else (spectrum.exponents * spectrum.steps / time).mean(0)
     return Lyapunov(lyapunov=spectrum.exponents.mean(0), lyapunov_per_sequence=spectrum.exponents,
                     lyapunov_prediction=prediction,
-                    predicted_decay_rate=summarize(prediction)["decay_rate"])
+                    predicted_decay_rate=summarize(prediction)["decay_rate"],
+                    lyapunov_per_time=per_time)
 
 
 @dataclass
