@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 from pathlib import Path
 
@@ -11,15 +12,18 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from rich.console import Console
 
 from rnnlab import gradflow
 from rnnlab.config import ConfigError, compose_config
 from rnnlab.flossing import lyapunov_exponents, prefloss
 from rnnlab.lyapunov import LYAPUNOV_SEED, lyapunov
+from rnnlab.report import write_report
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
 
-from .conftest import FAST, float64_model
+from .conftest import CONF, FAST, float64_model
 
 
 def rnn(gain: float, H: int = 8):
@@ -195,3 +199,45 @@ def test_bad_flossing_settings_are_refused_before_training_naming_the_key(make_c
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
         train(make_cfg(override))
     assert "=...)" in str(error.value) or f"~{key}" in str(error.value)
+
+
+# --- experiment=flossing ----------------------------------------------------------------------
+FIXES = ("none", "flossing", "critical")
+
+
+def preset_job(make_cfg, fix: str, *overrides: str, fast: bool = False, output_dir=None):
+    return make_cfg("experiment=flossing", f"experiment/flossing_fix@_global_={fix}", *overrides,
+                    fast=fast, output_dir=output_dir)
+
+
+def test_flossing_preset_sweeps_no_fix_flossing_and_critical_init_of_a_tanh_rnn_on_adding(
+        make_cfg):
+    assert OmegaConf.load(CONF / "experiment" / "flossing.yaml").hydra.sweeper.params[
+        "experiment/flossing_fix@_global_"].split(",") == list(FIXES)
+    jobs = {fix: preset_job(make_cfg, fix) for fix in FIXES}
+    for cfg in jobs.values():
+        assert cfg.cell._target_.endswith("ElmanRNN") and cfg.cell.nonlinearity == "tanh"
+        assert cfg.task._target_.endswith("Adding") and cfg.task.seq_len == 100
+        assert cfg.monitor.lyapunov_k > 0 and cfg.monitor.lyapunov_every_n_steps > 0
+    none, flossing, critical = (jobs[fix] for fix in FIXES)
+    assert none.model.flossing.weight == 0 and none.model.flossing.pre_steps == 0
+    assert none.cell.init == flossing.cell.init == "default" and critical.cell.init == "critical"
+    assert flossing.model.flossing.weight > 0 and flossing.model.flossing.pre_steps > 0
+    assert critical.model.flossing == none.model.flossing
+
+
+def test_a_tiny_flossing_preset_runs_every_job_and_reports_spectra(make_cfg, tmp_path):
+    runs = []
+    for fix in FIXES:
+        tiny = ["task.seq_len=10", "trainer.max_steps=2", "monitor.lyapunov_k=2"]
+        if fix == "flossing":
+            tiny.append("model.flossing.pre_steps=2")
+        cfg = preset_job(make_cfg, fix, *tiny, fast=True, output_dir=tmp_path / fix)
+        metrics = train(cfg)
+        GlobalHydra.instance().clear()
+        assert metrics["step"] == 2
+        runs.append(tmp_path / fix)
+    page = write_report(runs, tmp_path / "report", console=Console(file=io.StringIO()))
+    assert (tmp_path / "report" / "spectra.png").is_file() and page.is_file()
+    for run in runs:  # every monitored step measured the spectrum
+        assert np.isfinite(gradflow.load(run)["lyapunov"]).all()
