@@ -208,3 +208,130 @@ def test_long_term_jacobian_is_the_product_of_the_exact_step_jacobians(cell):
             assert result.condition[i] > 1e8
         share = (U[:, :3].T @ gradient) ** 2 / gradient.square().sum()
         np.testing.assert_allclose(result.alignment[i], share.numpy(), rtol=1e-8, atol=1e-14)
+
+
+# --- exponents per unit of time: cells with a time step ------------------------------------------
+class LinearDynamics(torch.nn.Module):
+    """g(h, z) = A z: the linear ODE dz/dt = A z, whatever the input."""
+
+    def __init__(self, A: torch.Tensor):
+        super().__init__()
+        self.A = torch.nn.Parameter(A)
+
+    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.A.T
+
+
+def linear_ode(dt: float, eigenvalues: list[float]):
+    """The neural ODE (manual Euler, z_t = (I + A δt) z_{t−1}) with g replaced by A = V diag V^T,
+    V a random orthogonal matrix: symmetric, so every I + A δt shares its eigenvectors."""
+    model = make_model("node", hidden_size=len(eigenvalues), dt=dt, solver="manual_euler")
+    V = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(3)))[0]
+    model.cell.g = LinearDynamics(V @ torch.diag(torch.tensor(eigenvalues, dtype=V.dtype)) @ V.T)
+    return model
+
+
+EIGENVALUES = [-1.0, -3.0, -6.0, -10.0]  # I + A δt: well separated moduli, fast alignment
+
+
+def test_linear_ode_exponents_per_step_and_per_unit_time_with_a_fixed_step():
+    dt = 0.05
+    model = linear_ode(dt, EIGENVALUES)
+    section = lyapunov.lyapunov(model, adding_batch(400, B=2), k=4)
+    A = model.cell.g.A.detach()
+    per_step = np.sort(np.log10(torch.linalg.eigvals(torch.eye(4, dtype=A.dtype) + A * dt)
+                                .abs().numpy()))[::-1]
+    # The start vectors align with the eigenvectors during the warm-up up to a transient that
+    # the 360 steps averaged leave at 4e-6.
+    np.testing.assert_allclose(section.lyapunov, per_step, atol=1e-5)
+    np.testing.assert_allclose(section.lyapunov_per_time, per_step / dt, atol=1e-5 / dt)
+    np.testing.assert_allclose(section.lyapunov_per_time, section.lyapunov / dt, rtol=1e-12)
+
+
+def test_linear_ode_exponents_per_unit_time_with_variable_steps_are_growth_over_time():
+    model = linear_ode(0.05, EIGENVALUES)
+    batch = adding_batch(400, B=2)
+    batch["dt"] = 0.02 + 0.06 * torch.rand(2, 400, dtype=torch.float64,
+                                           generator=torch.Generator().manual_seed(4))
+    section = lyapunov.lyapunov(model, batch, k=4)
+    # The steps counted: t = 1 … T−1−warm-up. I + A δt_t commute, so the product's moduli are
+    # Π_t |1 + a_i δt_t|: log10 growth Σ_t log10|1 + a_i δt_t| over the time Σ_t δt_t.
+    counted = batch["dt"][:, 1:400 - lyapunov.warmup_steps(400, 1)].numpy()
+    a = np.array(EIGENVALUES)
+    growth = np.log10(np.abs(1 + a[None, None, :] * counted[:, :, None])).sum(1)  # (S, k)
+    expected = (growth / counted.sum(1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(section.lyapunov_per_time, np.sort(expected)[::-1], atol=1e-4)
+
+
+def test_a_discrete_cell_has_no_exponents_per_unit_time_and_the_record_round_trips(tmp_path):
+    rnn = make_model()
+    assert lyapunov.lyapunov(rnn, adding_batch(30), k=2).lyapunov_per_time is None
+    record = gradflow.grad_flow(linear_ode(0.05, EIGENVALUES), adding_batch(30), lyapunov_k=2)
+    again = Record.load(record.save(tmp_path))
+    np.testing.assert_array_equal(again.lyapunov.lyapunov_per_time,
+                                  record.lyapunov.lyapunov_per_time)
+    assert record.scalars()["lyapunov/lambda_2_per_time"] == record.lyapunov.lyapunov_per_time[1]
+    plain = Record.load(gradflow.grad_flow(rnn, adding_batch(30), lyapunov_k=2).save(
+        tmp_path / "rnn"))
+    assert plain.lyapunov is not None and plain.lyapunov.lyapunov_per_time is None
+
+
+# --- torch.nn modules, per layer and direction ------------------------------------------------
+def test_positive_relu_rnn_layers_exponents_are_log10_of_each_recurrent_matrixs_eigenvalues():
+    # Positive inputs, weights and biases keep every pre-activation > 0: each layer and
+    # direction is linear, h_t = W_hh h_{t−1} + …, so its exponents are log10 |eig(W_hh)|.
+    # W_hh = Σ_i λ_i v_i v_iᵀ on the Hadamard basis v_i: positive entries as λ_1 > λ_2 + λ_3
+    # + λ_4, and moduli apart by a factor 2 or more, so the vectors align within the warm-up.
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(3, 4, num_layers=2, nonlinearity="relu", bidirectional=True,
+                       batch_first=True, dtype=torch.float64)
+    V = torch.tensor([[1, 1, 1, 1], [1, 1, -1, -1], [1, -1, 1, -1], [1, -1, -1, 1]],
+                     dtype=torch.float64).T / 2
+    eigenvalues = {"l0": [0.9, 0.4, 0.2, 0.1], "l0_reverse": [0.8, 0.3, 0.12, 0.05],
+                   "l1": [0.95, 0.45, 0.2, 0.08], "l1_reverse": [0.7, 0.3, 0.1, 0.04]}
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.uniform_(0.05, 0.3)
+        for name, values in eigenvalues.items():
+            getattr(rnn, f"weight_hh_{name}").copy_(
+                V @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ V.T)
+    x = torch.rand(2, 300, 3, dtype=torch.float64)
+    spectra = lyapunov.module_lyapunov(rnn, x, k=4)
+    assert list(spectra) == list(eigenvalues)
+    for name, spectrum in spectra.items():
+        expected = np.log10(eigenvalues[name])
+        np.testing.assert_allclose(spectrum.exponents, np.tile(expected, (2, 1)), atol=1e-10,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_gated_module_exponents_equal_a_qr_run_over_exact_jacobians_of_torch_nn_cells(kind):
+    torch.manual_seed(1)
+    module = getattr(torch.nn, kind)(3, 4, dtype=torch.float64)  # (T, B, features)
+    cell = getattr(torch.nn, f"{kind}Cell")(3, 4, dtype=torch.float64)
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in module.state_dict().items()})
+    T, k = 40, 3
+    x = torch.randn(T, 1, 3, dtype=torch.float64)
+    spectrum = lyapunov.module_lyapunov(module, x, k=k)["l0"]
+    lstm = kind == "LSTM"
+    state = torch.zeros(1, 8 if lstm else 4, dtype=torch.float64)  # (h, c) concatenated
+
+    def step(flat, t):
+        out = cell(x[t], (flat[:, :4], flat[:, 4:]) if lstm else flat)
+        return torch.cat(out, 1) if lstm else out
+
+    states = [state]
+    for t in range(T):
+        states.append(step(states[-1], t).detach())
+    D = state.shape[1]
+    Q = torch.linalg.qr(torch.randn(1, D, k, generator=torch.Generator().manual_seed(
+        lyapunov.LYAPUNOV_SEED), dtype=torch.float64)[0])[0]
+    warmup, logs = lyapunov.warmup_steps(T, 1), np.zeros(k)
+    for t in range(T - 1, 0, -1):
+        J = torch.autograd.functional.jacobian(lambda z, t=t: step(z, t), states[t])[0, :, 0]
+        Q, R = torch.linalg.qr(J.T @ Q)
+        if t < T - warmup:
+            logs += np.log10(R.diagonal().abs().numpy())
+    np.testing.assert_allclose(spectrum.exponents[0], np.sort(logs / (T - 1 - warmup))[::-1],
+                               atol=1e-10)

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive
-from rnnlab.records import Record
+from rnnlab.records import Lyapunov, Record
 from rnnlab.report import (
     NoRunsError,
     decay_vs_gain_figure,
@@ -25,6 +25,7 @@ from rnnlab.report import (
     loss_figure,
     profiles_by_step_figure,
     profiles_figure,
+    spectra_figure,
 )
 
 from .conftest import ROOT
@@ -33,12 +34,18 @@ PNG = b"\x89PNG\r\n\x1a\n"
 T = 8
 
 
-def fake_run(path, gain: float, steps=(0, 10, 20), val_loss: float = 0.1, overrides=()):
+def fake_run(path, gain: float, steps=(0, 10, 20), val_loss: float = 0.1, overrides=(),
+             spectra: dict | None = None):
     """A run directory as scripts/train.py leaves it, with a geometric profile gain^(T−1−t)
-    whose amplitude grows with the step, and training loss 1/(1 + step)."""
+    whose amplitude grows with the step, and training loss 1/(1 + step); ``spectra``: step →
+    the Lyapunov spectrum recorded at that step."""
     for step in steps:
         profile = (1 + step) * gain ** (T - 1 - np.arange(T))
-        Record(step, {"dL_dz": profile}, loss=1 / (1 + step)).save(path / "grad_flow")
+        record = Record(step, {"dL_dz": profile}, loss=1 / (1 + step))
+        if spectra and step in spectra:
+            exponents = np.asarray(spectra[step])
+            record.lyapunov = Lyapunov(exponents, exponents[None], profile, 0.0)
+        record.save(path / "grad_flow")
     (path / "metrics.json").write_text(json.dumps(
         {"val/loss": val_loss, "val/baseline": 1 / 6, "step": steps[-1] + 1}))
     (path / ".hydra").mkdir()
@@ -80,7 +87,7 @@ def test_report_script_on_a_hydra_multirun_writes_every_figure_into_one_self_con
     assert "cell.gain=0.9" in result.stdout and "cell.gain=1.1" in result.stdout  # the table
     page = (out / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    names = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
+    names = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "spectra", "loss")
     assert [base64.b64decode(e) for e in embedded] == [(out / f"{n}.png").read_bytes()
                                                        for n in names]
     assert all((out / f"{n}.png").read_bytes().startswith(PNG) for n in names)
@@ -221,3 +228,17 @@ def test_table_status_tells_a_failed_job_and_an_unfinished_one_from_a_completed_
     assert [row["status"] for row in rows] == ["completed", "failed (FloatingPointError)",
                                                "incomplete"]
     assert math.isnan(rows[1]["val/loss"]) and rows[1]["steps"] == 20  # its last record
+
+
+def test_spectra_figure_draws_the_first_and_last_recorded_spectrum_and_the_top_exponent(
+        tmp_path):
+    spectra = {10: [-0.1, -0.3], 20: [-0.02, -0.2]}  # none at step 0
+    run = load_runs([fake_run(tmp_path / "run", 0.5, spectra=spectra)])[0]
+    fig = spectra_figure([run])
+    left, right = fig.axes
+    lines = [line for line in left.get_lines() if not line.get_label().startswith("_")]
+    assert [list(line.get_ydata()) for line in lines] == [spectra[10], spectra[20]]
+    assert [list(line.get_xdata()) for line in lines] == [[1, 2], [1, 2]]
+    (top,) = [line for line in right.get_lines() if not line.get_label().startswith("_")]
+    assert list(top.get_xdata()) == [10, 20] and list(top.get_ydata()) == [-0.1, -0.02]
+    plt.close(fig)

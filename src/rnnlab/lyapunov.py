@@ -16,9 +16,11 @@ The k vectors of a sequence are k rows of one batch: its z_{t−1} and u_t repea
 cotangent per row.
 
 - `backward_spectrum`: the raw result for a few sequences (`BackwardSpectrum`).
+- `module_lyapunov`: the same per layer and direction of a `torch.nn` RNN, GRU or LSTM.
 - `lyapunov`: the instrument on rnnlab's model and a batch, returning the record's `Lyapunov`
   section: the batch-mean spectrum, the per-sequence spectra, the predicted profile and the
-  predicted decay rate (how the prediction is made: `predicted_profile`).
+  predicted decay rate (how the prediction is made: `predicted_profile`); for a cell with a time
+  step, the spectrum per unit of time too (`elapsed_time`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.config import require_int
 from rnnlab.records import Lyapunov, summarize
+from rnnlab.unrolled import MODES, cell_step, row_names
 
 # The first tenth of the steps (from T−1 backward) aligns the random initial vectors with the
 # Lyapunov vectors; the exponents average the steps after it. The prediction uses every step.
@@ -112,6 +116,20 @@ def backward_spectrum(cell: Cell, u: Tensor, previous_states: list[State], dt: T
     return BackwardSpectrum(-np.sort(-exponents, axis=1), top_growth.numpy(), steps)
 
 
+def elapsed_time(cell: Cell, dt: Tensor | None, steps: int) -> np.ndarray | None:
+    """The time (S, 1) spanned by the steps t = 1 … ``steps`` that the exponents average, for a
+    cell with a time step (a number ``cell.dt``: the neural ODE, coRNN, LEM): Σ_t dt[:, t] when
+    the task supplies the gaps ``dt`` (S, T), else steps · cell.dt; None for a discrete cell.
+    The exponents per unit of time are then the total log10 growth over that time: per step
+    · steps / time, which is per step / cell.dt for a fixed step."""
+    step = getattr(cell, "dt", None)
+    if not isinstance(step, (int, float)) or isinstance(step, bool):
+        return None
+    if dt is not None:
+        return dt[:, 1:steps + 1].detach().double().sum(1, keepdim=True).cpu().numpy()
+    return np.full((1, 1), float(step) * steps)
+
+
 def predicted_profile(top_growth: np.ndarray, last: float) -> np.ndarray:
     """The profile the spectrum predicts, (T,): ``last`` · 10^{P(t)}, where
 
@@ -143,6 +161,8 @@ def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
     - ``predicted_decay_rate``: the decay rate of ``lyapunov_prediction``, fitted as the
       measured ``decay_rate`` is (least squares of log10 against T−1−t): the number to set
       beside it.
+    - ``lyapunov_per_time`` (k,): for a cell with a time step, the mean over the sequences of
+      their exponents in log10 per unit of time (`elapsed_time`); None for a discrete cell.
 
     The trajectory comes from one more pass of the model's loop over the measured sequences (no
     gradient), in eval mode as `rnnlab.gradflow.jacobians` does.
@@ -157,9 +177,74 @@ def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
     with model.trajectory(x, dt) as (u, previous):
         spectrum = backward_spectrum(model.cell, u, previous, dt, k, ons_every)
     prediction = predicted_profile(spectrum.top_growth, last_norm)
+    time = elapsed_time(model.cell, dt, spectrum.steps)
+    per_time = None if time is None else (spectrum.exponents * spectrum.steps / time).mean(0)
     return Lyapunov(lyapunov=spectrum.exponents.mean(0), lyapunov_per_sequence=spectrum.exponents,
                     lyapunov_prediction=prediction,
-                    predicted_decay_rate=summarize(prediction)["decay_rate"])
+                    predicted_decay_rate=summarize(prediction)["decay_rate"],
+                    lyapunov_per_time=per_time)
+
+
+class LayerStep:
+    """One layer and direction of a `torch.nn` RNN, GRU or LSTM as a ``step(u_t, state, dt)``
+    for `backward_spectrum`: ``u_t`` is the step's input projection W_ih x_t + b_ih (+ b_hh but
+    in the GRU), ``state`` (h,) or the LSTM's (h, c); the step is `rnnlab.unrolled.cell_step`,
+    the function the watched module's probed pass runs."""
+
+    def __init__(self, module: nn.RNNBase, name: str):
+        self.mode = module.mode
+        self.w_hh = getattr(module, f"weight_hh_{name}")
+        self.b_hh = getattr(module, f"bias_hh_{name}") if module.bias else None
+        self.w_hr = getattr(module, f"weight_hr_{name}") if module.proj_size else None
+
+    def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        h, c = cell_step(self.mode, u_t, state[0], state[1] if len(state) > 1 else None,
+                         self.w_hh, self.b_hh, self.w_hr)
+        return (h,) if c is None else (h, c)
+
+
+def module_lyapunov(module: nn.RNNBase, x: Tensor, k: int, ons_every: int = 1
+                    ) -> dict[str, BackwardSpectrum]:
+    """The backward spectrum of every layer and direction of ``module`` (`torch.nn.RNN`, `GRU`
+    or `LSTM`, zero initial state) on the batch ``x`` (B, T, features) if ``module.batch_first``
+    else (T, B, features): ``{"l0": …, "l0_reverse": …, "l1": …}`` (`row_names`), each layer's
+    J_t = ∂(h_t, c_t)/∂(h_{t−1}, c_{t−1}) along its own trajectory (a reverse direction's time
+    runs backward). The trajectory comes from one pass without gradient, in eval mode (no
+    dropout between layers)."""
+    if module.mode not in MODES:
+        raise ValueError(f"cannot take the spectrum of a {type(module).__name__} of mode "
+                         f"{module.mode}")
+    x = x if module.batch_first else x.transpose(0, 1)  # (B, T, features)
+    B = x.shape[0]
+    D = 2 if module.bidirectional else 1
+    names = row_names(module)
+    spectra = {}
+    layer_input = x.detach()
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(D):
+            name = names[layer * D + direction]
+            step = LayerStep(module, name)
+            with torch.no_grad():
+                u = F.linear(layer_input, getattr(module, f"weight_ih_{name}"),
+                             getattr(module, f"bias_ih_{name}") if module.bias else None)
+                if module.bias and module.mode != "GRU":
+                    u = u + step.b_hh
+                u = u.flip(1) if direction else u
+                h = torch.zeros(B, module.proj_size or module.hidden_size, dtype=u.dtype,
+                                device=u.device)
+                state = (h,) if module.mode != "LSTM" else (
+                    h, torch.zeros(B, module.hidden_size, dtype=u.dtype, device=u.device))
+                previous, out = [], []
+                for u_t in u.unbind(1):
+                    previous.append(state)
+                    state = step.step(u_t, state, None)
+                    out.append(state[0])
+            spectra[name] = backward_spectrum(step, u, previous, None, k, ons_every)
+            out = torch.stack(out, 1)
+            outputs.append(out.flip(1) if direction else out)
+        layer_input = torch.cat(outputs, 2)
+    return spectra
 
 
 @dataclass

@@ -10,6 +10,9 @@ that after backward p_t.grad = ∂L/∂z_t (the total derivative).
 Parameter probes measure the per-step contributions dL/dW⁽ᵗ⁾ of the shared parameters: step t
 runs encoder, cell and decoder with W + q_t for a zero q_t, so after backward q_t.grad = dL/dW⁽ᵗ⁾
 and Σ_t q_t.grad = dL/dW (docs/architecture.md, "The science").
+
+Gradient flossing (``model.flossing``, `rnnlab.flossing`) runs before the first training step
+(`on_train_start`) and adds its term to the loss of chosen steps (`flossing_term`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rnnlab.cells.base import Cell, State, state_keys
 from rnnlab.config import ConfigError, is_int, require, require_choice, require_int
+from rnnlab.flossing import Flossing, cycled, flossing_loss, prefloss
 from rnnlab.probing import ProbedPass, ProbeRequest, StateProbes
 from rnnlab.steps import CompiledStep, map_over_time, per_step_parameters
 
@@ -58,12 +62,15 @@ class RecurrentModel(pl.LightningModule):
             T/K states and one segment instead of T steps, for one more forward pass. The
             gradients are the same; counters of the cell's work (an ODE's NFE) include the
             recomputation.
+        flossing: ``{k, weight, pre_steps, every_n_steps, lr}`` (`rnnlab.flossing.Flossing`);
+            None: no flossing.
     """
 
     def __init__(self, cell: dict[str, Any], input_size: int, output_size: int, n_out: int = 1,
                  loss: str = "mse", encoder_size: int = 32,
                  optimizer: dict[str, Any] | None = None, fast_path: bool = True,
-                 compile: bool = False, checkpoint_steps: int = 0):
+                 compile: bool = False, checkpoint_steps: int = 0,
+                 flossing: dict[str, Any] | None = None):
         super().__init__()
         self.save_hyperparameters()
         require(isinstance(compile, bool), "model.compile", compile, "true or false")
@@ -76,6 +83,7 @@ class RecurrentModel(pl.LightningModule):
         require_choice("model.optimizer.name", self.optimizer_cfg.get("name"), tuple(OPTIMIZERS))
         check_optimizer_keys(self.optimizer_cfg)
         require(isinstance(fast_path, bool), "model.fast_path", fast_path, "true or false")
+        self.flossing = Flossing.from_config(flossing)
         self.encoder = nn.Linear(input_size, encoder_size)
         self.cell: Cell = instantiate(cell, input_size=encoder_size, _convert_="all")
         if not isinstance(self.cell, Cell):
@@ -245,7 +253,32 @@ class RecurrentModel(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss_fn(self(batch["x"], batch.get("dt")), batch["y"])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        loss = loss + self.flossing_term(batch)
         return loss
+
+    def flossing_term(self, batch: dict[str, Tensor]) -> Tensor | float:
+        """weight · `flossing_loss` on the steps ``model.flossing`` picks (logged as
+        ``train/flossing_loss``, unweighted), 0 on the others."""
+        if not self.flossing.due(self.global_step):
+            return 0.0
+        loss = flossing_loss(self, batch["x"], self.flossing.k, batch.get("dt"))
+        self.log("train/flossing_loss", loss, sync_dist=True)
+        return self.flossing.weight * loss
+
+    def on_train_start(self) -> None:
+        """Preflossing: ``model.flossing.pre_steps`` Adam steps on `flossing_loss` alone, on the
+        training batches, before the first training step. A resumed run (global step > 0) has
+        its preflossed parameters in the checkpoint and does not run it again."""
+        steps = self.flossing.pre_steps
+        if steps == 0 or self.global_step > 0:
+            return
+        batches = ({k: v.to(self.device) for k, v in batch.items()}
+                   for batch in cycled(self.trainer.train_dataloader.dataset))
+        lr = self.flossing.lr if self.flossing.lr is not None else self.optimizer_cfg["lr"]
+        losses = prefloss(self, batches, self.flossing.k, steps, lr)
+        if self.trainer.world_size > 1:  # each process flossed on its own rows: keep rank 0's
+            self.load_state_dict(self.trainer.strategy.broadcast(self.state_dict()))
+        log.info("preflossing: %d steps, flossing loss %.4g → %.4g", steps, losses[0], losses[-1])
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         # After the backward pass, so a cell's counts include it (e.g. the adjoint's NFE).

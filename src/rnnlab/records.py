@@ -17,7 +17,8 @@ field per instrument:
     spectrum       recurrent_singular_values (H,), recurrent_    `Spectrum`
                    spectral_norm, recurrent_spectral_radius
     lyapunov       lyapunov (k,), lyapunov_per_sequence (S, k),  `Lyapunov`
-                   lyapunov_prediction (T,), predicted_decay_rate
+                   lyapunov_prediction (T,), predicted_decay_rate,
+                   lyapunov_per_time (k,) (cells with a time step)
     sources        source_<field> str                            which computation gave a field,
                                                                  where not the training step
 
@@ -59,18 +60,21 @@ class Section:
     """
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """Every field as a float64 array; an optional field (default None) only when set."""
         return {f.name: np.asarray(getattr(self, f.name), dtype=np.float64)
-                for f in dataclasses.fields(self)}
+                for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Section | None:
         """The section held in a file's arrays, or None when the step did not measure it (a
-        field missing, or NaN where `load` stacked records that lack it)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not all(n in arrays for n in names):
+        required field missing, or NaN where `load` stacked records that lack it). An optional
+        field (default None) is read when the file holds it."""
+        required = [f.name for f in dataclasses.fields(cls) if f.default is not None]
+        if not all(n in arrays for n in required):
             return None
+        names = [f.name for f in dataclasses.fields(cls) if f.name in arrays]
         values = {n: np.asarray(arrays[n]) for n in names}
-        if all(np.isnan(v).all() for v in values.values()):
+        if all(np.isnan(values[n]).all() for n in required):
             return None
         return cls(**{n: float(v) if v.ndim == 0 else v for n, v in values.items()})
 
@@ -115,16 +119,22 @@ class Lyapunov(Section):
     """The Lyapunov spectrum of the backward product J_{t+1}ᵀ … J_{T−1}ᵀ (`rnnlab.lyapunov`):
     ``lyapunov`` (k,) the batch mean of ``lyapunov_per_sequence`` (S, k), log10 per step,
     descending; ``lyapunov_prediction`` (T,) the profile it predicts and
-    ``predicted_decay_rate`` that profile's decay rate, fitted as ``decay_rate`` is."""
+    ``predicted_decay_rate`` that profile's decay rate, fitted as ``decay_rate`` is.
+    ``lyapunov_per_time`` (k,): for a cell with a time step (an ODE), the batch mean of the
+    exponents in log10 per unit of time; None (not in the file) for a discrete cell."""
 
     lyapunov: np.ndarray
     lyapunov_per_sequence: np.ndarray
     lyapunov_prediction: np.ndarray
     predicted_decay_rate: float
+    lyapunov_per_time: np.ndarray | None = None
 
     def scalars(self) -> dict[str, float]:
         exponents = {f"lyapunov/lambda_{i}": float(v)
                      for i, v in enumerate(np.ravel(self.lyapunov), start=1)}
+        if self.lyapunov_per_time is not None:
+            exponents.update({f"lyapunov/lambda_{i}_per_time": float(v)
+                              for i, v in enumerate(np.ravel(self.lyapunov_per_time), start=1)})
         return {"grad_flow/predicted_decay_rate": self.predicted_decay_rate, **exponents}
 
 

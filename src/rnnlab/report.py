@@ -8,6 +8,8 @@
 - ``heatmaps.png``: log10 ||dL/dz_t|| over (training step × t), one panel per run;
 - ``decay_vs_gain.png``: the fitted decay rate per step against the configured ``cell.gain``, at
   the first and the last record, next to log10(gain) (the linear orthogonal RNN's exact rate);
+- ``spectra.png``: the Lyapunov spectrum of the backward product (log10 per step) at the first and
+  the last record that measured it, and the top exponent λ₁ against the training step, per run;
 - ``loss.png``: the training loss at the monitored steps and the final validation loss, against
   the task's memoryless baseline;
 - ``report.html``: one page embedding them (base64) with the table of final metrics, which is
@@ -44,7 +46,7 @@ from rnnlab.config import short_override, unwritable_reason  # noqa: E402
 from rnnlab.figures import at_least_one_decade, draw_heatmap, semilogy_positive  # noqa: E402
 from rnnlab.rundir import GRAD_FLOW, RunDir, RunFileError, atomic_write  # noqa: E402
 
-FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "loss")
+FIGURES = ("profiles", "profiles_by_step", "heatmaps", "decay_vs_gain", "spectra", "loss")
 RECORD_COLUMNS = ("decay_rate", "predicted_decay_rate", "log10_first_last", "horizon",
                   "jacobian_rate")  # the last record's
 COST_COLUMNS = {"s/step": "train/seconds_per_step", "peak MB": "train/peak_memory_mb",
@@ -291,6 +293,42 @@ def decay_vs_gain_figure(runs: list[Run]) -> plt.Figure:
     return fig
 
 
+def spectra_figure(runs: list[Run]) -> plt.Figure:
+    """Left: each run's spectrum λ_1 … λ_k at its first (dashed) and last (solid) record with
+    one; right: λ₁ against the training step. Records without a spectrum are left out."""
+    fig, (spectra, top) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    measured = [r for r in runs if "lyapunov" in r.record]
+    for i, run in enumerate(measured):
+        color, exponents = f"C{i % 10}", run.record["lyapunov"]  # (records, k), NaN: none
+        rows = np.flatnonzero(np.isfinite(exponents[:, 0]))
+        if not len(rows):
+            continue
+        label = " ".join([run.label, *run.overrides])
+        index = np.arange(1, exponents.shape[1] + 1)
+        first, last = rows[0], rows[-1]
+        spectra.plot(index, exponents[first], "o--", color=color, ms=3, lw=0.8,
+                     label=f"{label}, step {int(run.record['step'][first])}")
+        spectra.plot(index, exponents[last], "o-", color=color, ms=3,
+                     label=f"{label}, step {int(run.record['step'][last])}")
+        top.plot(run.record["step"][rows], exponents[rows, 0], ".-", color=color, label=label)
+    if not measured:
+        spectra.text(0.5, 0.5, "no Lyapunov spectrum recorded (monitor.lyapunov_every_n_steps)",
+                     ha="center", va="center", transform=spectra.transAxes, fontsize=8)
+    for ax in (spectra, top):
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.grid(True, alpha=0.3)
+        if measured:
+            ax.legend(fontsize=7)
+    spectra.set_xlabel("exponent i")
+    spectra.set_ylabel("λ_i (log10 per step)")
+    spectra.set_title("Lyapunov spectrum: first (dashed) and last (solid) record", fontsize=9)
+    top.set_xlabel("training step")
+    top.set_ylabel("λ₁ (log10 per step)")
+    top.set_title("top exponent: < 0 vanishing, > 0 exploding", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def loss_figure(runs: list[Run]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for i, run in enumerate(runs):
@@ -376,7 +414,8 @@ def write_report(paths: list[str | Path], out: str | Path, steps: list[int] | No
     figures = {"profiles": profiles_figure(runs, steps),
                "profiles_by_step": profiles_by_step_figure(runs, steps),
                "heatmaps": heatmaps_figure(runs),
-               "decay_vs_gain": decay_vs_gain_figure(runs), "loss": loss_figure(runs)}
+               "decay_vs_gain": decay_vs_gain_figure(runs), "spectra": spectra_figure(runs),
+               "loss": loss_figure(runs)}
     images = {name: figure_png(fig) for name, fig in figures.items()}
     page = out / "report.html"
     files = {out / f"{name}.png": png for name, png in images.items()}
