@@ -348,9 +348,10 @@ def test_a_checkpoint_does_not_grow_with_the_monitors_history(whole):
         return next(v for k, v in state["callbacks"].items() if k.startswith("GradFlowCallback"))
 
     early, late = monitor_state(2), monitor_state(9)
-    assert set(early) == set(late) == {"last_record", "records_written"}
+    assert set(early) == set(late) == {"last_record", "records_written", "summaries"}
     assert ({k: v.shape for k, v in early["last_record"].items()}
             == {k: v.shape for k, v in late["last_record"].items()})
+    assert set(early["summaries"]) == set(late["summaries"])  # one float per summary
     assert (early["records_written"], late["records_written"]) == (2, 9)
 
 

@@ -14,10 +14,11 @@ parameter contributions ‖dL/dW⁽ᵗ⁾‖, the transition Jacobians and the r
 Each record is written to ``<dirpath>/step_<step:07d>.npz`` (rnnlab's model) or
 ``<dirpath>/<module path>/step_<step:07d>.npz`` (a watched module), and logged through every
 Lightning logger of the trainer (`rnnlab.loggers`): scalars at chosen timesteps, the summaries,
-figures where a logger takes them. Every step it also logs the gradient norm of each top-level
-module (``grad_norm/<module>``) and of all parameters before and after Lightning's clipping
-(``grad_norm/total``, ``grad_norm/total_clipped``), and applies the non-finite policy
-(`rnnlab.nonfinite`).
+figures where a logger takes them. Every step it also measures the gradient norm of each
+top-level module (``grad_norm/<module>``) and of all parameters before and after Lightning's
+clipping (``grad_norm/total``, ``grad_norm/total_clipped``), applies the non-finite policy
+(`rnnlab.nonfinite`) and writes the norms on every ``trainer.log_every_n_steps``-th step and every
+monitored step.
 
 The hooks it relies on, in the order Lightning (2.x, automatic optimization) calls them within one
 training step; a monitored step is one `MonitoredStep`, opened at (1) and finished at (5):
@@ -80,6 +81,8 @@ PARAM_PROBE_COPIES = 6
 FLOAT64_SOURCES = {"profiles": "float64_copy", "contributions": "float64_copy",
                    "loss": "float64_copy", "grad_norms": "training_step",
                    "jacobians": "training_step"}
+# The Jacobians and the Lyapunov spectrum, by default (``auto``), on every 10th monitored step.
+INSTRUMENT_EVERY = 10
 MODEL = ""  # the pass name of rnnlab's own model: its records go straight into dirpath
 
 
@@ -143,6 +146,9 @@ class GradFlowCallback(pl.Callback):
             model); costs T times the parameter count in memory on those steps.
         jacobian_every_n_steps: measure the transition Jacobians (rnnlab's model) on monitored
             steps that are a multiple of this (0: never); a multiple of ``every_n_steps``.
+            ``auto``: `INSTRUMENT_EVERY` × ``every_n_steps`` (one Jacobian measurement costs
+            about 15 training steps at T = 100, H = 128: at every monitored step it would
+            dominate the run).
         jacobian_iterations: Lanczos steps per Jacobian norm (each one jvp and one vjp of the
             cell over batches of (timestep, sequence) rows, `gradflow.JACOBIAN_ROWS` at most);
             the default 30 is accurate to 1e-4 relative (tested at H = 48 and 128; measured
@@ -153,7 +159,7 @@ class GradFlowCallback(pl.Callback):
             (``auto``: 10% of the run's steps, at least 10; None: never).
         lyapunov_every_n_steps: measure the Lyapunov spectrum of the backward product
             (rnnlab's model, `rnnlab.lyapunov`) on monitored steps that are a multiple of this
-            (0: never); a multiple of ``every_n_steps``.
+            (0: never); a multiple of ``every_n_steps``; ``auto`` as for the Jacobians.
         lyapunov_k: how many exponents (at most the state's size).
         lyapunov_ons_every: re-orthonormalise the k vectors by QR every this many steps.
         lyapunov_sequences: how many of the batch's sequences to measure; null: B // k, at least
@@ -171,10 +177,10 @@ class GradFlowCallback(pl.Callback):
                  modules: Iterable[str | nn.Module] | None = None,
                  timesteps: list[int] | None = None, num_timesteps: int = 0,
                  figure_every_n_records: int = 0, param_contributions: bool = True,
-                 jacobian_every_n_steps: int = 50, jacobian_iterations: int = 30,
+                 jacobian_every_n_steps: int | str = "auto", jacobian_iterations: int = 30,
                  on_nonfinite: str = "stop", max_skipped_steps: int | str | None = "auto",
                  profile_dtype: str = "float32", run_info: Iterable[str] | None = None,
-                 lyapunov_every_n_steps: int = 50, lyapunov_k: int = 32,
+                 lyapunov_every_n_steps: int | str = "auto", lyapunov_k: int = 32,
                  lyapunov_ons_every: int = 5, lyapunov_sequences: int | None = None):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
@@ -189,8 +195,11 @@ class GradFlowCallback(pl.Callback):
                 param_contributions, "true or false")
         self.param_contributions = param_contributions
 
-        def monitored_multiple(key: str, value: int) -> int:
-            """Steps of an instrument that runs on monitored steps: 0 (off) or a multiple."""
+        def monitored_multiple(key: str, value: int | str) -> int:
+            """Steps of an instrument that runs on monitored steps: 0 (off) or a multiple;
+            ``auto``: every `INSTRUMENT_EVERY`-th monitored step."""
+            if value == "auto":
+                return INSTRUMENT_EVERY * self.every_n_steps
             n = require_int(key, value, minimum=0)
             require(n % self.every_n_steps == 0, key, value,
                     f"0 (off) or a multiple of monitor.every_n_steps = {self.every_n_steps}")
@@ -212,10 +221,14 @@ class GradFlowCallback(pl.Callback):
                                             ("float32", "float64"))
         self.watch: Watch | None = None  # made in setup, from the module
         self.adapters: list[LoggerAdapter] = []
+        self.step, self.grad_scalars = 0, {}  # the step in progress and its gradient norms
         self.current: MonitoredStep | None = None  # the monitored step under way, (1) to (5)
         self.last_monitored = -1  # its optimizer step (the first micro-batch is probed)
         self.twin: RecurrentModel | None = None  # the float64 copy, made once
         self.last_records: dict[str, Record] = {}  # the latest, by pass name
+        # The latest value of each grad_flow/* summary of rnnlab's model: the Jacobians' and the
+        # spectrum's come from fewer steps than the profile's, so the last record may lack them.
+        self.summaries: dict[str, float] = {}
         self.last_finite = "none yet (no monitored step finished)"
         self.histories: dict[str, History] = {}
         self.records_written = 0
@@ -270,12 +283,13 @@ class GradFlowCallback(pl.Callback):
         record = self.last_record.arrays() if self.last_record is not None else {}  # the model's
         record = {k: v for k, v in record.items() if v.dtype.kind != "U"}  # rows, sources
         return {"last_record": {k: torch.as_tensor(v) for k, v in record.items()},
-                "records_written": self.records_written}
+                "records_written": self.records_written, "summaries": dict(self.summaries)}
 
     def load_state_dict(self, state: dict) -> None:
         arrays = {k: v.numpy() for k, v in state.get("last_record", {}).items()}
         self.last_records = {MODEL: Record.from_arrays(arrays)} if arrays else {}
         self.records_written = state.get("records_written", 0)
+        self.summaries = dict(state.get("summaries", {}))
 
     def restore_histories(self, step: int) -> None:
         """The heatmaps' history of a run resumed at ``step``: the main profile of every record
@@ -329,6 +343,7 @@ class GradFlowCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
+        self.step, self.grad_scalars = step, {}
         self.current = None
         if step % self.every_n_steps or step == self.last_monitored:
             return
@@ -343,10 +358,10 @@ class GradFlowCallback(pl.Callback):
         self.policy.check_loss(trainer, pl_module, loss, self.last_finite)
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        # Tensors, not floats: logging them costs no host sync; Lightning reads them when it writes.
+        # Tensors, not floats: no host sync until they are written, at the end of the step.
         norms = gradflow.module_grad_norm_tensors(pl_module)
-        pl_module.log_dict({f"grad_norm/{k.removeprefix('grad_norm_')}": v
-                            for k, v in norms.items()}, on_step=True, on_epoch=False)
+        self.grad_scalars.update({f"grad_norm/{k.removeprefix('grad_norm_')}": v
+                                  for k, v in norms.items()})
         current = self.current
         if current is not None:
             self.watch.stop()
@@ -362,7 +377,7 @@ class GradFlowCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
         total = gradflow.total_grad_norm(pl_module)
-        pl_module.log("grad_norm/total", total, on_step=True, on_epoch=False)
+        self.grad_scalars["grad_norm/total"] = total
         if self.current is not None:
             for record in self.current.records.values():
                 record.grad_norms["grad_norm_total"] = float(total)
@@ -370,14 +385,22 @@ class GradFlowCallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # p.grad still holds the clipped gradient the optimizer used: Lightning zeroes it only
         # in the next step, and torch's optimizers do not write to it.
-        clipped = gradflow.total_grad_norm(pl_module)
-        pl_module.log("grad_norm/total_clipped", clipped, on_step=True, on_epoch=False)
+        if trainer.gradient_clip_val or "grad_norm/total" not in self.grad_scalars:
+            clipped = gradflow.total_grad_norm(pl_module)
+        else:  # nothing clipped them: the same gradients as before the optimizer step
+            clipped = self.grad_scalars["grad_norm/total"]
+        self.grad_scalars["grad_norm/total_clipped"] = clipped
+        self.write_grad_norms(trainer)
         current, self.current = self.current, None
         if current is None or not current.records:
             return
         for record in current.records.values():
             record.grad_norms["grad_norm_total_clipped"] = float(clipped)
         self.last_records = current.records
+        if MODEL in current.records:
+            self.summaries.update({tag: value for tag, value
+                                   in current.records[MODEL].scalars().items()
+                                   if tag.startswith("grad_flow/")})
         name, first = next(iter(current.records.items()))
         if np.isfinite(first.main_profile).all():
             summary = first.summary
@@ -477,6 +500,21 @@ class GradFlowCallback(pl.Callback):
         return self.dirpath / "figures"
 
     # --- logging ---------------------------------------------------------------------------------
+    def write_grad_norms(self, trainer: pl.Trainer) -> None:
+        """The step's ``grad_norm/*`` straight to the loggers, at the step the records carry, on
+        every ``trainer.log_every_n_steps``-th step and every monitored one. Not through
+        ``self.log``: Lightning's per-call bookkeeping cost about 0.25 ms per scalar (five a
+        step), measured, and these feed no checkpoint, early stopping or progress bar."""
+        step = self.step
+        every = trainer.log_every_n_steps
+        if not trainer.is_global_zero or not every or not self.grad_scalars or not (
+                (step + 1) % every == 0 or self.current is not None):
+            return
+        metrics = dict(zip(self.grad_scalars,
+                           torch.stack(list(self.grad_scalars.values())).tolist()))
+        for adapter in self.adapters:
+            adapter.scalars(metrics, step)
+
     def log_records(self, step: int, records: dict[str, Record]) -> None:
         metrics: dict[str, float] = {}
         for name, record in records.items():

@@ -248,14 +248,13 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, float],
     HPARAMS tab shows them side by side).
 
     The metrics are logged as ``final/<name>`` at the last step: ``final/val_loss`` … from
-    ``metrics``, and the summary scalars of the latest gradient-flow record.
+    ``metrics``, and the latest value of each summary scalar of the gradient-flow records.
     """
     final = {f"final/{k.replace('/', '_')}": v for k, v in metrics.items()
              if k not in ("step", SKIPPED, TRAINED)}  # counts of this process's steps
-    record = monitor.last_record if monitor is not None else None
-    if record is not None:
+    if monitor is not None:
         final.update({f"final/{tag.removeprefix('grad_flow/')}": value
-                      for tag, value in record.scalars().items() if tag.startswith("grad_flow/")})
+                      for tag, value in monitor.summaries.items()})
     config = cfg.copy()
     with open_dict(config):
         config.pop("hydra", None)  # resolving it would claim new run directories
