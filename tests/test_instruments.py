@@ -20,7 +20,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
-from rnnlab import gradflow
+from rnnlab import callbacks, gradflow
 from rnnlab.callbacks import chosen_timesteps
 from rnnlab.config import ConfigError
 from rnnlab.figures import BOUND_DECADES, plt, profile_figure
@@ -367,13 +367,16 @@ def latest(values: np.ndarray) -> float:
     return float(finite[-1])
 
 
-def test_jacobians_and_spectrum_come_on_every_10th_monitored_step_by_default(make_cfg, tmp_path):
-    train(make_cfg("task.seq_len=6", "trainer.max_steps=13", "monitor.every_n_steps=1"))
+def test_by_default_jacobians_and_spectrum_come_on_the_least_multiple_above_a_period(
+        make_cfg, tmp_path, monkeypatch):
+    """auto: the monitored steps that are multiples of the least multiple of every_n_steps
+    ≥ INSTRUMENT_STEPS (500; 5 here, so the run stays short): 6 for every_n_steps = 2."""
+    monkeypatch.setattr(callbacks, "INSTRUMENT_STEPS", 5)
+    train(make_cfg("task.seq_len=6", "trainer.max_steps=13", "monitor.every_n_steps=2"))
     record = gradflow.load(tmp_path / "run")
-    assert record["step"].tolist() == list(range(13))
-    measured = np.isfinite(record["jacobian_rate"])
-    assert record["step"][measured].tolist() == [0, 10]
-    assert record["step"][np.isfinite(record["predicted_decay_rate"])].tolist() == [0, 10]
+    assert record["step"].tolist() == [0, 2, 4, 6, 8, 10, 12]
+    assert record["step"][np.isfinite(record["jacobian_rate"])].tolist() == [0, 6, 12]
+    assert record["step"][np.isfinite(record["predicted_decay_rate"])].tolist() == [0, 6, 12]
 
 
 def test_hparams_tab_holds_the_config_and_the_final_metrics(make_cfg, tmp_path):

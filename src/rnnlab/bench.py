@@ -335,7 +335,7 @@ def run_case(case: dict) -> dict:
     elif mode in ("user_step", "user_step_monitored"):
         result = run_user_step(case["T"], case["steps"], device, mode == "user_step_monitored")
     else:
-        every = case["every"] if mode == "monitor" else None
+        every = case["every"] if mode in ("monitor", "every_step") else None
         result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every,
                             [*case.get("cell_overrides", []), *case.get("monitor_overrides", []),
                              f"flush_denormal={str(flush).lower()}"])
@@ -362,18 +362,33 @@ def measure(case: dict) -> dict:
 
 
 def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
+    """Each mode of each (cell, T) times the same window of training steps after a warm-up:
+    at T ≤ 1000 one whole period of the default monitor (`callbacks.INSTRUMENT_STEPS`: ten
+    monitored steps every 50, one of them with the Jacobians and the Lyapunov spectrum), so
+    every instrument's cost is in it at its default frequency. ``every_step``: monitoring every
+    step without the parameter contributions (the full-resolution heatmap's setting)."""
+    from rnnlab.callbacks import INSTRUMENT_STEPS
+
     cases = []
     for cell in cells:
         for T in lengths + ([10_000] if cell == "lstm" and not quick else []):
             every = 50 if T <= 1000 else 3
             warmup = 3 if T <= 1000 else 1
+            steps = INSTRUMENT_STEPS if T <= 1000 else every
             # Long T: per-step parameter probes would need T × parameters (GiB); the monitored
-            # step keeps every 100th state and recomputes the rest.
-            long = ["monitor.param_contributions=false", "model.checkpoint_steps=100"]
+            # step keeps every 100th state and recomputes the rest; the window of 3 steps holds
+            # one monitored step, with its Jacobians and spectrum.
+            long = ["monitor.param_contributions=false", "model.checkpoint_steps=100",
+                    f"monitor.jacobian_every_n_steps={every}",
+                    f"monitor.lyapunov_every_n_steps={every}"]
             for mode in ("raw", "off", "monitor"):
                 cases.append({"cell": cell, "T": T, "mode": mode, "warmup": warmup,
-                              "steps": every, "every": every,
+                              "steps": steps, "every": every,
                               "monitor_overrides": long if T > 1000 else []})
+            if T <= 1000:
+                cases.append({"cell": cell, "T": T, "mode": "every_step", "warmup": warmup,
+                              "steps": steps, "every": 1,
+                              "monitor_overrides": ["monitor.param_contributions=false"]})
             cases.append({"cell": cell, "T": T, "mode": "probed",
                           "steps": 5 if T <= 1000 else 2})
     return cases
@@ -444,8 +459,9 @@ def cell_table(cells: list[str], results: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("cell", "T", "raw steps/s", "off/raw", "monitor/raw", "probed/plain",
-                   "raw MB", "off MB", "monitor MB"):
+    for column in ("cell", "T", "raw steps/s", "off/raw", "monitor/raw", "monitor/off",
+                   "every step/off", "probed/plain", "raw MB", "off MB", "monitor MB",
+                   "monitor MB/off"):
         table.add_column(column, justify="right")
     summary = []
     for cell in cells:
@@ -454,19 +470,29 @@ def cell_table(cells: list[str], results: list[dict], title: str):
             failed = [m for m, r in by.items() if "error" in r]
             if failed:
                 summary.append({"cell": cell, "T": T, "failed": failed})
-                table.add_row(cell, str(T), *(["failed: " + ", ".join(failed)] + [""] * 6))
+                table.add_row(cell, str(T), *(["failed: " + ", ".join(failed)] + [""] * 9))
                 continue
             row = {"cell": cell, "T": T, "raw_steps_per_s": by["raw"]["steps_per_s"],
                    "off_over_raw": by["off"]["steps_per_s"] / by["raw"]["steps_per_s"],
                    "monitor_over_raw": by["monitor"]["steps_per_s"] / by["raw"]["steps_per_s"],
+                   "monitor_over_off": by["monitor"]["steps_per_s"] / by["off"]["steps_per_s"],
+                   "every_step_over_off": (  # a time ratio: every step's time over off's
+                       by["off"]["steps_per_s"] / by["every_step"]["steps_per_s"]
+                       if "every_step" in by else None),
                    "monitor_every": by["monitor"]["every"],
+                   "steps_timed": by["monitor"].get("steps"),
                    "probed_over_plain": by["probed"]["probed_s"] / by["probed"]["plain_s"],
                    "peak_mb": {m: by[m]["peak_mb"] for m in ("raw", "off", "monitor")}}
+            row["monitor_memory_over_off"] = row["peak_mb"]["monitor"] / row["peak_mb"]["off"]
             summary.append(row)
+            every_step = row["every_step_over_off"]
             table.add_row(cell, str(T), f"{row['raw_steps_per_s']:.2f}",
                           f"{row['off_over_raw']:.2f}", f"{row['monitor_over_raw']:.2f}",
+                          f"{row['monitor_over_off']:.2f}",
+                          f"{every_step:.2f}" if every_step is not None else "",
                           f"{row['probed_over_plain']:.2f}",
-                          *(f"{row['peak_mb'][m]:.0f}" for m in ("raw", "off", "monitor")))
+                          *(f"{row['peak_mb'][m]:.0f}" for m in ("raw", "off", "monitor")),
+                          f"{row['monitor_memory_over_off']:.2f}")
     return table, summary
 
 
@@ -616,7 +642,7 @@ def scan_table(results: list[dict], title: str):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="rnn, gru, lstm at T = 100 only (under a minute)")
+                        help="rnn, gru, lstm at T = 100 only (a few minutes)")
     parser.add_argument("--cells", default="rnn,gru,lstm,node")
     parser.add_argument("--lengths", default="100,1000")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 MODULES = ("encoder", "cell", "decoder")
 # module → parameter name → (T, *parameter shape): the zero probe q_t of every step t
 ParamProbes = dict[str, dict[str, Tensor]]
+# Values of the cell's per-step parameter copies per chunk of `cell_contributions` (× a few for
+# their gradients and the graph): 2**22 float32 values are 16 MiB.
+CONTRIBUTION_CHUNK_VALUES = 2**22
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "rmsprop": torch.optim.RMSprop}
 
@@ -136,10 +139,14 @@ class RecurrentModel(pl.LightningModule):
 
     def probed_pass(self, x: Tensor, request: ProbeRequest) -> tuple[ProbedPass, State,
                                                                     ParamProbes | None]:
-        """Fresh probes for a forward pass over x (B, T, …), and the pass that reads them."""
+        """Fresh probes for a forward pass over x (B, T, …), and the pass that reads them. With
+        ``request.contributions`` the encoder's and decoder's parameter probes (T times their
+        few parameters); the cell's contributions are streamed after the backward pass
+        (`cell_contributions`), in memory that does not grow with T."""
         B, T = x.shape[:2]
         probes = self.make_probes(B, T)
-        param_probes = self.make_param_probes(T) if request.contributions else None
+        param_probes = (self.make_param_probes(T, ("encoder", "decoder"))
+                        if request.contributions else None)
         keys = state_keys(self.cell.state_names)
         states = {key: [StateProbes([p], [1] * T)] for key, p in zip(keys, probes)}
         return ProbedPass(states, params=param_probes), probes, param_probes
@@ -150,16 +157,59 @@ class RecurrentModel(pl.LightningModule):
         return tuple(torch.zeros(seq_len, *s.shape, dtype=s.dtype, device=s.device,
                                  requires_grad=True) for s in self.cell.init_state(batch_size))
 
-    def make_param_probes(self, seq_len: int) -> ParamProbes:
-        """Zero parameter probes q_t: a (T, *shape) tensor per parameter of encoder, cell, decoder.
+    def make_param_probes(self, seq_len: int, modules: tuple[str, ...] = MODULES) -> ParamProbes:
+        """Zero parameter probes q_t: a (T, *shape) tensor per parameter of ``modules``.
 
-        Memory: T times the model's parameter count (the probes and their gradients), so they are
-        made only on monitored steps with ``monitor.param_contributions`` on.
+        Memory: T times the modules' parameter count (the probes, their gradients and the
+        per-step parameters W + q_t in the graph); the monitor probes only the encoder and
+        decoder this way and streams the cell's (`cell_contributions`).
         """
         return {module: {name: torch.zeros(seq_len, *p.shape, dtype=p.dtype, device=p.device,
                                            requires_grad=True)
                          for name, p in getattr(self, module).named_parameters()}
-                for module in MODULES}
+                for module in modules}
+
+    def cell_contributions(self, u: Tensor, dt: Tensor | None, previous: list[State],
+                           probes: State) -> Iterator[list[Tensor]]:
+        """dL/dW⁽ᵗ⁾ of the cell's parameters after a probed pass's backward, in chunks of steps:
+        per chunk of C steps one (C, *shape) gradient per parameter, in `named_parameters` order.
+
+        Step t's contribution is the vector–Jacobian product of that step alone with the total
+        gradient of its output, dL/dW⁽ᵗ⁾ = (∂step(u_t, z_{t−1}; W)/∂W)ᵀ · ∂L/∂z_t, where ∂L/∂z_t
+        is the state probe's gradient (z_t = step(…) + p_t) and z_{t−1}, u_t are the pass's own
+        (``previous``, ``u`` detached). Each chunk runs its C steps again from those states with
+        parameters W + q_t (`per_step_parameters`) and takes the gradients of the zero q_t: the
+        same numbers as probing W⁽ᵗ⁾ during the pass (`tests/test_instruments.py`), in memory of
+        C, not T, copies of the parameters; C = `CONTRIBUTION_CHUNK_VALUES` // parameters. The
+        cell's counters (the ODE's NFE) are left as the training step made them.
+        """
+        named = list(self.cell.named_parameters())
+        count = sum(p.numel() for _, p in named) or 1
+        T = u.shape[1]
+        chunk = max(1, CONTRIBUTION_CHUNK_VALUES // count)
+        inputs = u.detach().unbind(1)
+        dts = dt.unbind(1) if dt is not None else (None,) * T
+        cotangents = [(p.grad if p.grad is not None else torch.zeros_like(p)).unbind(0)
+                      for p in probes]
+        counters = {k: v for k, v in vars(self.cell).items() if type(v) is int}
+        try:
+            for t0 in range(0, T, chunk):
+                t1 = min(t0 + chunk, T)
+                q = {name: torch.zeros(t1 - t0, *p.shape, dtype=p.dtype, device=p.device,
+                                       requires_grad=True) for name, p in named}
+                step = per_step_parameters(self.cell, q)
+                outputs, grad_outputs = [], []
+                with torch.enable_grad():
+                    for t in range(t0, t1):
+                        outputs += step(inputs[t], previous[t], dts[t], t - t0)
+                        grad_outputs += [g[t] for g in cotangents]
+                    grads = torch.autograd.grad(outputs, list(q.values()), grad_outputs,
+                                                allow_unused=True)
+                yield [g if g is not None else torch.zeros_like(q_)
+                       for g, q_ in zip(grads, q.values())]
+        finally:
+            for k, v in counters.items():
+                setattr(self.cell, k, v)
 
     def unroll(self, u: Tensor, dt: Tensor | None = None, probes: State | None = None,
                cell_probes: dict[str, Tensor] | None = None,
@@ -195,7 +245,8 @@ class RecurrentModel(pl.LightningModule):
             """Steps t0 … t1−1 from z_{t0−1} = state: the last state and the read outputs."""
             outputs = []
             for t in range(t0, t1):
-                if previous_states is not None:
+                # (not again when a checkpointed segment is recomputed in the backward pass)
+                if previous_states is not None and len(previous_states) < T:
                     previous_states.append(tuple(s.detach() for s in state))
                 state = step(inputs[t], state, dts[t], t)
                 if state_probes is not None:
@@ -229,6 +280,8 @@ class RecurrentModel(pl.LightningModule):
             request, passes = self._probing
             probed, probes, param_probes = self.probed_pass(x, request)
             passes.append(probed)
+            if param_probes is not None:
+                return self.streamed_forward(x, dt, probes, param_probes, probed)
         if param_probes is None:
             if probes is None and dt is None and self.hparams.fast_path:
                 state = self.cell.init_state(x.shape[0])
@@ -240,6 +293,18 @@ class RecurrentModel(pl.LightningModule):
         u = map_over_time(self.encoder, param_probes["encoder"], x)
         z = self.unroll(u, dt, probes, param_probes["cell"])
         # Only the read steps pass through the decoder; its other q_t get a zero gradient.
+        read = {name: q[T - self.n_out:] for name, q in param_probes["decoder"].items()}
+        return map_over_time(self.decoder, read, z)
+
+    def streamed_forward(self, x: Tensor, dt: Tensor | None, probes: State,
+                         param_probes: ParamProbes, probed: ProbedPass) -> Tensor:
+        """The probed forward pass with the encoder's and decoder's parameter probes, keeping what
+        `cell_contributions` needs after the backward pass (the states z_{t−1}, the inputs)."""
+        T = x.shape[1]
+        u = map_over_time(self.encoder, param_probes["encoder"], x)
+        previous: list[State] = []
+        z = self.unroll(u, dt, probes, previous_states=previous)
+        probed.streamed["cell"] = lambda: self.cell_contributions(u, dt, previous, probes)
         read = {name: q[T - self.n_out:] for name, q in param_probes["decoder"].items()}
         return map_over_time(self.decoder, read, z)
 

@@ -86,6 +86,9 @@ class ProbedPass:
     states: dict[str, list[StateProbes]]
     rows: tuple[str, ...] | None = None
     params: dict[str, dict[str, Tensor]] | None = None
+    # module → a function that, after the backward pass, yields its dL/dW⁽ᵗ⁾ chunk by chunk of
+    # steps: per chunk a list of (C, *shape) gradients, one per parameter (memory of C steps).
+    streamed: dict[str, Callable[[], Iterator[list[Tensor]]]] = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # what a module passes on to its instruments
 
     def leaves(self) -> list[Tensor]:
@@ -115,12 +118,22 @@ class ProbedPass:
             for q in probes.values():
                 if q.grad is None:  # a parameter the loss does not reach: a zero contribution
                     continue
-                g = q.grad.detach().double()
-                if reduce is not None:
-                    g = reduce(g) / world_size
-                squares = squares.to(g.device) + g.flatten(1).square().sum(1)
+                squares = squares.to(q.grad.device) + step_squares(q.grad, reduce, world_size)
+            contributions[f"dL_dW_{module}"] = squares.sqrt().cpu().numpy()
+        for module, chunks in self.streamed.items():
+            squares = torch.cat([sum(step_squares(g, reduce, world_size) for g in grads)
+                                 for grads in chunks()])
             contributions[f"dL_dW_{module}"] = squares.sqrt().cpu().numpy()
         return contributions
+
+
+def step_squares(grad: Tensor, reduce: Reduce = None, world_size: int = 1) -> Tensor:
+    """Σ over a parameter's entries of (dL/dW⁽ᵗ⁾)², per step: (T, *shape) → (T,) float64;
+    under data parallelism of the gradient summed over processes and divided by R."""
+    g = grad.detach().double()
+    if reduce is not None:
+        g = reduce(g) / world_size
+    return g.flatten(1).square().sum(1)
 
 
 @runtime_checkable
