@@ -305,17 +305,23 @@ def test_positive_relu_rnn_layers_exponents_are_log10_of_each_recurrent_matrixs_
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("initial", ["zero", "given"])
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
-def test_gated_module_exponents_equal_a_qr_run_over_exact_jacobians_of_torch_nn_cells(kind):
+def test_gated_module_exponents_equal_a_qr_run_over_exact_jacobians_of_torch_nn_cells(kind,
+                                                                                        initial):
     torch.manual_seed(1)
     module = getattr(torch.nn, kind)(3, 4, dtype=torch.float64)  # (T, B, features)
     cell = getattr(torch.nn, f"{kind}Cell")(3, 4, dtype=torch.float64)
     cell.load_state_dict({k.removesuffix("_l0"): v for k, v in module.state_dict().items()})
     T, k = 40, 3
     x = torch.randn(T, 1, 3, dtype=torch.float64)
-    spectrum = lyapunov.module_lyapunov(module, x, k=k)["l0"]
     lstm = kind == "LSTM"
     state = torch.zeros(1, 8 if lstm else 4, dtype=torch.float64)  # (h, c) concatenated
+    hx = None
+    if initial == "given":  # the module's hx: (layers, B, H) each
+        state = torch.randn(1, 8 if lstm else 4, dtype=torch.float64)
+        hx = (state[None, :, :4], state[None, :, 4:]) if lstm else state[None]
+    spectrum = lyapunov.module_lyapunov(module, x, k=k, hx=hx)["l0"]
 
     def step(flat, t):
         out = cell(x[t], (flat[:, :4], flat[:, 4:]) if lstm else flat)
