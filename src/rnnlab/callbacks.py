@@ -32,9 +32,9 @@ training step; a monitored step is one `MonitoredStep`, opened at (1) and finish
         training_step                 (the forward pass: probed on a monitored step)
     (2) on_before_backward(loss)      non-finite policy on the loss; keeps the loss
         backward
-    (3) on_after_backward             disarms; probe gradients, per-module gradient norms and the
-                                      Jacobians (the same weights) become the records; non-finite
-                                      policy on the gradients
+    (3) on_after_backward             disarms; probe gradients, per-module gradient norms, the
+                                      Jacobians and the Lyapunov spectra (the same weights) become
+                                      the records; non-finite policy on the gradients
     (4) on_before_optimizer_step      the total gradient norm before clipping
         clipping, optimizer.step
     (5) on_train_batch_end            the norm after clipping; the records are written and logged
