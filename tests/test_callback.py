@@ -112,8 +112,10 @@ def test_with_only_a_csv_logger_every_scalar_reaches_the_csv_and_the_log_says_wh
     assert "CSVLogger takes no figures" in caplog.text and str(figures) in caplog.text
     assert sorted(p.name for p in figures.iterdir()) == [
         "grad_flow_lstm_heatmap_0000000.png", "grad_flow_lstm_heatmap_0000002.png",
-        "grad_flow_lstm_heatmap_0000003.png", "grad_flow_lstm_profile_0000000.png",
-        "grad_flow_lstm_profile_0000002.png", "grad_flow_lstm_profile_0000003.png"]
+        "grad_flow_lstm_heatmap_0000003.png",
+        "grad_flow_lstm_lyapunov_0000000.png",  # step 0: a multiple of lyapunov_every_n_steps
+        "grad_flow_lstm_profile_0000000.png", "grad_flow_lstm_profile_0000002.png",
+        "grad_flow_lstm_profile_0000003.png"]
 
 
 def test_with_only_a_csv_logger_and_no_figures_the_log_says_where_the_records_are(tmp_path,
@@ -180,7 +182,8 @@ def test_wandb_takes_the_scalars_and_the_figures(tmp_path, monkeypatch):
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     images = sorted(p.name.rsplit("_", 2)[0] for p in
                     (run / "files" / "media" / "images" / "grad_flow" / "lstm").iterdir())
-    assert images == ["heatmap"] * 3 + ["profile"] * 3  # records 0, 2 and the last, 3
+    # records 0, 2 and the last, 3; the spectrum's on step 0 (lyapunov_every_n_steps = 50)
+    assert images == ["heatmap"] * 3 + ["lyapunov"] + ["profile"] * 3
     records = gradflow.load(tmp_path / "grad_flow", module="lstm")
     decay = [(step, m["grad_flow/lstm/l1/decay_rate"]) for step, m in logged
              if "grad_flow/lstm/l1/decay_rate" in m]

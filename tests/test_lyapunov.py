@@ -305,17 +305,23 @@ def test_positive_relu_rnn_layers_exponents_are_log10_of_each_recurrent_matrixs_
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("initial", ["zero", "given"])
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
-def test_gated_module_exponents_equal_a_qr_run_over_exact_jacobians_of_torch_nn_cells(kind):
+def test_gated_module_exponents_equal_a_qr_run_over_exact_jacobians_of_torch_nn_cells(kind,
+                                                                                        initial):
     torch.manual_seed(1)
     module = getattr(torch.nn, kind)(3, 4, dtype=torch.float64)  # (T, B, features)
     cell = getattr(torch.nn, f"{kind}Cell")(3, 4, dtype=torch.float64)
     cell.load_state_dict({k.removesuffix("_l0"): v for k, v in module.state_dict().items()})
     T, k = 40, 3
     x = torch.randn(T, 1, 3, dtype=torch.float64)
-    spectrum = lyapunov.module_lyapunov(module, x, k=k)["l0"]
     lstm = kind == "LSTM"
     state = torch.zeros(1, 8 if lstm else 4, dtype=torch.float64)  # (h, c) concatenated
+    hx = None
+    if initial == "given":  # the module's hx: (layers, B, H) each
+        state = torch.randn(1, 8 if lstm else 4, dtype=torch.float64)
+        hx = (state[None, :, :4], state[None, :, 4:]) if lstm else state[None]
+    spectrum = lyapunov.module_lyapunov(module, x, k=k, hx=hx)["l0"]
 
     def step(flat, t):
         out = cell(x[t], (flat[:, :4], flat[:, 4:]) if lstm else flat)
@@ -335,3 +341,94 @@ def test_gated_module_exponents_equal_a_qr_run_over_exact_jacobians_of_torch_nn_
             logs += np.log10(R.diagonal().abs().numpy())
     np.testing.assert_allclose(spectrum.exponents[0], np.sort(logs / (T - 1 - warmup))[::-1],
                                atol=1e-10)
+
+
+# --- a chaotic rate network (Engelken, Wolf & Abbott 2023, arXiv:2006.02427) ------------------
+class RateNetwork:
+    """h_t = h_{t−1} (1 − δt) + J tanh(h_{t−1}) δt: τ dh/dt = −h + J φ(h) with φ = tanh by Euler
+    (τ = 1), the update of the authors' demo ``rate_Lyapunov_spectra(N, g, dt, tSim, …)``, as
+    a ``step`` for `backward_spectrum`. No input: ``u_t`` is ignored."""
+
+    def __init__(self, J: torch.Tensor, dt: float):
+        self.J, self.dt = J, dt
+
+    def step(self, u_t, state, dt):
+        (h,) = state
+        return (h * (1 - self.dt) + torch.tanh(h) @ self.J.T * self.dt,)
+
+    def jacobian(self, h: torch.Tensor) -> torch.Tensor:
+        """∂h_t/∂h_{t−1} = (1 − δt) I + δt J diag(sech² h_{t−1}), written out: (N, N)."""
+        N = h.shape[0]
+        return (1 - self.dt) * torch.eye(N, dtype=h.dtype) + self.dt * self.J / torch.cosh(h) ** 2
+
+
+def rate_network(N: int, g: float, seed: int = 0) -> torch.Tensor:
+    """J = g · randn(N, N) / √N without autapses (zero diagonal), as in the demo."""
+    J = g * torch.randn(N, N, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed)) / math.sqrt(N)
+    return J - torch.diag(torch.diag(J))
+
+
+def rate_trajectory(network: RateNetwork, S: int, T: int, transient: int, scale: float):
+    """``previous_states`` (z_{t−1} per t) of S sequences from random initial states, after
+    ``transient`` steps that let them settle onto the attractor."""
+    h = scale * torch.randn(S, network.J.shape[0], dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(1))
+    for _ in range(transient):
+        (h,) = network.step(None, (h,), None)
+    previous = []
+    for _ in range(T):
+        previous.append((h,))
+        (h,) = network.step(None, (h,), None)
+    return previous
+
+
+def test_rate_network_spectrum_sums_to_the_mean_log_determinant_of_its_exact_jacobians():
+    # No value of λ_max or of the spectrum at a given (N, g, δt) could be found in what is
+    # stored of the paper (abstract) or its demo code (which returns a spectrum but reports no
+    # number), so this checks facts the method guarantees and the model's known phase instead:
+    # with k = N, Π_i R_ii(t) = |det J_t| at every QR, so Σ_i λ_i is the mean of log10 |det J_t|
+    # over the counted steps, exactly, whatever the vectors' alignment; and g = 4 > 1 is the
+    # chaotic phase (Sompolinsky, Crisanti & Sommers 1988): λ_1 > 0. N = 100, g = 4, δt = 0.1 are
+    # the demo's example call. A finite network need not be chaotic (measured: realisation 0 of
+    # N = 64 settles onto a fixed point, of N = 32 onto a cycle, λ_1 ≈ 0); realisation 1 of
+    # N = 100 is, at λ_1 ≈ 0.15 per τ by a forward QR run over 270 τ.
+    N, g, dt, T, S = 100, 4.0, 0.1, 800, 2
+    network = RateNetwork(rate_network(N, g, seed=1), dt)
+    previous = rate_trajectory(network, S, T, transient=500, scale=g - 1)  # 50 τ settle
+    u = torch.zeros(S, T, 1, dtype=torch.float64)
+    spectrum = lyapunov.backward_spectrum(network, u, previous, None, k=N)
+    counted = range(1, T - lyapunov.warmup_steps(T, 1))
+    for b in range(S):
+        log_det = [torch.linalg.slogdet(network.jacobian(previous[t][0][b]))[1].item()
+                   for t in counted]
+        expected = np.mean(log_det) / math.log(10)
+        assert spectrum.exponents[b].sum() == pytest.approx(expected, rel=1e-10)
+    assert (spectrum.exponents[:, 0] > 0).all()  # chaos
+    assert (np.diff(spectrum.exponents, axis=1) <= 0).all()
+
+
+def test_rate_network_without_coupling_has_every_exponent_log10_of_one_minus_dt():
+    # J = 0: h_t = (1 − δt) h_{t−1}, every Jacobian (1 − δt) I.
+    dt, N, T = 0.1, 8, 50
+    network = RateNetwork(torch.zeros(N, N, dtype=torch.float64), dt)
+    previous = rate_trajectory(network, 2, T, transient=0, scale=1.0)
+    spectrum = lyapunov.backward_spectrum(network, torch.zeros(2, T, 1, dtype=torch.float64),
+                                          previous, None, k=N)
+    np.testing.assert_allclose(spectrum.exponents, math.log10(1 - dt), atol=1e-13)
+
+
+def test_subcritical_rate_network_at_rest_has_the_exponents_of_its_linearisation():
+    # g = 0.5 < 1: h = 0 is a stable fixed point and a trajectory started there stays; every
+    # Jacobian is D = (1 − δt) I + δt J, so the exponents are log10 |eig(D)| (complex pairs
+    # converge as 1/T, as in the linear RNN test above).
+    N, dt, T = 8, 0.1, 2000
+    J = rate_network(N, 0.5, seed=3)
+    network = RateNetwork(J, dt)
+    previous = [(torch.zeros(1, N, dtype=torch.float64),)] * T
+    spectrum = lyapunov.backward_spectrum(network, torch.zeros(1, T, 1, dtype=torch.float64),
+                                          previous, None, k=N)
+    D = (1 - dt) * torch.eye(N, dtype=torch.float64) + dt * J
+    expected = np.sort(np.log10(torch.linalg.eigvals(D).abs().numpy()))[::-1]
+    np.testing.assert_allclose(spectrum.exponents[0], expected, atol=5e-4)
+    assert spectrum.exponents[0, 0] < 0

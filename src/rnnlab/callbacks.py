@@ -9,7 +9,9 @@ probed path (the same function on the same parameters, step by step, a zero prob
 and after its backward pass the callback turns the probes' gradients into a `rnnlab.records.Record`
 per watched module: ‖∂L/∂h_t‖ for every timestep, layer and direction (‖∂L/∂c_t‖ for LSTMs). Other
 steps run the model untouched. For rnnlab's `RecurrentModel` the record also holds the per-step
-parameter contributions ‖dL/dW⁽ᵗ⁾‖, the transition Jacobians and the recurrent matrix's spectrum.
+parameter contributions ‖dL/dW⁽ᵗ⁾‖, the transition Jacobians and the recurrent matrix's spectrum;
+for it and for each layer and direction of a watched torch.nn RNN, GRU or LSTM, the Lyapunov
+spectrum of the backward product (`rnnlab.lyapunov`).
 
 Each record is written to ``<dirpath>/step_<step:07d>.npz`` (rnnlab's model) or
 ``<dirpath>/<module path>/step_<step:07d>.npz`` (a watched module), and logged through every
@@ -31,9 +33,9 @@ training step; a monitored step is one `MonitoredStep`, opened at (1) and finish
         training_step                 (the forward pass: probed on a monitored step)
     (2) on_before_backward(loss)      non-finite policy on the loss; keeps the loss
         backward
-    (3) on_after_backward             disarms; probe gradients, per-module gradient norms and the
-                                      Jacobians (the same weights) become the records; non-finite
-                                      policy on the gradients
+    (3) on_after_backward             disarms; probe gradients, per-module gradient norms, the
+                                      Jacobians and the Lyapunov spectra (the same weights) become
+                                      the records; non-finite policy on the gradients
     (4) on_before_optimizer_step      the total gradient norm before clipping
         clipping, optimizer.step
     (5) on_train_batch_end            the norm after clipping; the records are written and logged
@@ -59,12 +61,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from rnnlab import gradflow
 from rnnlab.config import ConfigError, require, require_choice, require_int
 from rnnlab.figures import heatmap_figure, lyapunov_figure, plt, profile_figure
 from rnnlab.loggers import LoggerAdapter, adapters
-from rnnlab.lyapunov import lyapunov
+from rnnlab.lyapunov import lyapunov, mean_over_processes, watched_lyapunov
 from rnnlab.model import RecurrentModel
 from rnnlab.nonfinite import NonFinitePolicy
 from rnnlab.probing import ProbeRequest
@@ -159,8 +162,10 @@ class GradFlowCallback(pl.Callback):
         max_skipped_steps: with ``skip``, stop after this many steps in a row were skipped
             (``auto``: 10% of the run's steps, at least 10; None: never).
         lyapunov_every_n_steps: measure the Lyapunov spectrum of the backward product
-            (rnnlab's model, `rnnlab.lyapunov`) on monitored steps that are a multiple of this
-            (0: never); a multiple of ``every_n_steps``; ``auto`` as for the Jacobians.
+            (`rnnlab.lyapunov`: rnnlab's model, and each layer and direction of a watched
+            torch.nn RNN, GRU or LSTM on the input it was called with) on monitored steps that
+            are a multiple of this (0: never); a multiple of ``every_n_steps``; ``auto`` as for
+            the Jacobians.
         lyapunov_k: how many exponents (at most the state's size).
         lyapunov_ons_every: re-orthonormalise the k vectors by QR every this many steps.
         lyapunov_sequences: how many of the batch's sequences to measure; null: B // k, at least
@@ -233,6 +238,7 @@ class GradFlowCallback(pl.Callback):
         self.last_finite = "none yet (no monitored step finished)"
         self.histories: dict[str, History] = {}
         self.records_written = 0
+        self.packed_warned: set[str] = set()  # passes whose spectrum a PackedSequence prevents
         self.run_info = [str(o) for o in run_info] if run_info is not None else None
 
     # --- settings that need the model -----------------------------------------------------------
@@ -459,14 +465,49 @@ class GradFlowCallback(pl.Callback):
                                                   reduce_op="max")
                 model.jacobians = gradflow.jacobian_summary(largest.numpy())
             model.spectrum = gradflow.recurrent_spectrum(pl_module.cell)
-        if model is not None and isinstance(pl_module, RecurrentModel) and self.lyapunov_every \
-                and current.step % self.lyapunov_every == 0:
-            batch_size = current.batch["x"].shape[0]
-            sequences = self.lyapunov_sequences or max(1, batch_size // self.lyapunov_k)
-            model.lyapunov = lyapunov(pl_module, current.batch, self.lyapunov_k,
-                                      self.lyapunov_ons_every, sequences,
-                                      last_norm=float(model.main_profile[-1]))
+        if self.lyapunov_every and current.step % self.lyapunov_every == 0:
+            self.measure_lyapunov(trainer, pl_module, current, records)
         return records
+
+    def measure_lyapunov(self, trainer, pl_module, current: MonitoredStep,
+                         records: dict[str, Record]) -> None:
+        """The Lyapunov spectrum of rnnlab's model and of every watched torch.nn RNN, GRU and
+        LSTM, on the trajectory of this step's batch (the module's own input, as called); under
+        data parallelism, of the global batch (`rnnlab.lyapunov.mean_over_processes`)."""
+        sections = {}
+        model = records.get(MODEL)
+        if model is not None and isinstance(pl_module, RecurrentModel):
+            sequences = self.sequences(current.batch["x"].shape[0])
+            sections[MODEL] = lyapunov(pl_module, current.batch, self.lyapunov_k,
+                                       self.lyapunov_ons_every, sequences,
+                                       last_norm=float(model.main_profile[-1]))
+        for name, call in self.watch.module_calls().items():
+            if isinstance(call.input, PackedSequence):
+                if name not in self.packed_warned:
+                    self.packed_warned.add(name)
+                    log.warning("%s is called with a PackedSequence: its Lyapunov spectrum is "
+                                "not measured (its profiles are); pass a padded batch to "
+                                "measure it, or set monitor.lyapunov_every_n_steps=0", name)
+                continue
+            x = call.input
+            batch_size = 1 if x.dim() == 2 else x.shape[0 if call.module.batch_first else 1]
+            sections[name] = watched_lyapunov(call.module, x, call.hx,
+                                              records[name].main_profile, self.lyapunov_k,
+                                              self.lyapunov_ons_every, self.sequences(batch_size))
+
+        def reduce(values: np.ndarray, op: str) -> np.ndarray:
+            tensor = torch.as_tensor(values, dtype=torch.float64, device=pl_module.device)
+            return trainer.strategy.reduce(tensor, reduce_op=op).cpu().numpy()
+
+        world = trainer.world_size
+        for name, section in sections.items():
+            records[name].lyapunov = (mean_over_processes(section, reduce, world) if world > 1
+                                      else section)
+
+    def sequences(self, batch_size: int) -> int:
+        """How many of a batch's sequences the spectrum measures: monitor.lyapunov_sequences,
+        or batch_size // lyapunov_k (at least 1), about the work of one training step."""
+        return self.lyapunov_sequences or max(1, batch_size // self.lyapunov_k)
 
     def probe_in_float64(self, pl_module: RecurrentModel, batch: dict):
         """The probed pass of a float64 copy of ``pl_module`` (same weights, same batch), and its
@@ -583,6 +624,8 @@ def record_scalars(name: str, record: Record, timesteps: list[int] | None,
         where = f"{name}/{row}" if row else name
         for key in ("log10_first_last", "decay_rate", "horizon"):
             metrics[f"grad_flow/{where}/{key}"] = float(np.ravel(getattr(summary, key))[i])
+        if record.lyapunov is not None:
+            metrics.update(record.lyapunov.row_scalars(i, where))
         for key, values in record.profiles.items():
             row_values = np.atleast_2d(values)[i]
             tag = f"{name}/{key}/{row}" if row else f"{name}/{key}"
@@ -641,8 +684,12 @@ def custom_scalars_layout(targets, per_timestep: bool = True) -> dict:
                 "Multiline", [rf"^grad_norm/({'|'.join(n for n, _ in module.named_children())})$"]]
         else:
             path = target.path.replace(".", r"\.")
-            charts[f"{target.path}: decay rate per step, each layer and direction"] = [
-                "Multiline", [rf"^grad_flow/{path}/[^/]+/decay_rate$"]]
+            charts[f"{target.path}: decay rate per step, measured and predicted by the "
+                   "Lyapunov spectrum, each layer and direction"] = [
+                "Multiline", [rf"^grad_flow/{path}/[^/]+/decay_rate$",
+                              rf"^grad_flow/{path}/[^/]+/predicted_decay_rate$"]]
+            charts[f"{target.path}: Lyapunov exponents (log10 per step), each layer and "
+                   "direction"] = ["Multiline", [rf"^lyapunov/{path}/[^/]+/lambda_\d+$"]]
             charts[f"{target.path}: log10 first/last, each layer and direction"] = [
                 "Multiline", [rf"^grad_flow/{path}/[^/]+/log10_first_last$"]]
             charts[f"{target.path}: horizon, each layer and direction"] = [

@@ -32,10 +32,15 @@ def profile_figure(record: Record, step: int, bound: bool = False) -> plt.Figure
         else:
             for row, row_values in zip(record.rows, values):
                 semilogy_positive(ax, row_values, f"||{name}_t|| {row}")
-    if record.lyapunov is not None:
+    if record.lyapunov is not None and record.rows is None:
         semilogy_positive(ax, record.lyapunov.lyapunov_prediction,
                           "predicted by the Lyapunov spectrum: ||dL/dz_(T-1)|| · 10^(running λ1 "
                           f"· (T-1-t)), rate {record.lyapunov.predicted_decay_rate:.3g}/step", ":")
+    elif record.lyapunov is not None:
+        for row, values, rate in zip(record.rows, record.lyapunov.lyapunov_prediction,
+                                     np.ravel(record.lyapunov.predicted_decay_rate)):
+            semilogy_positive(ax, values, f"predicted by the Lyapunov spectrum {row}, rate "
+                              f"{rate:.3g}/step", ":")
     if record.jacobians is not None and (bound or record.lyapunov is None):
         dL_dz = record.main_profile
         bound = gradflow.jacobian_bound(dL_dz, record.jacobians.jacobian_norm)
@@ -64,15 +69,21 @@ def profile_figure(record: Record, step: int, bound: bool = False) -> plt.Figure
 
 def lyapunov_figure(record: Record) -> plt.Figure:
     """The Lyapunov spectrum of the backward product: each measured sequence's exponents and
-    their mean against the index i, with the measured decay rate for comparison."""
+    their mean against the index i, with the measured decay rate for comparison (a torch.nn
+    module's: one mean and one decay rate per layer and direction)."""
     section = record.lyapunov
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    index = np.arange(1, len(section.lyapunov) + 1)
-    for exponents in np.atleast_2d(section.lyapunov_per_sequence):
+    means = np.atleast_2d(section.lyapunov)
+    index = np.arange(1, means.shape[1] + 1)
+    for exponents in np.reshape(section.lyapunov_per_sequence, (-1, means.shape[1])):
         ax.plot(index, exponents, "-", color="0.75", lw=0.8)
-    ax.plot(index, section.lyapunov, "o-", label="mean over the measured sequences")
-    ax.axhline(float(np.ravel(record.summary.decay_rate)[0]), color="C3", ls="--",
-               label="measured decay rate of ||dL/dz_t||")
+    rates = np.ravel(record.summary.decay_rate)
+    for i, (row, mean) in enumerate(zip(record.rows or ("",), means)):
+        name = f" {row}" if row else ""
+        ax.plot(index, mean, "o-", color=f"C{i % 10}",
+                label=f"mean over the measured sequences{name}")
+        ax.axhline(float(rates[i]), color=f"C{i % 10}", ls="--",
+                   label=f"measured decay rate of ||dL/dz_t||{name}")
     ax.axhline(0.0, color="k", lw=0.5)
     ax.set_xlabel("exponent i")
     ax.set_ylabel("λ_i (log10 per step)")

@@ -16,7 +16,10 @@ The k vectors of a sequence are k rows of one batch: its z_{t−1} and u_t repea
 cotangent per row.
 
 - `backward_spectrum`: the raw result for a few sequences (`BackwardSpectrum`).
-- `module_lyapunov`: the same per layer and direction of a `torch.nn` RNN, GRU or LSTM.
+- `module_lyapunov`: the same per layer and direction of a `torch.nn` RNN, GRU or LSTM;
+  `watched_lyapunov` turns it into the record's section of a watched module (one row per layer
+  and direction, as its profiles).
+- `mean_over_processes`: the section of the global batch under data parallelism.
 - `lyapunov`: the instrument on rnnlab's model and a batch, returning the record's `Lyapunov`
   section: the batch-mean spectrum, the per-sequence spectra, the predicted profile and the
   predicted decay rate (how the prediction is made: `predicted_profile`); for a cell with a time
@@ -25,7 +28,8 @@ cotangent per row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,7 +39,7 @@ from torch import Tensor, nn
 from rnnlab.cells.base import Cell, State
 from rnnlab.config import require_int
 from rnnlab.records import Lyapunov, summarize
-from rnnlab.unrolled import MODES, cell_step, row_names
+from rnnlab.unrolled import MODES, cell_step, initial_states, row_names
 
 # The first tenth of the steps (from T−1 backward) aligns the random initial vectors with the
 # Lyapunov vectors; the exponents average the steps after it. The prediction uses every step.
@@ -203,11 +207,13 @@ class LayerStep:
         return (h,) if c is None else (h, c)
 
 
-def module_lyapunov(module: nn.RNNBase, x: Tensor, k: int, ons_every: int = 1
+def module_lyapunov(module: nn.RNNBase, x: Tensor, k: int, ons_every: int = 1,
+                    hx: Tensor | tuple[Tensor, Tensor] | None = None
                     ) -> dict[str, BackwardSpectrum]:
     """The backward spectrum of every layer and direction of ``module`` (`torch.nn.RNN`, `GRU`
-    or `LSTM`, zero initial state) on the batch ``x`` (B, T, features) if ``module.batch_first``
-    else (T, B, features): ``{"l0": …, "l0_reverse": …, "l1": …}`` (`row_names`), each layer's
+    or `LSTM`) on the batch ``x`` (B, T, features) if ``module.batch_first`` else (T, B,
+    features), from the initial state ``hx`` as the module takes it (None: zeros):
+    ``{"l0": …, "l0_reverse": …, "l1": …}`` (`row_names`), each layer's
     J_t = ∂(h_t, c_t)/∂(h_{t−1}, c_{t−1}) along its own trajectory (a reverse direction's time
     runs backward). The trajectory comes from one pass without gradient, in eval mode (no
     dropout between layers)."""
@@ -220,6 +226,7 @@ def module_lyapunov(module: nn.RNNBase, x: Tensor, k: int, ons_every: int = 1
     names = row_names(module)
     spectra = {}
     layer_input = x.detach()
+    h0, c0 = initial_states(module, hx, B, layer_input, unbatched=False, sorted_indices=None)
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(D):
@@ -231,10 +238,8 @@ def module_lyapunov(module: nn.RNNBase, x: Tensor, k: int, ons_every: int = 1
                 if module.bias and module.mode != "GRU":
                     u = u + step.b_hh
                 u = u.flip(1) if direction else u
-                h = torch.zeros(B, module.proj_size or module.hidden_size, dtype=u.dtype,
-                                device=u.device)
-                state = (h,) if module.mode != "LSTM" else (
-                    h, torch.zeros(B, module.hidden_size, dtype=u.dtype, device=u.device))
+                h = h0[layer * D + direction].detach().to(u.dtype)
+                state = (h,) if c0 is None else (h, c0[layer * D + direction].detach().to(u.dtype))
                 previous, out = [], []
                 for u_t in u.unbind(1):
                     previous.append(state)
@@ -245,6 +250,82 @@ def module_lyapunov(module: nn.RNNBase, x: Tensor, k: int, ons_every: int = 1
             outputs.append(out.flip(1) if direction else out)
         layer_input = torch.cat(outputs, 2)
     return spectra
+
+
+def watched_lyapunov(module: nn.RNNBase, x: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None,
+                     profile: np.ndarray, k: int, ons_every: int = 1,
+                     sequences: int | None = None) -> Lyapunov:
+    """The record's `Lyapunov` section of a watched `torch.nn` RNN, GRU or LSTM, one row per
+    layer and direction (`row_names`, the rows of its profiles), from `module_lyapunov` of the
+    input ``x`` and initial state ``hx`` the module was called with (batched or not, as
+    ``module.batch_first`` says). ``profile`` (rows, T): its ‖∂L/∂h_t‖, whose value at each
+    row's last step starts that row's prediction. ``sequences``: the first this many of the
+    batch (None: all).
+
+    - ``lyapunov`` (rows, k), ``lyapunov_per_sequence`` (rows, S, k): log10 per step.
+    - ``lyapunov_prediction`` (rows, T): `predicted_profile` of each row. A reverse direction's
+      time runs from t = T−1 down to 0: its prediction starts from ‖∂L/∂h_0‖ and is flipped
+      into the forward time of the profile.
+    - ``predicted_decay_rate`` (rows,): fitted as the row's ``decay_rate`` is.
+    """
+    batch_dim = 0 if module.batch_first else 1
+    if x.dim() == 2:  # unbatched: one sequence
+        x = x.unsqueeze(batch_dim)
+        hx = None if hx is None else (hx.unsqueeze(1) if isinstance(hx, Tensor)
+                                      else tuple(h.unsqueeze(1) for h in hx))
+    S = x.shape[batch_dim] if sequences is None else min(sequences, x.shape[batch_dim])
+    x = x.narrow(batch_dim, 0, S)
+    hx = None if hx is None else (hx[:, :S] if isinstance(hx, Tensor)
+                                  else tuple(h[:, :S] for h in hx))
+    spectra = module_lyapunov(module, x, k, ons_every, hx)
+    profile = np.atleast_2d(profile)
+    predictions = []
+    for row, (name, spectrum) in enumerate(spectra.items()):
+        if name.endswith("_reverse"):
+            predictions.append(predicted_profile(spectrum.top_growth, profile[row, 0])[::-1])
+        else:
+            predictions.append(predicted_profile(spectrum.top_growth, profile[row, -1]))
+    prediction = np.stack(predictions)
+    per_sequence = np.stack([s.exponents for s in spectra.values()])
+    return Lyapunov(lyapunov=per_sequence.mean(1), lyapunov_per_sequence=per_sequence,
+                    lyapunov_prediction=prediction,
+                    predicted_decay_rate=decay_rates(prediction))
+
+
+def decay_rates(prediction: np.ndarray) -> float | np.ndarray:
+    """The decay rate of a predicted profile (T,), or of each row of (rows, T)."""
+    if prediction.ndim == 1:
+        return summarize(prediction)["decay_rate"]
+    return np.array([summarize(row)["decay_rate"] for row in prediction])
+
+
+def mean_over_processes(section: Lyapunov, reduce: Callable[[np.ndarray, str], np.ndarray],
+                        world_size: int) -> Lyapunov:
+    """The section of the global batch from each process's own, under data parallelism.
+
+    ``reduce(array, op)``: the elementwise ``op`` ("sum" or "max") of ``array`` over the
+    processes. Each process measured as many sequences as the others (equal batches), so
+
+    - ``lyapunov`` and ``lyapunov_per_time``: the mean over processes of their means;
+    - ``lyapunov_prediction``: the root mean square over processes, which is the prediction of
+      all their sequences together: `predicted_profile` is ``last`` · √(mean_b 10^{2 G_b(t)}),
+      and every process starts from the same ``last`` (the profile is the global batch's).
+      Summed in log10 with the largest subtracted, so decades below float64's range survive;
+    - ``predicted_decay_rate``: refitted to that prediction;
+    - ``lyapunov_per_sequence``: this process's sequences, as measured.
+    """
+    def mean(values: np.ndarray) -> np.ndarray:
+        return reduce(values, "sum") / world_size
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log = np.log10(section.lyapunov_prediction)
+        peak = reduce(log, "max")
+        shift = np.where(np.isfinite(peak), peak, 0.0)
+        prediction = 10.0 ** (shift + 0.5 * np.log10(mean(10.0 ** (2 * (log - shift)))))
+    per_time = section.lyapunov_per_time
+    return replace(section, lyapunov=mean(section.lyapunov), lyapunov_prediction=prediction,
+                   predicted_decay_rate=decay_rates(prediction),
+                   lyapunov_per_time=None if per_time is None else mean(per_time))
 
 
 @dataclass

@@ -18,7 +18,8 @@ field per instrument:
                    spectral_norm, recurrent_spectral_radius
     lyapunov       lyapunov (k,), lyapunov_per_sequence (S, k),  `Lyapunov`
                    lyapunov_prediction (T,), predicted_decay_rate,
-                   lyapunov_per_time (k,) (cells with a time step)
+                   lyapunov_per_time (k,) (cells with a time step);
+                   (rows, …) first for torch.nn modules
     sources        source_<field> str                            which computation gave a field,
                                                                  where not the training step
 
@@ -121,7 +122,15 @@ class Lyapunov(Section):
     descending; ``lyapunov_prediction`` (T,) the profile it predicts and
     ``predicted_decay_rate`` that profile's decay rate, fitted as ``decay_rate`` is.
     ``lyapunov_per_time`` (k,): for a cell with a time step (an ODE), the batch mean of the
-    exponents in log10 per unit of time; None (not in the file) for a discrete cell."""
+    exponents in log10 per unit of time; None (not in the file) for a discrete cell.
+
+    A watched torch.nn module's section has a row per layer and direction, as its profiles
+    (`rnnlab.lyapunov.watched_lyapunov`): ``lyapunov`` (rows, k), ``lyapunov_per_sequence``
+    (rows, S, k), ``lyapunov_prediction`` (rows, T), ``predicted_decay_rate`` (rows,); the
+    monitor names each row's tags (`row_scalars`).
+
+    Under data parallelism the batch means are over every process's sequences and
+    ``lyapunov_per_sequence`` holds process 0's (`rnnlab.lyapunov.mean_over_processes`)."""
 
     lyapunov: np.ndarray
     lyapunov_per_sequence: np.ndarray
@@ -130,12 +139,23 @@ class Lyapunov(Section):
     lyapunov_per_time: np.ndarray | None = None
 
     def scalars(self) -> dict[str, float]:
+        if np.ndim(self.lyapunov) > 1:  # rows: the monitor names each row's tags (row_scalars)
+            return {}
         exponents = {f"lyapunov/lambda_{i}": float(v)
                      for i, v in enumerate(np.ravel(self.lyapunov), start=1)}
         if self.lyapunov_per_time is not None:
             exponents.update({f"lyapunov/lambda_{i}_per_time": float(v)
                               for i, v in enumerate(np.ravel(self.lyapunov_per_time), start=1)})
         return {"grad_flow/predicted_decay_rate": self.predicted_decay_rate, **exponents}
+
+    def row_scalars(self, row: int, where: str) -> dict[str, float]:
+        """The tags of row ``row`` of a section with rows, ``where`` = ``<module path>/<row>``:
+        ``grad_flow/<where>/predicted_decay_rate`` and ``lyapunov/<where>/lambda_<i>``."""
+        tags = {f"grad_flow/{where}/predicted_decay_rate":
+                float(np.ravel(self.predicted_decay_rate)[row])}
+        tags.update({f"lyapunov/{where}/lambda_{i}": float(v)
+                     for i, v in enumerate(np.atleast_2d(self.lyapunov)[row], start=1)})
+        return tags
 
 
 @dataclass

@@ -29,10 +29,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from rnnlab.cells.base import Cell
 from rnnlab.probing import ProbedPass, ProbeRequest, Reduce, SelfProbing, StateProbes
@@ -74,15 +76,38 @@ class SelfProbingTarget(Target):
         self.context.__exit__(None, None, None)
 
 
+@dataclass
+class ModuleCall:
+    """What a watched `torch.nn` RNN, GRU or LSTM was called with on a probed pass (detached):
+    the trajectory its Lyapunov spectrum follows (`rnnlab.lyapunov.watched_lyapunov`)."""
+
+    module: nn.RNNBase
+    input: Tensor | PackedSequence
+    hx: Tensor | tuple[Tensor, Tensor] | None
+
+
+def detached(hx):
+    return None if hx is None else (hx.detach() if isinstance(hx, Tensor)
+                                    else tuple(h.detach() for h in hx))
+
+
 class TorchRNNTarget(Target):
     """`torch.nn.RNN`, `GRU`, `LSTM`: while armed, its forward is `unrolled_forward` on its own
-    weights (an attribute of the instance, removed on disarm: the class's fused forward is back)."""
+    weights (an attribute of the instance, removed on disarm: the class's fused forward is back).
+    ``calls`` keeps what each pass was called with."""
+
+    def __init__(self, path: str, module: nn.RNNBase):
+        super().__init__(path, module)
+        self.calls: list[ModuleCall] = []
 
     def arm(self, request: ProbeRequest) -> None:
         super().arm(request)
+        self.calls = []
         module = self.module
 
         def forward(input, hx=None):
+            self.calls.append(ModuleCall(module, input if isinstance(input, PackedSequence)
+                                         else input.detach(), detached(hx)))
             layers: list[LayerProbes] = []
             out = unrolled_forward(module, input, hx, layers)
             states = {"dL_dh": [StateProbes([p.h], p.sizes) for p in layers]}
@@ -258,6 +283,11 @@ class Watch:
     def passes(self) -> dict[str, ProbedPass]:
         """Pass name (the module's path, ``<path>@<i>`` for later calls) → its probes."""
         return {name: p for t in self.targets for name, p in zip(t.pass_names(), t.passes)}
+
+    def module_calls(self) -> dict[str, ModuleCall]:
+        """Pass name → what each watched torch.nn RNN, GRU or LSTM was called with."""
+        return {name: call for t in self.targets if isinstance(t, TorchRNNTarget)
+                for name, call in zip(t.pass_names(), t.calls)}
 
     def profiles(self, reduce: Reduce = None, world_size: int = 1
                  ) -> dict[str, dict[str, np.ndarray]]:
