@@ -68,7 +68,7 @@ from rnnlab.config import ConfigError, require, require_choice, require_int
 from rnnlab.figures import heatmap_figure, lyapunov_figure, plt, profile_figure
 from rnnlab.loggers import LoggerAdapter, adapters
 from rnnlab.lyapunov import lyapunov, mean_over_processes, watched_lyapunov
-from rnnlab.model import RecurrentModel
+from rnnlab.model import CONTRIBUTION_CHUNK_VALUES, RecurrentModel
 from rnnlab.nonfinite import NonFinitePolicy
 from rnnlab.probing import ProbeRequest
 from rnnlab.records import RECORD_GLOB, Record, record_path, watched_modules
@@ -91,9 +91,18 @@ MODEL = ""  # the pass name of rnnlab's own model: its records go straight into 
 
 
 def param_probe_bytes(model: nn.Module, seq_len: int) -> int:
-    """Estimated memory of the per-step parameter probes of one monitored step."""
-    return PARAM_PROBE_COPIES * seq_len * sum(p.numel() * p.element_size()
-                                              for p in model.parameters())
+    """Estimated memory of the per-step parameter probes of one monitored step: T copies of the
+    encoder's and decoder's parameters, and of the cell's as many as one chunk of its streamed
+    contributions holds (`RecurrentModel.cell_contributions`); T copies of all for other models."""
+    def nbytes(module: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    cell = getattr(model, "cell", None)
+    if not isinstance(cell, nn.Module):
+        return PARAM_PROBE_COPIES * seq_len * nbytes(model)
+    count = sum(p.numel() for p in cell.parameters()) or 1
+    steps = min(seq_len, max(1, CONTRIBUTION_CHUNK_VALUES // count))
+    return PARAM_PROBE_COPIES * (seq_len * (nbytes(model) - nbytes(cell)) + steps * nbytes(cell))
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -265,9 +274,10 @@ class GradFlowCallback(pl.Callback):
     def check_memory(self, model: nn.Module, seq_len: int, device: torch.device) -> None:
         """Refuse, before training, per-step parameter probes that cannot fit in memory.
 
-        ``param_contributions`` gives every parameter a (T, *shape) probe on monitored steps: with
-        its gradient and the per-step weights W + q_t the graph keeps, about
-        `PARAM_PROBE_COPIES` × T × (parameter count) values (measured: LSTM, H = 128, T = 1000).
+        ``param_contributions`` gives the encoder's and decoder's parameters a (T, *shape) probe
+        on monitored steps, and the cell's a chunk of steps at a time: with their gradients and
+        the per-step weights W + q_t, about `PARAM_PROBE_COPIES` values per probe entry
+        (`param_probe_bytes`; measured: LSTM, H = 128, T = 1000, all parameters probed).
         """
         if not self.param_contributions:
             return
