@@ -310,7 +310,8 @@ def test_the_default_data_server_keeps_every_record_too(logdir):
 
 
 # --- a trained run ----------------------------------------------------------------------------
-TRAINED = ["task.seq_len=12", "trainer.max_steps=4", "monitor.every_n_steps=2"]
+TRAINED = ["task.seq_len=12", "trainer.max_steps=4", "monitor.every_n_steps=2",
+           "monitor.jacobian_every_n_steps=2"]
 
 
 def npz_records(run: Path) -> dict[int, dict]:
