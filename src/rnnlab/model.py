@@ -34,7 +34,7 @@ from rnnlab.cells.base import Cell, State, state_keys
 from rnnlab.config import ConfigError, is_int, require, require_choice, require_int
 from rnnlab.flossing import Flossing, cycled, flossing_loss, prefloss
 from rnnlab.probing import ProbedPass, ProbeRequest, StateProbes
-from rnnlab.steps import CompiledStep, map_over_time, per_step_parameters
+from rnnlab.steps import CompiledStep, integer_attributes, map_over_time, per_step_parameters
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class RecurrentModel(pl.LightningModule):
         dts = dt.unbind(1) if dt is not None else (None,) * T
         cotangents = [(p.grad if p.grad is not None else torch.zeros_like(p)).unbind(0)
                       for p in probes]
-        counters = {k: v for k, v in vars(self.cell).items() if type(v) is int}
+        counters = integer_attributes(self.cell)
         try:
             for t0 in range(0, T, chunk):
                 t1 = min(t0 + chunk, T)
