@@ -68,7 +68,7 @@ from rnnlab.config import ConfigError, require, require_choice, require_int
 from rnnlab.figures import heatmap_figure, lyapunov_figure, plt, profile_figure
 from rnnlab.loggers import LoggerAdapter, adapters
 from rnnlab.lyapunov import lyapunov, mean_over_processes, watched_lyapunov
-from rnnlab.model import CONTRIBUTION_CHUNK_VALUES, RecurrentModel
+from rnnlab.model import RecurrentModel
 from rnnlab.nonfinite import NonFinitePolicy
 from rnnlab.probing import ProbeRequest
 from rnnlab.records import RECORD_GLOB, Record, record_path, watched_modules
@@ -97,11 +97,10 @@ def param_probe_bytes(model: nn.Module, seq_len: int) -> int:
     def nbytes(module: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in module.parameters())
 
-    cell = getattr(model, "cell", None)
-    if not isinstance(cell, nn.Module):
+    if not isinstance(model, RecurrentModel):
         return PARAM_PROBE_COPIES * seq_len * nbytes(model)
-    count = sum(p.numel() for p in cell.parameters()) or 1
-    steps = min(seq_len, max(1, CONTRIBUTION_CHUNK_VALUES // count))
+    cell = model.cell
+    steps = min(seq_len, model.contribution_chunk_steps())
     return PARAM_PROBE_COPIES * (seq_len * (nbytes(model) - nbytes(cell)) + steps * nbytes(cell))
 
 

@@ -9,7 +9,8 @@ that after backward p_t.grad = ∂L/∂z_t (the total derivative).
 
 Parameter probes measure the per-step contributions dL/dW⁽ᵗ⁾ of the shared parameters: step t
 runs encoder, cell and decoder with W + q_t for a zero q_t, so after backward q_t.grad = dL/dW⁽ᵗ⁾
-and Σ_t q_t.grad = dL/dW (docs/architecture.md, "The science").
+and Σ_t q_t.grad = dL/dW (docs/architecture.md, "The science"). Under the monitor the cell's are
+computed after the backward pass instead, a chunk of steps at a time (`cell_contributions`).
 
 Gradient flossing (``model.flossing``, `rnnlab.flossing`) runs before the first training step
 (`on_train_start`) and adds its term to the loss of chosen steps (`flossing_term`).
@@ -169,6 +170,12 @@ class RecurrentModel(pl.LightningModule):
                          for name, p in getattr(self, module).named_parameters()}
                 for module in modules}
 
+    def contribution_chunk_steps(self) -> int:
+        """Steps per chunk of `cell_contributions`: `CONTRIBUTION_CHUNK_VALUES` // the cell's
+        parameter count, at least 1."""
+        count = sum(p.numel() for p in self.cell.parameters()) or 1
+        return max(1, CONTRIBUTION_CHUNK_VALUES // count)
+
     def cell_contributions(self, u: Tensor, dt: Tensor | None, previous: list[State],
                            probes: State) -> Iterator[list[Tensor]]:
         """dL/dW⁽ᵗ⁾ of the cell's parameters after a probed pass's backward, in chunks of steps:
@@ -184,9 +191,8 @@ class RecurrentModel(pl.LightningModule):
         cell's counters (the ODE's NFE) are left as the training step made them.
         """
         named = list(self.cell.named_parameters())
-        count = sum(p.numel() for _, p in named) or 1
         T = u.shape[1]
-        chunk = max(1, CONTRIBUTION_CHUNK_VALUES // count)
+        chunk = self.contribution_chunk_steps()
         inputs = u.detach().unbind(1)
         dts = dt.unbind(1) if dt is not None else (None,) * T
         cotangents = [(p.grad if p.grad is not None else torch.zeros_like(p)).unbind(0)
