@@ -83,3 +83,24 @@ def test_ode_benchmark_names_an_unknown_path(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--ode", "--ode-paths", "euler,leapfrog"])
     assert "--ode-paths: unknown ['leapfrog']" in capsys.readouterr().err
+
+
+def test_job_times_read_the_jobs_log_and_clock(tmp_path):
+    (tmp_path / "train.log").write_text("[2026-12-05 23:46:54,250][rnnlab.sweep][INFO] - x\n")
+    from datetime import datetime
+    started = datetime(2026, 12, 5, 23, 46, 54, 250000).timestamp()
+    (tmp_path / "job_clock.json").write_text(json.dumps(
+        {"first_step": started + 1.5, "last_step_end": started + 4.0, "teardown": started + 4.25}))
+    times = bench.job_times(tmp_path)
+    assert times == pytest.approx({"startup_s": 1.5, "train_s": 2.5, "winddown_s": 0.25})
+
+
+def test_the_sweep_benchmark_times_every_job_of_a_joblib_sweep():
+    result = bench.run_sweep(n_jobs=1, jobs=2, T=5, steps=2, device="cpu")
+    assert result["jobs"] == 2 and result["wall_s"] > 0
+    assert result["jobs_per_hour"] == pytest.approx(3600 * 2 / result["wall_s"])
+    assert 0 < result["startup_s"] < result["wall_s"] and 0 < result["train_s"] < result["wall_s"]
+    table, summary = bench.sweep_table([result, {**result, "n_jobs": 2,
+                                                 "jobs_per_hour": 1.5 * result["jobs_per_hour"]}],
+                                       "t")
+    assert [row["speedup"] for row in summary] == pytest.approx([1.0, 1.5])

@@ -23,6 +23,12 @@ memory, each in a process of its own.
 (`SCAN_PATHS`): one forward + backward of the cell alone, the paths alternating in one process
 (so drifts in machine load hit them alike), and each path's peak memory in a process of its own.
 
+``--sweep`` measures a sweep's throughput instead: 20 short jobs (T = 50, 500 steps, seeds
+0 … 19) under ``hydra/launcher=joblib``, one job at a time and two at a time, each sweep one
+``rnnlab train -m`` process: its jobs per hour, their ratio, and per job the start-up (from the
+job's first log line to its first training step), the training steps and the wind-down (to the
+end of training's last hook) read from the jobs' own clocks (`JobClock`).
+
 Each case runs in a fresh process, so its peak memory (max RSS, or CUDA max allocated) is its own.
 """
 
@@ -64,6 +70,25 @@ class StepTimer(pl.Callback):
             sync(pl_module.device)
             elapsed = time.perf_counter() - self.start
             self.out.write_text(json.dumps({"steps_per_s": self.steps / elapsed}))
+
+
+class JobClock(pl.Callback):
+    """Writes the wall-clock times (time.time()) of a job's first training step, the end of its
+    last and the end of the run (teardown) to ``out`` (``--sweep``)."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.times: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.times.setdefault("first_step", time.time())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times["last_step_end"] = time.time()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.out.write_text(json.dumps({**self.times, "teardown": time.time()}))
 
 
 def sync(device: torch.device) -> None:
@@ -639,6 +664,66 @@ def scan_table(results: list[dict], title: str):
     return table, summary
 
 
+SWEEP_LOG_TIME = "%Y-%m-%d %H:%M:%S,%f"  # Hydra's job log: [2026-12-05 23:46:54,157][…
+
+
+def job_times(job_dir: Path) -> dict:
+    """One job's start-up, training and wind-down seconds from its train.log's first line and
+    its `JobClock` file."""
+    from datetime import datetime
+
+    first_line = (job_dir / "train.log").read_text().splitlines()[0]
+    started = datetime.strptime(first_line[1:first_line.index("]")], SWEEP_LOG_TIME).timestamp()
+    clock = json.loads((job_dir / "job_clock.json").read_text())
+    return {"startup_s": clock["first_step"] - started,
+            "train_s": clock["last_step_end"] - clock["first_step"],
+            "winddown_s": clock["teardown"] - clock["last_step_end"]}
+
+
+def run_sweep(n_jobs: int, jobs: int, T: int, steps: int, device: str) -> dict:
+    """One sweep of ``jobs`` seeds under joblib with ``n_jobs`` at a time, in its own
+    ``python -m rnnlab train -m`` process: wall seconds and the per-job times (`job_times`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "rnnlab", "train", "-m", "hydra/launcher=joblib",
+                   f"hydra.launcher.n_jobs={n_jobs}", f"hydra.sweep.dir={tmp}/sweep",
+                   f"seed={','.join(map(str, range(jobs)))}", f"task.seq_len={T}",
+                   f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
+                   f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+                   "+callbacks.job_clock._target_=rnnlab.bench.JobClock",
+                   "+callbacks.job_clock.out=${paths.output_dir}/job_clock.json"]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"the sweep failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        clocks = sorted(Path(tmp, "sweep").glob("*/job_clock.json"))
+        if len(clocks) != jobs:
+            raise RuntimeError(f"{len(clocks)} of {jobs} jobs finished:\n{done.stderr[-3000:]}")
+        times = [job_times(clock.parent) for clock in clocks]
+    return {"n_jobs": n_jobs, "jobs": jobs, "wall_s": wall, "jobs_per_hour": 3600 * jobs / wall,
+            **{key: statistics.median(t[key] for t in times) for key in times[0]}}
+
+
+def sweep_table(results: list[dict], title: str):
+    """Per number of parallel jobs: the sweep's wall time, jobs per hour and their ratio to one
+    at a time, and the median job's start-up, training and wind-down seconds."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("jobs at once", "wall s", "jobs / hour", "vs 1 at a time",
+                   "start-up s / job", "training s / job", "wind-down s / job"):
+        table.add_column(column, justify="right")
+    one = next(r["jobs_per_hour"] for r in results if r["n_jobs"] == 1)
+    summary = []
+    for r in results:
+        row = {**r, "speedup": r["jobs_per_hour"] / one}
+        summary.append(row)
+        table.add_row(str(r["n_jobs"]), f"{r['wall_s']:.0f}", f"{r['jobs_per_hour']:.0f}",
+                      f"{row['speedup']:.2f}", f"{r['startup_s']:.2f}", f"{r['train_s']:.2f}",
+                      f"{r['winddown_s']:.2f}")
+    return table, summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -675,6 +760,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lyapunov", action="store_true",
                         help="only: the Lyapunov spectrum's cost (k=32) against a probed step, "
                              "for each of --cells at each of --lengths")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only: a joblib sweep's jobs per hour, 1 and 2 jobs at a time, and "
+                             "each job's start-up time")
+    parser.add_argument("--sweep-jobs", type=int, default=20)
+    parser.add_argument("--sweep-length", type=int, default=50)
+    parser.add_argument("--sweep-steps", type=int, default=500)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
@@ -692,6 +783,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.console import Console
     from rich.progress import track
+
+    if args.sweep:
+        results = [run_sweep(n, args.sweep_jobs, args.sweep_length, args.sweep_steps,
+                             args.device) for n in track((1, 2), description="sweeps")]
+        table, summary = sweep_table(results, f"{args.sweep_jobs} jobs of T={args.sweep_length}, "
+                                              f"{args.sweep_steps} steps (default model, "
+                                              f"hydra/launcher=joblib, {os.cpu_count()} CPUs)")
+        Console(width=150).print(table)
+        Path(args.out).write_text(json.dumps({"summary": summary}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     if args.user:
         cases = user_plan(args.user_length, every=50, repeats=5)
