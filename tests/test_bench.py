@@ -104,3 +104,35 @@ def test_the_sweep_benchmark_times_every_job_of_a_joblib_sweep():
                                                  "jobs_per_hour": 1.5 * result["jobs_per_hour"]}],
                                        "t")
     assert [row["speedup"] for row in summary] == pytest.approx([1.0, 1.5])
+
+
+def test_rounds_of_a_case_combine_into_their_medians_and_a_failure_stays():
+    def result(mode, round_, **measured):
+        case = {"cell": "gru", "T": 5, "mode": mode, "round": round_}
+        return {**case, **measured, "case": case}
+
+    combined = bench.combine_rounds([
+        result("raw", 0, steps_per_s=10.0, peak_mb=100.0),
+        result("off", 0, steps_per_s=9.0, peak_mb=90.0),
+        result("raw", 1, steps_per_s=30.0, peak_mb=300.0),
+        result("off", 1, error="exit code 1"),
+        result("raw", 2, steps_per_s=20.0, peak_mb=400.0),
+    ])
+    by_mode = {r["mode"]: r for r in combined}
+    assert by_mode["raw"]["steps_per_s"] == 20.0 and by_mode["raw"]["peak_mb"] == 300.0
+    assert by_mode["raw"]["rounds"] == 3
+    assert by_mode["off"]["error"] == "exit code 1"
+
+
+def test_the_benchmark_runs_its_cases_in_rounds_and_tables_the_medians(tmp_path, monkeypatch):
+    rates = iter([10.0, 8.0, 30.0, 6.0, 20.0, 7.0])  # raw, off alternating over three rounds
+    monkeypatch.setattr(bench, "plan", lambda quick, cells, lengths: [
+        {"cell": "gru", "T": 5, "mode": m} for m in ("raw", "off")])
+    monkeypatch.setattr(bench, "cell_table", lambda cells, results, title: (
+        "", [{r["mode"]: r["steps_per_s"] for r in results}]))
+    monkeypatch.setattr(bench, "measure", lambda case: {"steps_per_s": next(rates)})
+    out = tmp_path / "bench.json"
+    bench.main(["--cells", "gru", "--lengths", "5", "--repeats", "3", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["summary"] == [{"raw": 20.0, "off": 7.0}]
+    assert [c["round"] for c in written["cases"]] == [0, 0, 1, 1, 2, 2]

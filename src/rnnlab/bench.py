@@ -386,6 +386,34 @@ def measure(case: dict) -> dict:
     return result
 
 
+def combine_rounds(results: list[dict]) -> list[dict]:
+    """One result per case from its rounds (each result is its case, with ``round`` 0, 1, …,
+    and what it measured): the median of each of `MEASURED` over the rounds, the other fields
+    from the first, ``rounds`` how many; a case that failed in any round is that round's
+    failure."""
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        case = {k: v for k, v in result["case"].items() if k != "round"}
+        groups.setdefault(json.dumps(case, sort_keys=True), []).append(result)
+    combined = []
+    for rounds in groups.values():
+        failed = next((r for r in rounds if "error" in r), None)
+        if failed is not None:
+            combined.append(failed)
+            continue
+        merged = dict(rounds[0])
+        for key in MEASURED:
+            values = [r[key] for r in rounds if isinstance(r.get(key), (int, float))]
+            if values:
+                merged[key] = statistics.median(values)
+        combined.append({**merged, "rounds": len(rounds)})
+    return combined
+
+
+# The numbers a case measures (what `combine_rounds` takes the median of).
+MEASURED = ("steps_per_s", "plain_s", "probed_s", "peak_mb")
+
+
 def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
     """Each mode of each (cell, T) times the same window of training steps after a warm-up:
     at T ≤ 1000 one whole period of the default monitor (`callbacks.INSTRUMENT_STEPS`: ten
@@ -760,6 +788,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lyapunov", action="store_true",
                         help="only: the Lyapunov spectrum's cost (k=32) against a probed step, "
                              "for each of --cells at each of --lengths")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every case (interleaved, so drifts in machine load hit "
+                             "every mode alike); the tables show each number's median")
     parser.add_argument("--sweep", action="store_true",
                         help="only: a joblib sweep's jobs per hour, 1 and 2 jobs at a time, and "
                              "each job's start-up time")
@@ -812,15 +843,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick:
             cells, lengths = [c for c in cells if c != "node"], [100]
         cases = plan(args.quick, cells, lengths)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     for case in cases:
         case["device"] = args.device
         case["flush_denormal"] = args.flush_denormal
+    rounds = [{**case, "round": r} for r in range(args.repeats) for case in cases]
     results = []
-    for case in track(cases, description="benchmarking"):
-        results.append({**case, **measure(case)})
+    for case in track(rounds, description="benchmarking"):
+        results.append({**case, **measure(case), "case": case})
         if "error" in results[-1]:
             print(f"case {case} failed: {results[-1]['error']}\n{results[-1]['stderr'][-500:]}")
         Path(args.out).write_text(json.dumps({"cases": results}, indent=2) + "\n")  # so far
+    every_round, results = results, combine_rounds(results)
 
     setting = (f"B={B}, H={H}, adding, lr {LR}, {args.device}, {torch.get_num_threads()} threads"
                + (", subnormals flushed" if args.flush_denormal else ""))
@@ -838,7 +873,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         table, summary = cell_table(cells, results, f"rnnlab vs raw PyTorch ({setting})")
     Console(width=150).print(table)
-    Path(args.out).write_text(json.dumps({"summary": summary, "cases": results}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"summary": summary, "cases": every_round}, indent=2)
+                              + "\n")
     print(f"wrote {args.out}")
 
 
