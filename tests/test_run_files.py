@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from rnnlab import records
 from rnnlab.records import Record
-from rnnlab.rundir import DiskFullError, RunFileError
+from rnnlab.rundir import BackgroundWriter, DiskFullError, RunFileError
 from rnnlab.sweep import main as summarise
 from rnnlab.sweep import write_summary
 
@@ -187,6 +187,43 @@ def test_a_full_disk_while_a_record_is_written_names_it_and_keeps_the_previous(t
     with pytest.raises(DiskFullError, match=rf"^disk full: could not write {path} \(no space"):
         Record(5, {"dL_dz": np.zeros(8)}).save(directory)
     assert path.read_bytes() == before and [p.name for p in directory.iterdir()] == [path.name]
+
+
+def test_background_writes_run_in_order_and_wait_raises_the_first_failure():
+    writer = BackgroundWriter("test")
+    done: list[int] = []
+    for i in range(5):
+        writer.submit(done.append, i)
+    writer.wait()
+    assert done == [0, 1, 2, 3, 4]
+
+    def fail(message):
+        raise OSError(errno.ENOSPC, message)
+
+    writer.submit(fail, "first")
+    writer.submit(fail, "second")
+    writer.submit(done.append, 5)  # still written: a failure does not drop the writes after it
+    with pytest.raises(OSError, match="first"):
+        writer.wait()
+    assert done[-1] == 5
+    writer.submit(fail, "third")
+    while writer._pending and not writer._pending[0].done():
+        pass
+    with pytest.raises(OSError, match="third"):  # surfaces at the next write
+        writer.submit(done.append, 6)
+    writer.close()
+
+
+def test_a_full_disk_while_training_writes_a_record_stops_the_run_naming_it(make_cfg, tmp_path,
+                                                                            monkeypatch):
+    from rnnlab.train import train
+
+    def disk_full(file, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records.np, "savez", disk_full)
+    with pytest.raises(DiskFullError, match=r"could not write .*grad_flow/step_0000000\.npz"):
+        train(make_cfg("trainer.max_steps=4", "monitor.every_n_steps=1"))
 
 
 def test_a_record_killed_mid_write_leaves_the_previous_and_no_temp_file(tmp_path):

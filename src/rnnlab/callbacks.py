@@ -72,7 +72,7 @@ from rnnlab.model import RecurrentModel
 from rnnlab.nonfinite import NonFinitePolicy
 from rnnlab.probing import ProbeRequest
 from rnnlab.records import RECORD_GLOB, Record, record_path, watched_modules
-from rnnlab.rundir import RunFileError
+from rnnlab.rundir import BackgroundWriter, RunFileError
 from rnnlab.watching import Watch
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,9 @@ class GradFlowCallback(pl.Callback):
         self.last_finite = "none yet (no monitored step finished)"
         self.histories: dict[str, History] = {}
         self.records_written = 0
+        # Records go to disk on a thread of their own (each fsyncs); every checkpoint, the end
+        # of training and an exception wait for them.
+        self.writer = BackgroundWriter("rnnlab-records")
         self.packed_warned: set[str] = set()  # passes whose spectrum a PackedSequence prevents
         self.run_info = [str(o) for o in run_info] if run_info is not None else None
 
@@ -296,6 +299,7 @@ class GradFlowCallback(pl.Callback):
     # history is not in it (it would grow with every monitored step): it is on disk, in the
     # records, and read back from there when a run resumes (`restore_histories`).
     def state_dict(self) -> dict:
+        self.writer.wait()  # a checkpoint counts only records that are on disk
         record = self.last_record.arrays() if self.last_record is not None else {}  # the model's
         record = {k: v for k, v in record.items() if v.dtype.kind != "U"}  # rows, sources
         return {"last_record": {k: torch.as_tensor(v) for k, v in record.items()},
@@ -426,17 +430,22 @@ class GradFlowCallback(pl.Callback):
                 f"{record_path(self.record_dir(name), first.step)}")
         if trainer.is_global_zero:
             for name, record in current.records.items():
-                record.save(self.record_dir(name))
+                record.save(self.record_dir(name), self.writer)
             self.log_records(current.step, current.records)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.watch is not None:
             self.watch.stop()
         self.current = None
+        try:  # the records of the steps before it, on disk; the exception is what is raised
+            self.writer.close()
+        except Exception as error:
+            log.error("could not write a gradient-flow record: %s", error)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.watch is not None:
             self.watch.stop()
+        self.writer.close()
         if (trainer.is_global_zero and self.last_records and self.figure_every
                 and not self.figures_due()):  # the last records' were not drawn
             self.draw_figures(self.last_records)

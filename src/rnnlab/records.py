@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from rnnlab.rundir import GRAD_FLOW, RunFileError, atomic_write
+from rnnlab.rundir import GRAD_FLOW, BackgroundWriter, RunFileError, atomic_write
 
 HORIZON_THRESHOLD = 1e-3
 RECORD_GLOB = "step_*.npz"
@@ -304,13 +304,18 @@ class Record:
         return cls(int(arrays["step"]), groups["profiles"], rows, loss, groups["grad_norms"],
                    groups["contributions"], **sections, sources=sources)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, writer: BackgroundWriter | None = None) -> Path:
         """Write ``<directory>/step_<step:07d>.npz`` whole or not at all (`atomic_write`: a
         temporary file in the same directory, renamed over the target once on disk; a full
-        disk is a `DiskFullError` naming the file)."""
+        disk is a `DiskFullError` naming the file). With a ``writer``, the record's arrays are
+        taken now and written on its thread (`BackgroundWriter`: its ``wait`` returns once the
+        file is on disk)."""
         path = record_path(directory, self.step)
         arrays = self.arrays()
-        atomic_write(path, lambda file: np.savez(file, **arrays))
+        if writer is None:
+            write_arrays(path, arrays)
+        else:
+            writer.submit(write_arrays, path, arrays)
         return path
 
     @classmethod
@@ -359,6 +364,10 @@ def section_fields() -> dict[str, type[Section]]:
         if section is not None:
             fields[name] = section
     return fields
+
+
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
 def record_path(directory: str | Path, step: int) -> Path:
