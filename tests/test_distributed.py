@@ -25,15 +25,18 @@ SETTINGS = ["trainer.max_steps=3", "task.seq_len=10", "task.batch_size=8", "cell
 def test_ddp_profile_equals_the_single_process_profile_on_the_same_global_batch(
         make_cfg, tmp_path):
     ddp_dir = tmp_path / "ddp"
+    # The spectrum of every sequence (each process measures its 4, the single process all 8):
+    # the global batch's mean exponents and predicted profile from the processes' own.
+    spectrum = ["monitor.lyapunov_k=2", "monitor.lyapunov_sequences=8"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "trainer=ddp", *SETTINGS,
-         f"hydra.run.dir={ddp_dir}"],
+         *spectrum, f"hydra.run.dir={ddp_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train_ddp_process_1.log" in os.listdir(ddp_dir)  # really two processes
 
-    train(make_cfg(*SETTINGS, fast=False, output_dir=tmp_path / "single"))
+    train(make_cfg(*SETTINGS, *spectrum, fast=False, output_dir=tmp_path / "single"))
     ddp, single = gradflow.load(ddp_dir), gradflow.load(tmp_path / "single")
     assert ddp["step"].tolist() == single["step"].tolist() == [0, 1, 2]
     for key in ("dL_dz", "dL_dW_encoder", "dL_dW_cell", "dL_dW_decoder", "grad_norm_cell",
@@ -42,6 +45,9 @@ def test_ddp_profile_equals_the_single_process_profile_on_the_same_global_batch(
     # Power iteration (10 steps from a random start that depends on the batch shape) is a lower
     # bound within a fraction of a percent here; the max over processes must land as close.
     np.testing.assert_allclose(ddp["jacobian_norm"], single["jacobian_norm"], rtol=1e-2)
+    for key in ("lyapunov", "lyapunov_prediction", "predicted_decay_rate"):
+        assert np.isfinite(single[key][0]).all(), key  # measured at step 0
+        np.testing.assert_allclose(ddp[key], single[key], rtol=1e-4, atol=1e-7, err_msg=key)
     # only rank 0 wrote: one record per step, one metrics file, one event directory
     assert len(list((ddp_dir / "grad_flow").iterdir())) == 3
     assert (ddp_dir / "metrics.json").is_file() and list(ddp_dir.glob("events.out.tfevents.*"))

@@ -514,7 +514,8 @@ class GradFlowCallback(pl.Callback):
                                               self.lyapunov_ons_every, self.sequences(batch_size))
 
         def reduce(values: np.ndarray, op: str) -> np.ndarray:
-            tensor = torch.as_tensor(values, dtype=torch.float64, device=pl_module.device)
+            # a copy: the all-reduce is in place, and as_tensor would share the array's memory
+            tensor = torch.tensor(values, dtype=torch.float64, device=pl_module.device)
             return trainer.strategy.reduce(tensor, reduce_op=op).cpu().numpy()
 
         world = trainer.world_size

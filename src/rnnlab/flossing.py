@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rnnlab.config import ConfigError, is_number, require, require_int
-from rnnlab.lyapunov import LYAPUNOV_SEED
+from rnnlab.lyapunov import initial_vectors
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,7 @@ def lyapunov_exponents(model, x: Tensor, k: int, dt: Tensor | None = None) -> Te
     widths = [s.shape[1] for s in state]
     D = sum(widths)
     k = min(k, D)
-    generator = torch.Generator().manual_seed(LYAPUNOV_SEED)
-    Q = torch.linalg.qr(torch.randn(S, D, k, generator=generator, dtype=torch.float64))[0]
-    Q = Q.to(dtype=u.dtype, device=u.device)
+    Q = initial_vectors(S, D, k, u)
     total = torch.zeros(S, k, dtype=u.dtype, device=u.device)
     for t in range(T - 1, 0, -1):
         z = tuple(s.repeat_interleave(k, 0) for s in previous[t])

@@ -44,7 +44,7 @@ from rnnlab.unrolled import MODES, cell_step, initial_states, row_names
 # The first tenth of the steps (from T−1 backward) aligns the random initial vectors with the
 # Lyapunov vectors; the exponents average the steps after it. The prediction uses every step.
 WARMUP_FRACTION = 0.1
-LYAPUNOV_SEED = 0  # the initial vectors are the same on every call
+LYAPUNOV_SEED = 0  # the initial vectors are the same on every call (`initial_vectors`)
 
 
 @dataclass
@@ -60,6 +60,16 @@ class BackwardSpectrum:
     exponents: np.ndarray
     top_growth: np.ndarray
     steps: int
+
+
+def initial_vectors(S: int, D: int, k: int, like: Tensor) -> Tensor:
+    """The k orthonormal vectors (S, D, k) the backward QR pass starts from: the same for every
+    sequence and on every call (drawn from `LYAPUNOV_SEED`), so that a sequence's spectrum does
+    not depend on the batch, or the process under data parallelism, that measures it. Dtype and
+    device of ``like``."""
+    generator = torch.Generator().manual_seed(LYAPUNOV_SEED)
+    Q = torch.linalg.qr(torch.randn(D, k, generator=generator, dtype=torch.float64))[0]
+    return Q.to(dtype=like.dtype, device=like.device).expand(S, D, k).contiguous()
 
 
 def warmup_steps(T: int, ons_every: int) -> int:
@@ -83,10 +93,7 @@ def backward_spectrum(cell: Cell, u: Tensor, previous_states: list[State], dt: T
     widths = [s.shape[1] for s in previous_states[0]]
     D = sum(widths)
     k = min(k, D)
-    first = previous_states[0][0]
-    generator = torch.Generator().manual_seed(LYAPUNOV_SEED)
-    start = torch.randn(S, D, k, generator=generator, dtype=torch.float64)
-    Q = torch.linalg.qr(start)[0].to(dtype=first.dtype, device=first.device)  # (S, D, k)
+    Q = initial_vectors(S, D, k, previous_states[0][0])  # (S, D, k)
     top_growth = torch.zeros(T, S, dtype=torch.float64)
     log_r = torch.zeros(T, S, k, dtype=torch.float64)
     inputs = u.detach().unbind(1)
