@@ -109,7 +109,7 @@ def test_the_sweep_benchmark_times_every_job_of_a_joblib_sweep():
 def test_rounds_of_a_case_combine_into_their_medians_and_a_failure_stays():
     def result(mode, round_, **measured):
         case = {"cell": "gru", "T": 5, "mode": mode, "round": round_}
-        return {**case, **measured, "case": case}
+        return case, {**case, **measured}
 
     combined = bench.combine_rounds([
         result("raw", 0, steps_per_s=10.0, peak_mb=100.0),

@@ -386,27 +386,27 @@ def measure(case: dict) -> dict:
     return result
 
 
-def combine_rounds(results: list[dict]) -> list[dict]:
-    """One result per case from its rounds (each result is its case, with ``round`` 0, 1, …,
-    and what it measured): the median of each of `MEASURED` over the rounds, the other fields
-    from the first, ``rounds`` how many; a case that failed in any round is that round's
-    failure."""
+def combine_rounds(rounds: list[tuple[dict, dict]]) -> list[dict]:
+    """One result per case from its rounds, given as (case with its ``round`` 0, 1, …, result
+    with the case's fields and what it measured): the median of each of `MEASURED` over the
+    rounds, the other fields from the first, ``rounds`` how many; a case that failed in any
+    round is that round's failure."""
     groups: dict[str, list[dict]] = {}
-    for result in results:
-        case = {k: v for k, v in result["case"].items() if k != "round"}
-        groups.setdefault(json.dumps(case, sort_keys=True), []).append(result)
+    for case, result in rounds:
+        key = json.dumps({k: v for k, v in case.items() if k != "round"}, sort_keys=True)
+        groups.setdefault(key, []).append(result)
     combined = []
-    for rounds in groups.values():
-        failed = next((r for r in rounds if "error" in r), None)
+    for results in groups.values():
+        failed = next((r for r in results if "error" in r), None)
         if failed is not None:
             combined.append(failed)
             continue
-        merged = dict(rounds[0])
+        merged = {k: v for k, v in results[0].items() if k != "round"}
         for key in MEASURED:
-            values = [r[key] for r in rounds if isinstance(r.get(key), (int, float))]
+            values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
             if values:
                 merged[key] = statistics.median(values)
-        combined.append({**merged, "rounds": len(rounds)})
+        combined.append({**merged, "rounds": len(results)})
     return combined
 
 
@@ -851,11 +851,11 @@ def main(argv: list[str] | None = None) -> None:
     rounds = [{**case, "round": r} for r in range(args.repeats) for case in cases]
     results = []
     for case in track(rounds, description="benchmarking"):
-        results.append({**case, **measure(case), "case": case})
+        results.append({**case, **measure(case)})
         if "error" in results[-1]:
             print(f"case {case} failed: {results[-1]['error']}\n{results[-1]['stderr'][-500:]}")
         Path(args.out).write_text(json.dumps({"cases": results}, indent=2) + "\n")  # so far
-    every_round, results = results, combine_rounds(results)
+    every_round, results = results, combine_rounds(list(zip(rounds, results)))
 
     setting = (f"B={B}, H={H}, adding, lr {LR}, {args.device}, {torch.get_num_threads()} threads"
                + (", subnormals flushed" if args.flush_denormal else ""))
