@@ -58,3 +58,36 @@ def test_cell_sequence_path_matches_stepping(name):
     grads_step = torch.autograd.grad(expected.square().sum(), [u, *cell.parameters()])
     for a, b in zip(grads_fast, grads_step):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+PROJECTED = [(name, {}) for name in CELLS] + [
+    ("rnn", {"nonlinearity": "relu"}), ("rnn", {"nonlinearity": "identity"}),
+    ("rnn", {"constraint": "orthogonal", "gain": 0.9})]
+
+
+@pytest.mark.parametrize(("name", "overrides"), PROJECTED)
+def test_stepping_from_the_input_projection_matches_stepping(name, overrides):
+    """`projected_step(input_projection(u)[:, t], …)` is `step(u[:, t], …)`: states, and the
+    gradients of u and every parameter, over 9 steps."""
+    cell = make_cell(name, **overrides)
+    if cell.input_projection is None:
+        pytest.skip(f"{name} has no input projection")
+    u = torch.randn(5, 9, 3, dtype=torch.float64, requires_grad=True)
+    g = cell.input_projection(u)
+    assert g.shape[:2] == (5, 9)
+    state, outputs = cell.init_state(5), []
+    for g_t in g.unbind(1):
+        state = cell.projected_step(g_t, state, None)
+        outputs.append(state[0])
+    projected = torch.stack(outputs, 1)
+    expected, expected_state = step_through(cell, u)
+    torch.testing.assert_close(projected, expected, rtol=1e-12, atol=1e-14)
+    for a, b in zip(state, expected_state):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    grads = torch.autograd.grad(projected.square().sum() + sum(s.sin().sum() for s in state),
+                                [u, *cell.parameters()])
+    grads_step = torch.autograd.grad(expected.square().sum()
+                                     + sum(s.sin().sum() for s in expected_state),
+                                     [u, *cell.parameters()])
+    for a, b in zip(grads, grads_step):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -208,3 +208,56 @@ def test_training_with_recomputed_segments_trains_the_same_parameters(make_cfg):
     segmented = train_parameters(make_cfg, ["cell=lstm", "model.checkpoint_steps=5"], every=1)
     for name in plain:
         torch.testing.assert_close(segmented[name], plain[name], rtol=1e-12, atol=0, msg=name)
+
+
+def probe_gradients(cell: str, checkpoint_steps: int, project: bool,
+                    n_out: int = 1) -> dict[str, torch.Tensor]:
+    """Loss, state-probe and parameter gradients of the monitor's probed float64 pass (state
+    probes only), stepping from the cell's input projection or, ``project`` False, through
+    `step`."""
+    from omegaconf import OmegaConf
+
+    from rnnlab.probing import ProbeRequest
+    from rnnlab.tasks import Adding
+
+    from .conftest import default_dtype
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / f"{cell}.yaml"))
+    cfg["hidden_size"] = 6
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        model = RecurrentModel(cfg, input_size=2, output_size=1, encoder_size=3,
+                               checkpoint_steps=checkpoint_steps, n_out=n_out)
+    if not project:
+        model.cell.input_projection = None
+    T, B = 11, 3
+    batch = Adding(seq_len=T, batch_size=B).generate(B, torch.Generator().manual_seed(0))
+    y = torch.randn(B, n_out, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with model.probing(ProbeRequest()) as passes:
+        loss = model.loss_fn(model(batch["x"].double()), y)
+    loss.backward()
+    grads = {"loss": loss.detach()}
+    with model.trajectory(batch["x"].double()) as (_, previous):
+        grads["trajectory"] = torch.stack([torch.cat(s, 1) for s in previous])
+    for key, (probes,) in passes[0].states.items():
+        grads[key] = probes.leaves[0].grad
+    grads.update({n: p.grad for n, p in model.named_parameters()})
+    return grads
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("checkpoint_steps", [0, 4])
+@pytest.mark.parametrize("n_out", [1, 6])
+def test_probed_pass_from_the_input_projection_equals_stepping(cell, checkpoint_steps, n_out,
+                                                               monkeypatch):
+    """Chunks of 4 projected steps (and segments of 4, 4, 3), each one node
+    (`Cell.probed_sequence`), give stepping's probe and parameter gradients; the loss reads the
+    last step, or the last 6 across chunks. The trajectory's states are stepping's too."""
+    monkeypatch.setattr("rnnlab.model.PROJECTION_STEPS", 4)
+    stepped = probe_gradients(cell, checkpoint_steps, project=False, n_out=n_out)
+    projected = probe_gradients(cell, checkpoint_steps, project=True, n_out=n_out)
+    assert stepped.keys() == projected.keys()
+    for name in stepped:
+        assert torch.count_nonzero(stepped[name]) > 0, name
+        torch.testing.assert_close(projected[name], stepped[name], rtol=1e-12, atol=1e-15,
+                                   msg=name)

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnlab.cells.base import Cell, State
+from rnnlab.cells.gated import cell_step
 from rnnlab.config import require_int
 from rnnlab.records import Lyapunov, summarize
-from rnnlab.unrolled import MODES, cell_step, initial_states, row_names
+from rnnlab.unrolled import MODES, initial_states, row_names
 
 # The first tenth of the steps (from T−1 backward) aligns the random initial vectors with the
 # Lyapunov vectors; the exponents average the steps after it. The prediction uses every step.
@@ -199,7 +200,7 @@ def lyapunov(model, batch: dict[str, Tensor], k: int, ons_every: int = 1,
 class LayerStep:
     """One layer and direction of a `torch.nn` RNN, GRU or LSTM as a ``step(u_t, state, dt)``
     for `backward_spectrum`: ``u_t`` is the step's input projection W_ih x_t + b_ih (+ b_hh but
-    in the GRU), ``state`` (h,) or the LSTM's (h, c); the step is `rnnlab.unrolled.cell_step`,
+    in the GRU), ``state`` (h,) or the LSTM's (h, c); the step is `rnnlab.cells.gated.cell_step`,
     the function the watched module's probed pass runs."""
 
     def __init__(self, module: nn.RNNBase, name: str):

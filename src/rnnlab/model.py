@@ -45,6 +45,10 @@ ParamProbes = dict[str, dict[str, Tensor]]
 # Values of the cell's per-step parameter copies per chunk of `cell_contributions` (× a few for
 # their gradients and the graph): 2**22 float32 values are 16 MiB.
 CONTRIBUTION_CHUNK_VALUES = 2**22
+# Steps whose input projection (`Cell.input_projection`) the step-by-step loop makes at once
+# when it does not checkpoint segments (then a segment's): one matmul per chunk, and at most
+# a chunk's projection alive beside the graph.
+PROJECTION_STEPS = 64
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "rmsprop": torch.optim.RMSprop}
 
@@ -227,11 +231,12 @@ class RecurrentModel(pl.LightningModule):
         that receives z_{t−1} (detached) before every step t, for the transition Jacobians.
 
         Steps are split once with `unbind` — indexing u[:, t] inside the loop would make the
-        backward quadratic in T (docs/architecture.md, "Speed"). With ``checkpoint_steps`` = K > 0,
-        a loop that
-        builds a graph keeps only every K-th state and recomputes each segment of K steps in the
-        backward pass (`torch.utils.checkpoint`): the same gradients, for activation memory of
-        T/K states plus one segment's graph instead of all T steps'.
+        backward quadratic in T (docs/architecture.md, "Speed"). A cell with an input projection
+        (`Cell.input_projection`) steps from it, made `PROJECTION_STEPS` steps at a time, unless
+        step t runs with W + q_t. With ``checkpoint_steps`` = K > 0, a loop that builds a graph
+        keeps only every K-th state and recomputes each segment of K steps (and its projection)
+        in the backward pass (`torch.utils.checkpoint`): the same gradients, for activation
+        memory of T/K states plus one segment's graph instead of all T steps'.
         """
         B, T = u.shape[:2]
         state = self.cell.init_state(B)
@@ -240,29 +245,62 @@ class RecurrentModel(pl.LightningModule):
             fast = self.cell.sequence(u, state)
             if fast is not None:
                 return fast[0][:, T - self.n_out:]
-        inputs = u.unbind(1)
         dts = dt.unbind(1) if dt is not None else (None,) * T
-        state_probes = list(zip(*(p.unbind(0) for p in probes))) if probes is not None else None
-        cell_step = self.compiled_step() if plain and self.hparams.compile else self.cell.step
+        compiled = plain and self.hparams.compile
+        cell_step = self.compiled_step() if compiled else self.cell.step
         step = (per_step_parameters(self.cell, cell_probes) if cell_probes is not None
                 else lambda u_t, state, dt_t, t: cell_step(u_t, state, dt_t))
+        K = self.hparams.checkpoint_steps if torch.is_grad_enabled() else 0
+        # With the cell's input projection the loop reads g = input_projection(u) a chunk of
+        # steps at a time (a checkpointed segment's chunk is recomputed with it), and a probed
+        # chunk runs as one node where the cell offers `probed_sequence`. u and the probes are
+        # split once, as the steps are (the backward of one split, not of T slices).
+        project = cell_probes is None and not compiled and self.cell.input_projection is not None
+        chunked = (project and probes is not None and self.cell.probed_sequence is not None
+                   and not torch.is_autocast_enabled())
+        span = K or PROJECTION_STEPS
+        inputs = u.split(span, 1) if project else u.unbind(1)
+        probe_chunks = (list(zip(*(p.split(span, 0) for p in probes))) if chunked else None)
+        state_probes = (list(zip(*(p.unbind(0) for p in probes)))
+                        if probes is not None and not chunked else None)
+
+        def advance(t: int, state: State, stepper, x_t: Tensor, outputs: list[Tensor]) -> State:
+            """Step t of the loop: z_t = stepper(x_t, z_{t−1}) (+ p_t), read if n_out asks."""
+            # (not again when a checkpointed segment is recomputed in the backward pass)
+            if previous_states is not None and len(previous_states) < T:
+                previous_states.append(tuple(s.detach() for s in state))
+            state = stepper(x_t, state, dts[t], t)
+            if state_probes is not None:
+                state = tuple(s + p for s, p in zip(state, state_probes[t]))
+            if t >= T - self.n_out:
+                outputs.append(state[0])
+            return state
+
+        def projected(g_t: Tensor, state: State, dt_t: Tensor | None, t: int) -> State:
+            return self.cell.projected_step(g_t, state, dt_t)
 
         def run(t0: int, t1: int, *state: Tensor) -> tuple[State, list[Tensor]]:
             """Steps t0 … t1−1 from z_{t0−1} = state: the last state and the read outputs."""
-            outputs = []
-            for t in range(t0, t1):
-                # (not again when a checkpointed segment is recomputed in the backward pass)
-                if previous_states is not None and len(previous_states) < T:
-                    previous_states.append(tuple(s.detach() for s in state))
-                state = step(inputs[t], state, dts[t], t)
-                if state_probes is not None:
-                    state = tuple(s + p for s, p in zip(state, state_probes[t]))
-                if t >= T - self.n_out:
-                    outputs.append(state[0])
+            outputs: list[Tensor] = []
+            if not project:
+                for t in range(t0, t1):
+                    state = advance(t, state, step, inputs[t], outputs)
+                return state, outputs
+            for c in range(t0 // span, (t1 - 1) // span + 1):  # t0 starts a chunk
+                c0 = c * span
+                g = self.cell.input_projection(inputs[c])
+                if chunked:
+                    record = (previous_states if previous_states is not None
+                              and len(previous_states) < T else None)
+                    first, state = self.cell.probed_sequence(g, state, probe_chunks[c], record)
+                    if c0 + first.shape[0] > T - self.n_out:
+                        outputs += first.unbind(0)[max(0, T - self.n_out - c0):]
+                    continue
+                for t, g_t in enumerate(g.unbind(1), start=c0):
+                    state = advance(t, state, projected, g_t, outputs)
             return state, outputs
 
-        K = self.hparams.checkpoint_steps
-        if K and torch.is_grad_enabled():
+        if K:
             outputs = []
             for t0 in range(0, T, K):
                 state, read = checkpoint(run, t0, min(t0 + K, T), *state, use_reentrant=False)

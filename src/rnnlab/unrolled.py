@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnlab.cells.gated import cell_step
+
 MODES = ("RNN_TANH", "RNN_RELU", "GRU", "LSTM")
 
 
@@ -167,25 +169,3 @@ def run_direction(module: nn.RNNBase, name: str, x: Tensor, sizes: list[int], h:
             c_new = c_new + p_c[t]
             c = c_new if n == B else torch.cat([c_new, c[n:]])
     return torch.cat(out), h, c
-
-
-def cell_step(mode: str, gi: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
-              b_hh: Tensor | None, w_hr: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """One step from the input projection ``gi`` (with b_hh, except for the GRU)."""
-    if mode == "GRU":
-        gh = F.linear(h, w_hh, b_hh)
-        i_r, i_z, i_n = gi.chunk(3, 1)
-        h_r, h_z, h_n = gh.chunk(3, 1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        return n + z * (h - n), None
-    pre = torch.addmm(gi, h, w_hh.t())
-    if mode == "RNN_TANH":
-        return torch.tanh(pre), None
-    if mode == "RNN_RELU":
-        return torch.relu(pre), None
-    i, f, g, o = pre.chunk(4, 1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
-    return (h if w_hr is None else F.linear(h, w_hr)), c

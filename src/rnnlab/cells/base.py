@@ -98,6 +98,19 @@ class Cell(nn.Module):
       J = ∂step(u_t, state, dt)/∂state per sequence (the state's tensors concatenated), for cells
       whose J is cheap to take apart (diagonal: max |J_ii|; 2×2 rotation blocks: max |λ|). The
       monitor then uses it instead of power iteration. The base has none (``None``).
+    - optional `input_projection(u)` and `projected_step(g_t, state, dt)`, together: the part of
+      `step` that reads the input alone (W_ih u_t + b), for many steps at once, ``u`` (B, C,
+      input_size) → ``g`` (B, C, ·), and the rest of the step from ``g[:, t]``, so that
+      ``projected_step(input_projection(u)[:, t], state, dt) == step(u[:, t], state, dt)``. The
+      step-by-step loop (monitored steps, cells without a fused path) then makes one matmul per
+      chunk of steps instead of one per step. Per-step parameter probes (W + q_t) always go
+      through `step`. The base has neither (``None``).
+    - optional, with the projection, `probed_sequence(g, state, probes, previous)` ->
+      ``(first, state)``: a chunk of C probed steps z_t = projected_step(g[:, t], z_{t−1}) + p_t
+      in one autograd node (`rnnlab.cells.recurrences`), ``probes`` one (C, B, hidden) zero
+      tensor per state, ``first`` z[0] at every step (C, B, hidden); it appends z_{t−1}
+      (detached) to ``previous`` unless None. The probes' gradients must be the loop's. The
+      base has none (``None``).
     - optional `diagnostics()` -> ``{name: number}``: read (and reset) by the model after every
       training step and logged as ``cell/<name>``, e.g. an ODE solver's ``nfe_forward``. The base
       returns ``{}``.
@@ -134,6 +147,9 @@ class Cell(nn.Module):
 
     state_names: tuple[str, ...] = ("h",)
     jacobian_norms = None  # optional: (u_t, state, dt) -> (B,), see the contract
+    input_projection = None  # optional: u (B, C, input) -> g (B, C, ·), with projected_step
+    projected_step = None  # optional: (g_t, state, dt) -> State, see the contract
+    probed_sequence = None  # optional: (g, state, probes, previous) -> (first, state)
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnlab.cells.base import Cell, State
+from rnnlab.cells.recurrences import ProbedGRU, ProbedLSTM
 from rnnlab.config import is_number, require, require_choice
 
 INITS = ("default", "orthogonal")
@@ -69,6 +71,17 @@ class GRU(GatedCell):
         (h,) = state
         return (torch.gru_cell(u_t, h, *self.weights()),)
 
+    def input_projection(self, u: Tensor) -> Tensor:
+        return F.linear(u, self.weight_ih, self.bias_ih)
+
+    def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return (cell_step("GRU", g_t, state[0], None, self.weight_hh, self.bias_hh, None)[0],)
+
+    def probed_sequence(self, g: Tensor, state: State, probes: State,
+                        previous: list[State] | None) -> tuple[Tensor, State]:
+        hs, h = ProbedGRU.apply(g, state[0], self.weight_hh, self.bias_hh, probes[0], previous)
+        return hs, (h,)
+
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         # Positional flags: has_biases, num_layers, dropout, train, bidirectional, batch_first.
         outputs, h_last = torch.gru(u, state[0].unsqueeze(0), self.weights(), True, 1, 0.0,
@@ -108,8 +121,45 @@ class LSTM(GatedCell):
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         return tuple(torch.lstm_cell(u_t, state, *self.weights()))
 
+    def input_projection(self, u: Tensor) -> Tensor:
+        return F.linear(u, self.weight_ih, self.bias_ih + self.bias_hh)
+
+    def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return cell_step("LSTM", g_t, state[0], state[1], self.weight_hh, None, None)
+
+    def probed_sequence(self, g: Tensor, state: State, probes: State,
+                        previous: list[State] | None) -> tuple[Tensor, State]:
+        hs, h, c = ProbedLSTM.apply(g, *state, self.weight_hh, *probes, previous)
+        return hs, (h, c)
+
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         h0, c0 = (s.unsqueeze(0) for s in state)
         outputs, h_last, c_last = torch.lstm(u, (h0, c0), self.weights(), True, 1, 0.0,
                                              self.training, False, True)
         return outputs, (h_last.squeeze(0), c_last.squeeze(0))
+
+
+def cell_step(mode: str, gi: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
+              b_hh: Tensor | None, w_hr: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One step of `torch.nn`'s RNN (``mode`` RNN_TANH, RNN_RELU), GRU or LSTM from the step's
+    input projection ``gi`` = W_ih u_t + b_ih (+ b_hh, except in the GRU, whose n gate multiplies
+    W_hn h + b_hn by r): the state's new (h, c), c None but for the LSTM. ``w_hr``: the LSTM's
+    projection of h (``proj_size``), else None. The cells' `projected_step` and the watched
+    modules' probed pass (`rnnlab.unrolled`) both run it."""
+    if mode == "GRU":
+        gh = F.linear(h, w_hh, b_hh)
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return n + z * (h - n), None
+    pre = torch.addmm(gi, h, w_hh.t())
+    if mode == "RNN_TANH":
+        return torch.tanh(pre), None
+    if mode == "RNN_RELU":
+        return torch.relu(pre), None
+    i, f, g, o = pre.chunk(4, 1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return (h if w_hr is None else F.linear(h, w_hr)), c

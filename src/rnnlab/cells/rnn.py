@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 from rnnlab.cells.base import Cell, State
+from rnnlab.cells.recurrences import ProbedElman
 from rnnlab.config import is_number, require, require_choice
 from rnnlab.meanfield import CRITICAL_BIAS_SCALE, critical_weight_scale
 
@@ -74,6 +75,8 @@ class ElmanRNN(Cell):
                 "cell.gain", gain, "a finite number > 0")
         require_choice("cell.constraint", constraint, CONSTRAINTS)
         self.phi = NONLINEARITIES[nonlinearity]
+        if nonlinearity != "tanh":  # `ProbedElman` writes out tanh's step
+            self.probed_sequence = None
         H = hidden_size
         bound = 1.0 / math.sqrt(H)
         self.weight_ih = nn.Parameter(torch.empty(H, input_size).uniform_(-bound, bound))
@@ -102,6 +105,17 @@ class ElmanRNN(Cell):
         (z,) = state
         pre = u_t @ self.weight_ih.T + self.bias_ih + z @ self.weight_hh.T + self.bias_hh
         return (self.phi(pre),)
+
+    def input_projection(self, u: Tensor) -> Tensor:
+        return u @ self.weight_ih.T + (self.bias_ih + self.bias_hh)
+
+    def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return (self.phi(torch.addmm(g_t, state[0], self.weight_hh.T)),)
+
+    def probed_sequence(self, g: Tensor, state: State, probes: State,
+                        previous: list[State] | None) -> tuple[Tensor, State]:
+        hs, h = ProbedElman.apply(g, state[0], self.weight_hh, probes[0], previous)
+        return hs, (h,)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
         if self.nonlinearity not in ("tanh", "relu"):

@@ -1,0 +1,185 @@
+"""The probed loop of the tanh RNN, the GRU and the LSTM as one autograd node per chunk of steps.
+
+A probed pass steps z_t = step(g_t, z_{t−1}) + p_t for zero probes p_t, and the gradients of the
+probes are the profile ∂L/∂z_t. Recorded by autograd, each step is a dozen small nodes, and at
+short T their bookkeeping costs more than the arithmetic. Here the forward loop runs without
+recording and keeps what the backward needs (the gates and the states the steps started from);
+the backward walks the steps in reverse by the cells' equations written out, and on the way
+hands every probe its gradient: at step t, ∂L/∂z_t is the gradient arriving from the read of z_t
+and from step t+1, exactly what autograd accumulates on p_t. The recurrent weight's gradient is
+then one matmul over all the chunk's steps, Σ_t (∂L/∂pre_t)ᵀ z_{t−1}.
+
+Each Function takes the chunk's input projection g (B, C, G) (`Cell.input_projection`), the
+state it starts from, the recurrent weights and one (C, B, H) probe per state, and returns
+z[0] at every step (C, B, H) and the last state. The tests hold every gradient to autograd's on
+the cells' own `projected_step` (float64, 1e-12).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from rnnlab.cells.base import State
+
+# previous-states list of the probed pass (`RecurrentModel.unroll`), or None
+Previous = list[State] | None
+
+
+def record_previous(previous: Previous, *states: Tensor) -> None:
+    if previous is not None:
+        previous.append(tuple(s.detach() for s in states))
+
+
+class ProbedElman(torch.autograd.Function):
+    """z_t = tanh(g_t + W z_{t−1}) + p_t over a chunk (the Elman RNN's tanh step)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, h0: Tensor, w_hh: Tensor, p_h: Tensor,
+                previous: Previous) -> tuple[Tensor, Tensor]:
+        C = g.shape[1]
+        g = g.transpose(0, 1).contiguous()
+        hs = g.new_empty(C, *h0.shape)  # z_t with its probe
+        acts = g.new_empty(C, *h0.shape)  # tanh(pre_t)
+        h = h0
+        for t in range(C):
+            record_previous(previous, h)
+            torch.addmm(g[t], h, w_hh.t(), out=acts[t]).tanh_()
+            h = torch.add(acts[t], p_h[t], out=hs[t])
+        ctx.save_for_backward(acts, hs, h0, w_hh)
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_hs: Tensor | None, d_last: Tensor | None):
+        acts, hs, h0, w_hh = ctx.saved_tensors
+        C = acts.shape[0]
+        one = hs.new_ones(())
+        d_probe = torch.zeros_like(hs) if d_hs is None else d_hs.clone()
+        if d_last is not None:
+            d_probe[-1] += d_last
+        d_pre = torch.empty_like(acts)
+        for t in range(C - 1, -1, -1):
+            torch.addcmul(one, acts[t], acts[t], value=-1, out=d_pre[t]).mul_(d_probe[t])
+            if t > 0:
+                d_probe[t - 1].addmm_(d_pre[t], w_hh)
+        prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
+        d_w = d_pre.flatten(0, 1).t() @ prev.flatten(0, 1)
+        return d_pre.transpose(0, 1), d_pre[0] @ w_hh, d_w, d_probe, None
+
+
+class ProbedGRU(torch.autograd.Function):
+    """`torch.nn.GRU`'s step from gi_t = W_i u_t + b_i over a chunk, h_t ← h_t + p_t:
+    r, z = σ(gi_{r,z} + W_{r,z} h + b_{r,z}), n = tanh(gi_n + r ⊙ (W_n h + b_n)),
+    h' = n + z ⊙ (h − n)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, p_h: Tensor,
+                previous: Previous) -> tuple[Tensor, Tensor]:
+        C, (B, H) = g.shape[1], h0.shape
+        g = g.transpose(0, 1).contiguous()
+        hs = g.new_empty(C, B, H)
+        gates = g.new_empty(C, B, 3 * H)  # r, z, n after their nonlinearities
+        gh = g.new_empty(C, B, 3 * H)  # W_h h + b_h (its n block is read by the backward)
+        h = h0
+        for t in range(C):
+            record_previous(previous, h)
+            torch.addmm(b_hh, h, w_hh.t(), out=gh[t])
+            a = torch.add(g[t], gh[t], out=gates[t])
+            a[:, :2 * H].sigmoid_()
+            r, z, n = a.chunk(3, 1)
+            torch.addcmul(g[t, :, 2 * H:], r, gh[t, :, 2 * H:], out=n).tanh_()
+            h = torch.add(n, torch.sub(h, n).mul_(z), out=hs[t]).add_(p_h[t])
+        ctx.save_for_backward(gates, gh, hs, h0, w_hh)
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_hs: Tensor | None, d_last: Tensor | None):
+        gates, gh, hs, h0, w_hh = ctx.saved_tensors
+        C, B, H = hs.shape
+        one = hs.new_ones(())
+        d_probe = torch.zeros_like(hs) if d_hs is None else d_hs.clone()
+        if d_last is not None:
+            d_probe[-1] += d_last
+        d_gi = torch.empty_like(gates)
+        d_gh = torch.empty_like(gates)
+        for t in range(C - 1, -1, -1):
+            dh = d_probe[t]
+            r, z, n = gates[t].chunk(3, 1)
+            d_r, d_z, d_n = d_gi[t].chunk(3, 1)
+            h_prev = h0 if t == 0 else hs[t - 1]
+            # ∂L/∂(pre-activation of n), of z, of r
+            torch.addcmul(dh, dh, z, value=-1, out=d_n).mul_(torch.addcmul(one, n, n, value=-1))
+            torch.sub(h_prev, n, out=d_z).mul_(dh).mul_(torch.addcmul(z, z, z, value=-1))
+            torch.mul(d_n, gh[t, :, 2 * H:], out=d_r).mul_(torch.addcmul(r, r, r, value=-1))
+            d_gh[t, :, :2 * H] = d_gi[t, :, :2 * H]
+            torch.mul(d_n, r, out=d_gh[t, :, 2 * H:])
+            if t > 0:
+                d_probe[t - 1].addcmul_(dh, z).addmm_(d_gh[t], w_hh)
+        d_h0 = torch.addmm(dh * z, d_gh[0], w_hh)
+        prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
+        d_w = d_gh.flatten(0, 1).t() @ prev.flatten(0, 1)
+        return d_gi.transpose(0, 1), d_h0, d_w, d_gh.sum((0, 1)), d_probe, None
+
+
+class ProbedLSTM(torch.autograd.Function):
+    """`torch.nn.LSTM`'s step from gi_t = W_i u_t + b_i + b_h over a chunk, h_t ← h_t + p_t,
+    c_t ← c_t + q_t: i, f, o = σ(…), g = tanh(…) of pre = gi_t + W_h h; c' = f ⊙ c + i ⊙ g;
+    h' = o ⊙ tanh(c'). Every step writes into preallocated buffers (no copies)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, p_h: Tensor, p_c: Tensor,
+                previous: Previous) -> tuple[Tensor, Tensor, Tensor]:
+        C, (B, H) = g.shape[1], h0.shape
+        g = g.transpose(0, 1).contiguous()  # (C, B, 4H): each step's rows contiguous
+        hs, cs = g.new_empty(C, B, H), g.new_empty(C, B, H)  # the states, probes added
+        gates = g.new_empty(C, B, 4 * H)  # i, f, g, o after their nonlinearities
+        tanh_c = g.new_empty(C, B, H)  # tanh(c'_t), before c's probe
+        h, c = h0, c0
+        for t in range(C):
+            record_previous(previous, h, c)
+            a = torch.addmm(g[t], h, w_hh.t(), out=gates[t])
+            a[:, :2 * H].sigmoid_()
+            a[:, 2 * H:3 * H].tanh_()
+            a[:, 3 * H:].sigmoid_()
+            i, f, gg, o = a.chunk(4, 1)
+            c_new = torch.mul(f, c).addcmul_(i, gg)
+            torch.tanh(c_new, out=tanh_c[t])
+            h = torch.addcmul(p_h[t], o, tanh_c[t], out=hs[t])
+            c = torch.add(c_new, p_c[t], out=cs[t])
+        ctx.save_for_backward(gates, tanh_c, hs, cs, h0, c0, w_hh)
+        return hs, hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_hs: Tensor | None, d_h_last: Tensor | None, d_c_last: Tensor | None):
+        gates, tanh_c, hs, cs, h0, c0, w_hh = ctx.saved_tensors
+        C, B, H = hs.shape
+        one = hs.new_ones(())
+        d_pre = torch.empty_like(gates)
+        d_probe_h = torch.zeros_like(hs) if d_hs is None else d_hs.clone()
+        d_probe_c = torch.empty_like(cs)
+        if d_h_last is not None:
+            d_probe_h[-1] += d_h_last
+        d_probe_c[-1] = d_c_last if d_c_last is not None else 0
+        dc = torch.empty_like(h0)  # ∂L/∂c'_t
+        for t in range(C - 1, -1, -1):
+            dh = d_probe_h[t]  # the read's gradient and step t+1's: ∂L/∂h_t
+            i, f, gg, o = gates[t].chunk(4, 1)
+            di, df, dg, do = d_pre[t].chunk(4, 1)
+            tc = tanh_c[t]
+            torch.addcmul(one, tc, tc, value=-1, out=dc).mul_(o).mul_(dh).add_(d_probe_c[t])
+            torch.mul(dc, gg, out=di).mul_(torch.addcmul(i, i, i, value=-1))
+            torch.mul(dc, c0 if t == 0 else cs[t - 1], out=df).mul_(
+                torch.addcmul(f, f, f, value=-1))
+            torch.mul(dc, i, out=dg).mul_(torch.addcmul(one, gg, gg, value=-1))
+            torch.mul(dh, tc, out=do).mul_(torch.addcmul(o, o, o, value=-1))
+            if t > 0:
+                torch.mul(dc, f, out=d_probe_c[t - 1])
+                d_probe_h[t - 1].addmm_(d_pre[t], w_hh)
+        d_h0, d_c0 = d_pre[0] @ w_hh, dc * gates[0, :, H:2 * H]
+        prev_h = torch.cat([h0.unsqueeze(0), hs[:-1]])
+        d_w = d_pre.flatten(0, 1).t() @ prev_h.flatten(0, 1)
+        return d_pre.transpose(0, 1), d_h0, d_c0, d_w, d_probe_h, d_probe_c, None
