@@ -58,16 +58,20 @@ class StateProbes:
         batch is √(Σ_r ||∂L_r/∂z_t||²) / R: squared norms are summed with ``reduce``.
         """
         T = len(self.sizes)
-        # A leaf per timestep holds that step's rows (one row if it has no batch dimension);
-        # a single leaf holds them all.
-        counts = self.sizes if len(self.leaves) == T else [sum(self.sizes)]
-        rows = torch.cat([
-            (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach().double()
-            .reshape(n, -1) for leaf, n in zip(self.leaves, counts)])
-        index = torch.repeat_interleave(torch.arange(T, device=rows.device),
-                                        torch.tensor(self.sizes, device=rows.device))
-        squares = torch.zeros(T, dtype=torch.float64, device=rows.device)
-        squares.index_add_(0, index, rows.square().sum(1))
+        grads = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
+                 for leaf in self.leaves]
+        if len(grads) == 1 and T > 1 and all(n == 1 for n in self.sizes):
+            # one (T, B, H) leaf, row t of it step t: the same sums, without an index
+            squares = grads[0].double().reshape(T, -1).square().sum(1)
+        else:
+            # A leaf per timestep holds that step's rows (one row if it has no batch
+            # dimension); a single leaf holds them all.
+            counts = self.sizes if len(grads) == T else [sum(self.sizes)]
+            rows = torch.cat([g.double().reshape(n, -1) for g, n in zip(grads, counts)])
+            index = torch.repeat_interleave(torch.arange(T, device=rows.device),
+                                            torch.tensor(self.sizes, device=rows.device))
+            squares = torch.zeros(T, dtype=torch.float64, device=rows.device)
+            squares.index_add_(0, index, rows.square().sum(1))
         if reduce is not None:
             squares = reduce(squares)
         return (squares.sqrt() / world_size).cpu().numpy()
