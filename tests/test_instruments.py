@@ -22,6 +22,7 @@ from tensorboard.util import tensor_util
 
 from rnnlab import callbacks, gradflow
 from rnnlab.callbacks import chosen_timesteps
+from rnnlab.cells import Cell
 from rnnlab.config import ConfigError
 from rnnlab.figures import BOUND_DECADES, plt, profile_figure
 from rnnlab.model import MODULES, RecurrentModel
@@ -112,6 +113,55 @@ def test_param_contribution_norms_equal_those_of_an_unrolled_net_with_per_step_c
     for key, expected in per_step_copies_contributions(model, batch).items():
         np.testing.assert_allclose(record.contributions[key], expected, rtol=1e-10, atol=1e-14,
                                    err_msg=key)
+
+
+def per_step_probe_contributions(model: RecurrentModel, batch: dict) -> np.ndarray:
+    """||dL/dW⁽ᵗ⁾|| of the cell from a parameter probe q_t on every step of the forward pass."""
+    param_probes = model.make_param_probes(batch["x"].shape[1])
+    loss = model.loss_fn(model(batch["x"], None, None, param_probes), batch["y"])
+    grads = torch.autograd.grad(loss, list(param_probes["cell"].values()), allow_unused=True)
+    return torch.stack([g.flatten(1).square().sum(1) for g in grads if g is not None]
+                       ).sum(0).sqrt().numpy()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_streamed_cell_contributions_equal_per_step_parameter_probes(cell):
+    """The monitor's cell contributions, taken after the backward pass a chunk of steps at a
+    time (one vmap per chunk where the step allows it), against probing W + q_t in the pass."""
+    model = make_model(cell)
+    batch = adding_batch(12)
+    record = gradflow.grad_flow(model, batch, param_contributions=True)
+    np.testing.assert_allclose(record.contributions["dL_dW_cell"],
+                               per_step_probe_contributions(model, batch), rtol=1e-10,
+                               atol=1e-14)
+    if cell in ("rnn", "gru", "lstm"):
+        assert model.batched_contributions
+
+
+class ItemCell(Cell):
+    """z_t = tanh(W z + U u) · s with s read by .item(): a step vmap cannot batch."""
+
+    def __init__(self, input_size: int, hidden_size: int = 6):
+        super().__init__(input_size, hidden_size)
+        self.input = torch.nn.Linear(input_size, hidden_size)
+        self.recurrent = torch.nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def step(self, u_t, state, dt):
+        (z,) = state
+        scale = 1.0 if float(z.abs().max().item()) < 1e6 else 0.5
+        return (scale * torch.tanh(self.input(u_t) + self.recurrent(z)),)
+
+
+def test_a_step_vmap_cannot_batch_gets_its_contributions_step_by_step(caplog):
+    model = float64_model({"_target_": f"{__name__}.ItemCell", "hidden_size": 6})
+    batch = adding_batch(9)
+    with caplog.at_level("INFO", logger="rnnlab.model"):
+        record = gradflow.grad_flow(model, batch, param_contributions=True)
+    assert not model.batched_contributions
+    assert "ItemCell: per-step parameter contributions step by step" in caplog.text
+    np.testing.assert_allclose(record.contributions["dL_dW_cell"],
+                               per_step_probe_contributions(model, batch), rtol=1e-10,
+                               atol=1e-14)
 
 
 def test_decoder_contributes_only_at_the_step_the_loss_reads():

@@ -134,10 +134,10 @@ class ProbedPass:
 def step_squares(grad: Tensor, reduce: Reduce = None, world_size: int = 1) -> Tensor:
     """Σ over a parameter's entries of (dL/dW⁽ᵗ⁾)², per step: (T, *shape) → (T,) float64;
     under data parallelism of the gradient summed over processes and divided by R."""
-    g = grad.detach().double()
-    if reduce is not None:
-        g = reduce(g) / world_size
-    return g.flatten(1).square().sum(1)
+    if reduce is None:  # accumulated in float64 without a float64 copy of the gradient
+        return torch.linalg.vector_norm(grad.detach().flatten(1), dim=1,
+                                        dtype=torch.float64).square()
+    return (reduce(grad.detach().double()) / world_size).flatten(1).square().sum(1)
 
 
 @runtime_checkable

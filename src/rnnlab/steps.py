@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, vjp, vmap
 
 from rnnlab.cells.base import Cell, State
 
@@ -31,6 +31,28 @@ def per_step_parameters(cell: Cell, probes: dict[str, Tensor]):
         return functional_call(caller, probed, (u_t, state, dt_t))
 
     return step
+
+
+def per_step_parameter_grads(cell: Cell, u: Tensor, previous: State, cotangents: State,
+                             dt: Tensor | None) -> list[Tensor]:
+    """dL/dW⁽ᵗ⁾ of every cell parameter for C steps at once, one `vmap` over the steps of the
+    vector–Jacobian product of `step` with respect to its parameters: ``u`` (C, B, input),
+    ``previous`` and ``cotangents`` one (C, B, hidden) tensor per state (z_{t−1} and ∂L/∂z_t),
+    ``dt`` (C, B) or None. Returns one (C, *shape) gradient per parameter, in
+    `named_parameters` order: the numbers `per_step_parameters` gives step by step, without
+    the Python loop. Raises what `vmap` raises for a step it cannot batch (data-dependent
+    control flow, an ODE solver's adaptive steps).
+    """
+    caller = _StepCaller(cell)
+    params = {f"cell.{n}": p.detach() for n, p in cell.named_parameters()}
+
+    def one_step(u_t: Tensor, z: State, cotangent: State, dt_t: Tensor | None):
+        _, pullback = vjp(lambda w: functional_call(caller, w, (u_t, z, dt_t)), params)
+        return pullback(tuple(cotangent))[0]
+
+    grads = vmap(one_step, in_dims=(0, 0, 0, 0 if dt is not None else None))(
+        u, tuple(previous), tuple(cotangents), dt)
+    return list(grads.values())
 
 
 class CompiledStep:
