@@ -37,7 +37,8 @@ class NanGradient(torch.autograd.Function):
 
 @pytest.fixture
 def poisoned_rnn(monkeypatch):
-    """ElmanRNN whose step POISONED of every differentiated unroll has a nan gradient."""
+    """ElmanRNN whose step POISONED of every differentiated unroll has a nan gradient. Its input
+    projection is taken away, so that every loop (probed or not) runs the poisoned `step`."""
     plain_step, t = ElmanRNN.step, [0]
 
     def step(self, u_t, state, dt):
@@ -48,6 +49,7 @@ def poisoned_rnn(monkeypatch):
         return out
 
     monkeypatch.setattr(ElmanRNN, "step", step)
+    monkeypatch.setattr(ElmanRNN, "input_projection", None)
 
 
 def test_on_nonfinite_must_be_stop_or_skip(make_cfg):
