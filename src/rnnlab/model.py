@@ -206,7 +206,6 @@ class RecurrentModel(pl.LightningModule):
         the log says once. The cell's counters (the ODE's NFE) are left as the training step
         made them.
         """
-        named = list(self.cell.named_parameters())
         T = u.shape[1]
         chunk = self.contribution_chunk_steps()
         inputs = u.detach().unbind(1)
@@ -216,14 +215,14 @@ class RecurrentModel(pl.LightningModule):
         try:
             for t0 in range(0, T, chunk):
                 t1 = min(t0 + chunk, T)
+                grads = None
                 if self.batched_contributions:
                     try:
-                        yield per_step_parameter_grads(
+                        grads = per_step_parameter_grads(
                             self.cell, u.detach()[:, t0:t1].transpose(0, 1),
                             tuple(torch.stack(s) for s in zip(*previous[t0:t1])),
                             tuple(g[t0:t1] for g in cotangents),
                             dt[:, t0:t1].transpose(0, 1) if dt is not None else None)
-                        continue
                     except Exception as error:  # noqa: BLE001 - the loop below is the reference
                         self.batched_contributions = False
                         log.info("%s: per-step parameter contributions step by step (vmap: "
@@ -231,21 +230,28 @@ class RecurrentModel(pl.LightningModule):
                                  error)
                         for k, v in counters.items():
                             setattr(self.cell, k, v)
-                q = {name: torch.zeros(t1 - t0, *p.shape, dtype=p.dtype, device=p.device,
-                                       requires_grad=True) for name, p in named}
-                step = per_step_parameters(self.cell, q)
-                outputs, grad_outputs = [], []
-                with torch.enable_grad():
-                    for t in range(t0, t1):
-                        outputs += step(inputs[t], previous[t], dts[t], t - t0)
-                        grad_outputs += [g[t] for g in cotangents]
-                    grads = torch.autograd.grad(outputs, list(q.values()), grad_outputs,
-                                                allow_unused=True)
-                yield [g if g is not None else torch.zeros_like(q_)
-                       for g, q_ in zip(grads, q.values())]
+                if grads is None:
+                    grads = self.stepped_contributions(inputs, previous, dts, cotangents, t0, t1)
+                yield grads
         finally:
             for k, v in counters.items():
                 setattr(self.cell, k, v)
+
+    def stepped_contributions(self, inputs: tuple[Tensor, ...], previous: list[State],
+                              dts: tuple, cotangents: list[Tensor], t0: int,
+                              t1: int) -> list[Tensor]:
+        """`cell_contributions`' steps t0 … t1−1 one at a time, with parameters W + q_t."""
+        q = {name: torch.zeros(t1 - t0, *p.shape, dtype=p.dtype, device=p.device,
+                               requires_grad=True) for name, p in self.cell.named_parameters()}
+        step = per_step_parameters(self.cell, q)
+        outputs, grad_outputs = [], []
+        with torch.enable_grad():
+            for t in range(t0, t1):
+                outputs += step(inputs[t], previous[t], dts[t], t - t0)
+                grad_outputs += [g[t] for g in cotangents]
+            grads = torch.autograd.grad(outputs, list(q.values()), grad_outputs,
+                                        allow_unused=True)
+        return [g if g is not None else torch.zeros_like(q_) for g, q_ in zip(grads, q.values())]
 
     def unroll(self, u: Tensor, dt: Tensor | None = None, probes: State | None = None,
                cell_probes: dict[str, Tensor] | None = None,
