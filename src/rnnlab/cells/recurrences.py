@@ -32,6 +32,20 @@ def record_previous(previous: Previous, *states: Tensor) -> None:
         previous.append(tuple(s.detach() for s in states))
 
 
+def incoming_gradients(d_hs: Tensor | None, d_last: Tensor | None, hs: Tensor) -> Tensor:
+    """∂L/∂z_t from outside the chunk, (C, B, H): the reads of z_t (``d_hs``) and, at the last
+    step, what the next chunk sends back (``d_last``). The backward adds step t+1's share."""
+    d = torch.zeros_like(hs) if d_hs is None else d_hs.clone()
+    if d_last is not None:
+        d[-1] += d_last
+    return d
+
+
+def recurrent_weight_gradient(d_pre: Tensor, h0: Tensor, hs: Tensor) -> Tensor:
+    """Σ_t (∂L/∂pre_t)ᵀ z_{t−1} over the chunk, z_{−1} = h0: one matmul for steps 1 … C−1."""
+    return torch.addmm(d_pre[0].t() @ h0, d_pre[1:].flatten(0, 1).t(), hs[:-1].flatten(0, 1))
+
+
 class ProbedElman(torch.autograd.Function):
     """z_t = tanh(g_t + W z_{t−1}) + p_t over a chunk (the Elman RNN's tanh step)."""
 
@@ -56,16 +70,13 @@ class ProbedElman(torch.autograd.Function):
         acts, hs, h0, w_hh = ctx.saved_tensors
         C = acts.shape[0]
         one = hs.new_ones(())
-        d_probe = torch.zeros_like(hs) if d_hs is None else d_hs.clone()
-        if d_last is not None:
-            d_probe[-1] += d_last
+        d_probe = incoming_gradients(d_hs, d_last, hs)
         d_pre = torch.empty_like(acts)
         for t in range(C - 1, -1, -1):
             torch.addcmul(one, acts[t], acts[t], value=-1, out=d_pre[t]).mul_(d_probe[t])
             if t > 0:
                 d_probe[t - 1].addmm_(d_pre[t], w_hh)
-        prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
-        d_w = d_pre.flatten(0, 1).t() @ prev.flatten(0, 1)
+        d_w = recurrent_weight_gradient(d_pre, h0, hs)
         return d_pre.transpose(0, 1), d_pre[0] @ w_hh, d_w, d_probe, None
 
 
@@ -100,9 +111,7 @@ class ProbedGRU(torch.autograd.Function):
         gates, gh, hs, h0, w_hh = ctx.saved_tensors
         C, B, H = hs.shape
         one = hs.new_ones(())
-        d_probe = torch.zeros_like(hs) if d_hs is None else d_hs.clone()
-        if d_last is not None:
-            d_probe[-1] += d_last
+        d_probe = incoming_gradients(d_hs, d_last, hs)
         d_gi = torch.empty_like(gates)
         d_gh = torch.empty_like(gates)
         for t in range(C - 1, -1, -1):
@@ -119,8 +128,7 @@ class ProbedGRU(torch.autograd.Function):
             if t > 0:
                 d_probe[t - 1].addcmul_(dh, z).addmm_(d_gh[t], w_hh)
         d_h0 = torch.addmm(dh * z, d_gh[0], w_hh)
-        prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
-        d_w = d_gh.flatten(0, 1).t() @ prev.flatten(0, 1)
+        d_w = recurrent_weight_gradient(d_gh, h0, hs)
         return d_gi.transpose(0, 1), d_h0, d_w, d_gh.sum((0, 1)), d_probe, None
 
 
@@ -159,10 +167,8 @@ class ProbedLSTM(torch.autograd.Function):
         C, B, H = hs.shape
         one = hs.new_ones(())
         d_pre = torch.empty_like(gates)
-        d_probe_h = torch.zeros_like(hs) if d_hs is None else d_hs.clone()
+        d_probe_h = incoming_gradients(d_hs, d_h_last, hs)
         d_probe_c = torch.empty_like(cs)
-        if d_h_last is not None:
-            d_probe_h[-1] += d_h_last
         d_probe_c[-1] = d_c_last if d_c_last is not None else 0
         dc = torch.empty_like(h0)  # ∂L/∂c'_t
         for t in range(C - 1, -1, -1):
@@ -180,6 +186,5 @@ class ProbedLSTM(torch.autograd.Function):
                 torch.mul(dc, f, out=d_probe_c[t - 1])
                 d_probe_h[t - 1].addmm_(d_pre[t], w_hh)
         d_h0, d_c0 = d_pre[0] @ w_hh, dc * gates[0, :, H:2 * H]
-        prev_h = torch.cat([h0.unsqueeze(0), hs[:-1]])
-        d_w = d_pre.flatten(0, 1).t() @ prev_h.flatten(0, 1)
+        d_w = recurrent_weight_gradient(d_pre, h0, hs)
         return d_pre.transpose(0, 1), d_h0, d_c0, d_w, d_probe_h, d_probe_c, None
