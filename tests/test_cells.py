@@ -67,16 +67,17 @@ PROJECTED = [(name, {}) for name in CELLS] + [
 
 @pytest.mark.parametrize(("name", "overrides"), PROJECTED)
 def test_stepping_from_the_input_projection_matches_stepping(name, overrides):
-    """`projected_step(input_projection(u)[:, t], …)` is `step(u[:, t], …)`: states, and the
-    gradients of u and every parameter, over 9 steps."""
+    """`projected_step(input_projection(u)[t], …)` is `step(u[:, t], …)` with the inputs
+    time-major, as the model passes them: states, and the gradients of u and every parameter,
+    over 9 steps."""
     cell = make_cell(name, **overrides)
     if cell.input_projection is None:
         pytest.skip(f"{name} has no input projection")
     u = torch.randn(5, 9, 3, dtype=torch.float64, requires_grad=True)
-    g = cell.input_projection(u)
-    assert g.shape[:2] == (5, 9)
+    g = cell.input_projection(u.transpose(0, 1))
+    assert g.shape[:2] == (9, 5)
     state, outputs = cell.init_state(5), []
-    for g_t in g.unbind(1):
+    for g_t in g.unbind(0):
         state = cell.projected_step(g_t, state, None)
         outputs.append(state[0])
     projected = torch.stack(outputs, 1)

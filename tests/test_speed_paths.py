@@ -261,3 +261,34 @@ def test_probed_pass_from_the_input_projection_equals_stepping(cell, checkpoint_
         assert torch.count_nonzero(stepped[name]) > 0, name
         torch.testing.assert_close(projected[name], stepped[name], rtol=1e-12, atol=1e-15,
                                    msg=name)
+
+
+def probed_function_inputs(cell: str, zero_probes: bool) -> tuple:
+    """A chunk's float64 inputs of the cell's probed Function: g (C, B, G), the start state,
+    recurrent weights (and the GRU's b_hh), probes; every one a leaf to differentiate."""
+    from rnnlab.cells.recurrences import ProbedElman, ProbedGRU, ProbedLSTM
+
+    gen = torch.Generator().manual_seed(3)
+    B, C, H = 2, 5, 3
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[cell] * H
+
+    def leaf(*shape, scale=0.7):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    states = {"rnn": 1, "gru": 1, "lstm": 2}[cell]
+    start = [leaf(B, H) for _ in range(states)]
+    weights = [leaf(G, H)] + ([leaf(G)] if cell == "gru" else [])
+    probes = [leaf(C, B, H, scale=0.0 if zero_probes else 0.3) for _ in range(states)]
+    function = {"rnn": ProbedElman, "gru": ProbedGRU, "lstm": ProbedLSTM}[cell]
+    return function, (leaf(C, B, G), *start, *weights, *probes, None)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("zero_probes", [True, False])
+def test_probed_functions_match_finite_differences(cell, zero_probes):
+    """Every gradient of the chunked probed step, with the probes at zero (the monitor's) and
+    away from it, against central finite differences in float64 (`torch.autograd.gradcheck`);
+    every output (each step's z[0], the last state) carries a random cotangent."""
+    function, inputs = probed_function_inputs(cell, zero_probes)
+    assert torch.autograd.gradcheck(lambda *x: function.apply(*x), inputs, eps=1e-6,
+                                    atol=1e-8, rtol=1e-6)

@@ -291,7 +291,8 @@ class RecurrentModel(pl.LightningModule):
         chunked = (project and probes is not None and self.cell.probed_sequence is not None
                    and not torch.is_autocast_enabled())
         span = K or PROJECTION_STEPS
-        inputs = u.split(span, 1) if project else u.unbind(1)
+        # time-major chunks (C, B, ·): each step's g_t is contiguous, and so is a chunk's g
+        inputs = u.transpose(0, 1).split(span, 0) if project else u.unbind(1)
         probe_chunks = (list(zip(*(p.split(span, 0) for p in probes))) if chunked else None)
         state_probes = (list(zip(*(p.unbind(0) for p in probes)))
                         if probes is not None and not chunked else None)
@@ -328,7 +329,7 @@ class RecurrentModel(pl.LightningModule):
                     if c0 + first.shape[0] > T - self.n_out:
                         outputs += first.unbind(0)[max(0, T - self.n_out - c0):]
                     continue
-                for t, g_t in enumerate(g.unbind(1), start=c0):
+                for t, g_t in enumerate(g.unbind(0), start=c0):
                     state = advance(t, state, projected, g_t, outputs)
             return state, outputs
 

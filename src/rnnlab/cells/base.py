@@ -99,18 +99,19 @@ class Cell(nn.Module):
       whose J is cheap to take apart (diagonal: max |J_ii|; 2×2 rotation blocks: max |λ|). The
       monitor then uses it instead of power iteration. The base has none (``None``).
     - optional `input_projection(u)` and `projected_step(g_t, state, dt)`, together: the part of
-      `step` that reads the input alone (W_ih u_t + b), for many steps at once, ``u`` (B, C,
-      input_size) → ``g`` (B, C, ·), and the rest of the step from ``g[:, t]``, so that
-      ``projected_step(input_projection(u)[:, t], state, dt) == step(u[:, t], state, dt)``. The
+      `step` that reads the input alone (W_ih u_t + b), for many steps at once, ``u`` (…,
+      input_size) → ``g`` (…, ·) acting on the last dimension (the model passes a chunk of C
+      steps time-major, (C, B, input_size)), and the rest of the step from ``g[t]``, so that
+      ``projected_step(input_projection(u)[t], state, dt) == step(u[t], state, dt)``. The
       step-by-step loop (monitored steps, cells without a fused path) then makes one matmul per
       chunk of steps instead of one per step. Per-step parameter probes (W + q_t) always go
       through `step`. The base has neither (``None``).
     - optional, with the projection, `probed_sequence(g, state, probes, previous)` ->
-      ``(first, state)``: a chunk of C probed steps z_t = projected_step(g[:, t], z_{t−1}) + p_t
-      in one autograd node (`rnnlab.cells.recurrences`), ``probes`` one (C, B, hidden) zero
-      tensor per state, ``first`` z[0] at every step (C, B, hidden); it appends z_{t−1}
-      (detached) to ``previous`` unless None. The probes' gradients must be the loop's. The
-      base has none (``None``).
+      ``(first, state)``: a chunk of C probed steps z_t = projected_step(g[t], z_{t−1}) + p_t
+      in one autograd node (`rnnlab.cells.recurrences`), ``g`` (C, B, ·), ``probes`` one
+      (C, B, hidden) tensor per state (zeros, from the monitor), ``first`` z[0] at every step
+      (C, B, hidden); it appends z_{t−1} (detached) to ``previous`` unless None. The probes'
+      gradients must be the loop's. The base has none (``None``).
     - optional `diagnostics()` -> ``{name: number}``: read (and reset) by the model after every
       training step and logged as ``cell/<name>``, e.g. an ODE solver's ``nfe_forward``. The base
       returns ``{}``.
@@ -147,7 +148,7 @@ class Cell(nn.Module):
 
     state_names: tuple[str, ...] = ("h",)
     jacobian_norms = None  # optional: (u_t, state, dt) -> (B,), see the contract
-    input_projection = None  # optional: u (B, C, input) -> g (B, C, ·), with projected_step
+    input_projection = None  # optional: u (C, B, input) -> g (C, B, ·), with projected_step
     projected_step = None  # optional: (g_t, state, dt) -> State, see the contract
     probed_sequence = None  # optional: (g, state, probes, previous) -> (first, state)
 
