@@ -57,7 +57,7 @@ def module_grad_norm_tensors(model: torch.nn.Module,
         for name, p in child.named_parameters(prefix=module):
             g = grads.get(name) if grads is not None else p.grad
             if g is not None:
-                parts.append(torch.linalg.vector_norm(g.double()))
+                parts.append(torch.linalg.vector_norm(g, dtype=torch.float64))
         if parts or any(True for _ in child.parameters()):
             norms[f"grad_norm_{module}"] = (torch.linalg.vector_norm(torch.stack(parts)) if parts
                                             else torch.zeros((), dtype=torch.float64))
@@ -67,7 +67,7 @@ def module_grad_norm_tensors(model: torch.nn.Module,
 def total_grad_norm(model: torch.nn.Module) -> Tensor:
     """The 2-norm of every parameter gradient of the model together (what clipping by norm sees),
     a 0-d float64 tensor on the model's device (no host sync)."""
-    parts = [torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()
+    parts = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in model.parameters()
              if p.grad is not None]
     return (torch.linalg.vector_norm(torch.stack(parts)) if parts
             else torch.zeros((), dtype=torch.float64))

@@ -61,8 +61,13 @@ class StateProbes:
         grads = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
                  for leaf in self.leaves]
         if len(grads) == 1 and T > 1 and all(n == 1 for n in self.sizes):
-            # one (T, B, H) leaf, row t of it step t: the same sums, without an index
-            squares = grads[0].double().reshape(T, -1).square().sum(1)
+            # one (T, B, H) leaf, row t of it step t: the norms without an index, accumulated
+            # in float64 without a float64 copy
+            norms = torch.linalg.vector_norm(grads[0].reshape(T, -1), dim=1,
+                                             dtype=torch.float64)
+            if reduce is None:
+                return (norms / world_size).cpu().numpy()
+            squares = norms.square()
         else:
             # A leaf per timestep holds that step's rows (one row if it has no batch
             # dimension); a single leaf holds them all.

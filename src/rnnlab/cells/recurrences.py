@@ -11,10 +11,9 @@ then one matmul over all the chunk's steps, Σ_t (∂L/∂pre_t)ᵀ z_{t−1}.
 
 Each Function takes the chunk's input projection g (C, B, G), time-major (`Cell.input_projection`
 of the chunk's inputs), the state it starts from, the recurrent weights and one (C, B, H) probe
-per state, and returns z[0] at every step (C, B, H) and the last state. The probes the monitor
-passes are zeros: the forward adds them only when one is not (one check per chunk). The tests
-hold every gradient to autograd's on the cells' own `projected_step` (float64, 1e-12) and, with
-and without zero probes, to finite differences.
+per state, and returns z[0] at every step (C, B, H) and the last state. The tests hold every
+gradient to autograd's on the cells' own `projected_step` (float64, 1e-12) and, with the probes
+at zero and away from it, to finite differences.
 """
 
 from __future__ import annotations
@@ -95,7 +94,6 @@ class ProbedGRU(torch.autograd.Function):
     def forward(ctx, g: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, p_h: Tensor,
                 previous: Previous) -> tuple[Tensor, Tensor]:
         C, (B, H) = g.shape[0], h0.shape
-        probed = bool(p_h.any())  # zero probes (the monitor's): nothing to add
         hs = g.new_empty(C, B, H)
         gates = g.new_empty(C, B, 3 * H)  # r, z, n after their nonlinearities
         gh = g.new_empty(C, B, 3 * H)  # W_h h + b_h (its n block is read by the backward)
@@ -107,9 +105,7 @@ class ProbedGRU(torch.autograd.Function):
             a[:, :2 * H].sigmoid_()
             r, z, n = a.chunk(3, 1)
             torch.addcmul(g[t, :, 2 * H:], r, gh[t, :, 2 * H:], out=n).tanh_()
-            h = torch.add(n, torch.sub(h, n).mul_(z), out=hs[t])
-            if probed:
-                h.add_(p_h[t])
+            h = torch.add(n, torch.sub(h, n).mul_(z), out=hs[t]).add_(p_h[t])
         ctx.save_for_backward(gates, gh, hs, h0, w_hh)
         return hs, hs[-1].clone()
 
@@ -158,7 +154,6 @@ class ProbedLSTM(torch.autograd.Function):
     def forward(ctx, g: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, p_h: Tensor, p_c: Tensor,
                 previous: Previous) -> tuple[Tensor, Tensor, Tensor]:
         C, (B, H) = g.shape[0], h0.shape
-        probed = bool(p_h.any() or p_c.any())  # zero probes (the monitor's): nothing to add
         hs, cs = g.new_empty(C, B, H), g.new_empty(C, B, H)  # the states, probes added
         gates = g.new_empty(C, B, 4 * H)  # i, f, g, o after their nonlinearities
         tanh_c = g.new_empty(C, B, H)  # tanh(c'_t), before c's probe
@@ -170,12 +165,9 @@ class ProbedLSTM(torch.autograd.Function):
             a[:, 2 * H:3 * H].tanh_()
             a[:, 3 * H:].sigmoid_()
             i, f, gg, o = a.chunk(4, 1)
-            c_new = torch.mul(f, c, out=cs[t]).addcmul_(i, gg)
-            h = torch.mul(o, torch.tanh(c_new, out=tanh_c[t]), out=hs[t])
-            c = c_new
-            if probed:
-                h.add_(p_h[t])
-                c.add_(p_c[t])
+            c = torch.mul(f, c, out=cs[t]).addcmul_(i, gg)  # c'_t, then c_t = c'_t + q_t
+            h = torch.addcmul(p_h[t], o, torch.tanh(c, out=tanh_c[t]), out=hs[t])
+            c.add_(p_c[t])
         ctx.save_for_backward(gates, tanh_c, hs, cs, h0, c0, w_hh)
         return hs, hs[-1].clone(), cs[-1].clone()
 
