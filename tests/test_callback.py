@@ -236,3 +236,32 @@ def test_a_step_that_raises_leaves_the_module_on_its_fused_path(tmp_path):
         trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(8, T, 3), batch_size=4))
     assert "forward" not in vars(model.lstm)
     assert model.lstm.forward.__func__ is torch.nn.LSTM.forward  # the fused kernel's
+
+
+def test_the_tensorboard_logger_saves_at_most_every_save_every_s_and_always_at_the_end(
+        tmp_path, monkeypatch):
+    """Lightning calls `save` after every logged step; rnnlab's TensorBoard logger flushes the
+    event file on the first call and then once `save_every_s` has passed, and `finalize` always
+    saves: every scalar is in the event file and hparams.yaml is written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rnnlab.loggers import TensorBoardLogger
+
+    clock = [100.0]
+    monkeypatch.setattr("rnnlab.loggers.time.monotonic", lambda: clock[0])
+    logger = TensorBoardLogger(tmp_path, name="", version="", save_every_s=1.0)
+    flushes = []
+    writer = logger.experiment
+    monkeypatch.setattr(writer, "flush", lambda: flushes.append(clock[0]))
+    for step in range(5):
+        logger.log_metrics({"train/loss": float(step)}, step)
+        logger.save()
+        clock[0] += 0.25  # calls at 100, 100.25, …, 101: saves at 100 and 101
+    assert flushes == [100.0, 101.0]
+    monkeypatch.undo()
+    logger.log_hyperparams({"lr": 0.1})
+    logger.finalize("success")
+    assert (tmp_path / "hparams.yaml").is_file()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == [0.0, 1.0, 2.0, 3.0, 4.0]

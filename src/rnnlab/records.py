@@ -242,7 +242,13 @@ class Record:
 
     @property
     def summary(self) -> Summary:
-        return Summary.of(self.main_profile)
+        """`Summary` of the main profile, made once per profile array (the monitor reads it
+        for the logs, the record file, the TensorBoard summary and its own messages)."""
+        profile = self.main_profile
+        cached = self.__dict__.get("_summary")
+        if cached is None or cached[0] is not profile:
+            cached = self.__dict__["_summary"] = (profile, Summary.of(profile))
+        return cached[1]
 
     def sections(self) -> dict[str, Section]:
         """The instruments' sections this record holds, by field name."""
