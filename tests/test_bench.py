@@ -25,6 +25,38 @@ def test_each_benchmark_mode_measures_a_rate(mode):
         assert math.isfinite(result["steps_per_s"]) and result["steps_per_s"] > 0
 
 
+def test_a_paired_case_times_raw_steps_between_its_own(monkeypatch):
+    """``paired``: one raw step after each timed rnnlab step but the last, timed apart; the
+    rnnlab rate leaves their time out, and ``over_raw`` is the ratio of the two rates."""
+    raw_steps = []
+    step = bench.RawLoop.step
+    monkeypatch.setattr(bench.RawLoop, "step", lambda self: (raw_steps.append(1), step(self)))
+    case = {"cell": "gru", "T": 5, "mode": "off", "warmup": 2, "steps": 4, "device": "cpu",
+            "threads": 1, "paired": True}
+    result = bench.run_case(case)
+    assert len(raw_steps) == 2 + 3  # its warm-up, then between the four timed steps
+    assert result["raw_steps_per_s"] > 0 and result["steps_per_s"] > 0
+    assert result["over_raw"] == pytest.approx(result["steps_per_s"] / result["raw_steps_per_s"])
+
+
+def test_paired_ratios_come_from_each_modes_own_raw_steps():
+    def case(mode, steps_per_s, over_raw=None, **more):
+        paired = {} if over_raw is None else {"over_raw": over_raw}
+        return {"cell": "gru", "T": 5, "mode": mode, "steps_per_s": steps_per_s,
+                "peak_mb": 100.0, **paired, **more}
+
+    results = [case("raw", 50.0), case("off", 8.0, 0.9), case("monitor", 6.0, 0.8, every=2),
+               case("every_step", 4.0, 0.6), case("probed", None, plain_s=1.0, probed_s=1.5)]
+    _, (row,) = bench.cell_table(["gru"], results, "t")
+    assert row["paired"] and row["raw_steps_per_s"] == 50.0
+    assert row["off_over_raw"] == 0.9 and row["monitor_over_raw"] == 0.8
+    assert row["monitor_over_off"] == pytest.approx(0.8 / 0.9)
+    assert row["every_step_over_off"] == pytest.approx(0.9 / 0.6)
+    _, (unpaired,) = bench.cell_table(["gru"], [{k: v for k, v in r.items() if k != "over_raw"}
+                                                 for r in results], "t")
+    assert not unpaired["paired"] and unpaired["off_over_raw"] == 8.0 / 50.0
+
+
 def test_a_failing_case_is_recorded_with_its_error():
     result = bench.measure({"cell": "gru", "T": 5, "mode": "monitor", "warmup": 1, "steps": 2,
                             "every": 2, "device": "cpu",
@@ -126,7 +158,7 @@ def test_rounds_of_a_case_combine_into_their_medians_and_a_failure_stays():
 
 def test_the_benchmark_runs_its_cases_in_rounds_and_tables_the_medians(tmp_path, monkeypatch):
     rates = iter([10.0, 8.0, 30.0, 6.0, 20.0, 7.0])  # raw, off alternating over three rounds
-    monkeypatch.setattr(bench, "plan", lambda quick, cells, lengths: [
+    monkeypatch.setattr(bench, "plan", lambda quick, cells, lengths, paired: [
         {"cell": "gru", "T": 5, "mode": m} for m in ("raw", "off")])
     monkeypatch.setattr(bench, "cell_table", lambda cells, results, title: (
         "", [{r["mode"]: r["steps_per_s"] for r in results}]))

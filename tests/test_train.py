@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytorch_lightning as pl
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rnnlab import gradflow
@@ -27,6 +29,49 @@ def test_train_writes_metrics_grad_flow_and_events(make_cfg, tmp_path):
     assert sorted(p.name for p in (run / "grad_flow").iterdir()) == [
         "step_0000000.npz", "step_0000001.npz", "step_0000002.npz"]
     assert list(run.glob("events.out.tfevents.*"))
+
+
+class BatchLosses(pl.Callback):
+    """Before each training step: the loss of its batch under the parameters the step starts
+    from, by a forward pass of its own."""
+
+    losses: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with torch.no_grad():
+            y_hat = pl_module(batch["x"], batch.get("dt"))
+            BatchLosses.losses[trainer.global_step] = float(pl_module.loss_fn(y_hat, batch["y"]))
+
+
+def test_train_loss_is_logged_every_log_every_n_steps_with_its_batch_loss(make_cfg, tmp_path):
+    """``train/loss`` goes to the loggers without ``self.log``: on the steps Lightning's logging
+    would pick (step + 1 a multiple of trainer.log_every_n_steps), each the loss of that step's
+    batch recomputed before the update; the progress bar shows the last one."""
+    BatchLosses.losses = {}
+    train(make_cfg("trainer.max_steps=7", "trainer.log_every_n_steps=2",
+                   "task.train_batches=100", f"+callbacks.losses._target_={__name__}.BatchLosses"))
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [1, 3, 5]
+    np.testing.assert_allclose([e.value for e in logged],
+                               [BatchLosses.losses[s] for s in (1, 3, 5)], rtol=1e-6)
+    assert len(set(BatchLosses.losses.values())) == 7  # seven batches, seven losses
+    assert {1, 3, 5} <= {e.step for e in events.Scalars("epoch")}
+
+
+def test_the_progress_bar_shows_the_training_loss(make_cfg):
+    from hydra.utils import instantiate
+
+    from rnnlab.progress import StepProgressBar
+    from rnnlab.train import build_model
+
+    cfg = make_cfg()
+    model = build_model(cfg, instantiate(cfg.task))
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False)
+    assert "train/loss" not in StepProgressBar().get_metrics(trainer, model)
+    model.train_loss = torch.tensor(0.25)
+    assert StepProgressBar().get_metrics(trainer, model)["train/loss"] == 0.25
 
 
 def test_monitor_runs_on_step_zero_and_every_n_steps(make_cfg, tmp_path):

@@ -54,11 +54,24 @@ FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
 class StepTimer(pl.Callback):
-    """Times training steps ``warmup … warmup + steps − 1`` and writes steps/s to ``out``."""
+    """Times training steps ``warmup … warmup + steps − 1`` and writes steps/s to ``out``.
 
-    def __init__(self, out: str, warmup: int, steps: int):
+    ``paired``: after each timed step but the last, one step of the raw loop (`RawLoop`, the
+    same cell and T, warmed up by as many steps before the window), timed apart and left out of
+    rnnlab's time: the two alternate step by step in one process, so a drift in machine speed
+    (tens of percent within a minute on a shared CPU) hits both alike; the raw loop's steps/s
+    goes into ``out`` as ``raw_steps_per_s``. Its model is small and its graph freed before
+    rnnlab's next step, but the process's peak memory is no longer rnnlab's alone."""
+
+    def __init__(self, out: str, warmup: int, steps: int, paired: dict | None = None):
         self.out, self.warmup, self.steps = Path(out), warmup, steps
-        self.start = 0.0
+        self.start = self.raw_s = 0.0
+        self.raw = RawLoop(**paired) if paired else None
+        self.raw_steps = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for _ in range(self.warmup if self.raw else 0):
+            self.raw.step()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
@@ -66,10 +79,21 @@ class StepTimer(pl.Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup + self.steps:  # global_step counts finished steps
+        step = trainer.global_step  # counts finished steps
+        if step == self.warmup + self.steps:
             sync(pl_module.device)
-            elapsed = time.perf_counter() - self.start
-            self.out.write_text(json.dumps({"steps_per_s": self.steps / elapsed}))
+            elapsed = time.perf_counter() - self.start - self.raw_s
+            timing = {"steps_per_s": self.steps / elapsed}
+            if self.raw:
+                timing["raw_steps_per_s"] = self.raw_steps / self.raw_s
+            self.out.write_text(json.dumps(timing))
+        elif self.raw and self.warmup < step < self.warmup + self.steps:
+            sync(pl_module.device)
+            begin = time.perf_counter()
+            self.raw.step()
+            sync(pl_module.device)
+            self.raw_s += time.perf_counter() - begin
+            self.raw_steps += 1
 
 
 class JobClock(pl.Callback):
@@ -125,28 +149,42 @@ class RawNODE(nn.Module):
         return None, z
 
 
+class RawLoop:
+    """The raw loop's model, optimizer and batches; `step` runs one training step."""
+
+    def __init__(self, cell: str, T: int, device: str):
+        with torch.random.fork_rng(devices=[]):  # a run it is paired with keeps its RNG stream
+            torch.manual_seed(0)
+            self.build(cell, T, device)
+
+    def build(self, cell: str, T: int, device: str) -> None:
+        self.encoder = nn.Linear(2, ENCODER)
+        self.recurrent = (FUSED[cell](ENCODER, H, batch_first=True) if cell in FUSED
+                          else RawNODE(ENCODER, H, width=H, dt=0.1))
+        self.decoder = nn.Linear(H, 1)
+        modules = nn.ModuleList([self.encoder, self.recurrent, self.decoder]).to(device)
+        self.optimizer = torch.optim.Adam(modules.parameters(), lr=LR)
+        self.data = adding_batches(T, device)
+
+    def step(self) -> None:
+        x, y = next(self.data)
+        outputs, last = self.recurrent(self.encoder(x))
+        z = outputs[:, -1] if outputs is not None else last
+        loss = nn.functional.mse_loss(self.decoder(z).unsqueeze(1), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
 def run_raw(cell: str, T: int, warmup: int, steps: int, device: str) -> dict:
-    torch.manual_seed(0)
-    encoder = nn.Linear(2, ENCODER)
-    recurrent = (FUSED[cell](ENCODER, H, batch_first=True) if cell in FUSED
-                 else RawNODE(ENCODER, H, width=H, dt=0.1))
-    decoder = nn.Linear(H, 1)
-    modules = nn.ModuleList([encoder, recurrent, decoder]).to(device)
-    optimizer = torch.optim.Adam(modules.parameters(), lr=LR)
-    data = adding_batches(T, device)
+    loop = RawLoop(cell, T, device)
     step_ms = []  # every step's time, warm-up included
     for i in range(warmup + steps):
         sync(torch.device(device))
         begin = time.perf_counter()
         if i == warmup:
             start = begin
-        x, y = next(data)
-        outputs, last = recurrent(encoder(x))
-        z = outputs[:, -1] if outputs is not None else last
-        loss = nn.functional.mse_loss(decoder(z).unsqueeze(1), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loop.step()
         sync(torch.device(device))
         step_ms.append(round(1000 * (time.perf_counter() - begin)))
     return {"steps_per_s": steps / (time.perf_counter() - start), "step_ms": step_ms}
@@ -175,7 +213,7 @@ def rnnlab_overrides(cell: str, T: int, device: str) -> list[str]:
 
 
 def run_rnnlab(cell: str, T: int, warmup: int, steps: int, device: str, every: int | None,
-               extra: list[str] = ()) -> dict:
+               extra: list[str] = (), paired: bool = False) -> dict:
     from rnnlab.config import compose_config
     from rnnlab.train import train
 
@@ -188,7 +226,9 @@ def run_rnnlab(cell: str, T: int, warmup: int, steps: int, device: str, every: i
              f"trainer.max_steps={warmup + steps}",
              "+callbacks.step_timer._target_=rnnlab.bench.StepTimer",
              f"+callbacks.step_timer.out={out}", f"+callbacks.step_timer.warmup={warmup}",
-             f"+callbacks.step_timer.steps={steps}"],
+             f"+callbacks.step_timer.steps={steps}",
+             *([f"+callbacks.step_timer.paired={{cell:{cell},T:{T},device:{device}}}"]
+               if paired else [])],
             Path(tmp) / "run")
         metrics = train(cfg)
         cell = {k.removeprefix("cell/"): v for k, v in metrics.items() if k.startswith("cell/")}
@@ -363,7 +403,10 @@ def run_case(case: dict) -> dict:
         every = case["every"] if mode in ("monitor", "every_step") else None
         result = run_rnnlab(case["cell"], case["T"], case["warmup"], case["steps"], device, every,
                             [*case.get("cell_overrides", []), *case.get("monitor_overrides", []),
-                             f"flush_denormal={str(flush).lower()}"])
+                             f"flush_denormal={str(flush).lower()}"],
+                            paired=case.get("paired", False))
+        if "raw_steps_per_s" in result:  # per round: both from the same stretch of time
+            result["over_raw"] = result["steps_per_s"] / result["raw_steps_per_s"]
     if device == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -411,15 +454,16 @@ def combine_rounds(rounds: list[tuple[dict, dict]]) -> list[dict]:
 
 
 # The numbers a case measures (what `combine_rounds` takes the median of).
-MEASURED = ("steps_per_s", "plain_s", "probed_s", "peak_mb")
+MEASURED = ("steps_per_s", "raw_steps_per_s", "over_raw", "plain_s", "probed_s", "peak_mb")
 
 
-def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
+def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False) -> list[dict]:
     """Each mode of each (cell, T) times the same window of training steps after a warm-up:
     at T ≤ 1000 one whole period of the default monitor (`callbacks.INSTRUMENT_STEPS`: ten
     monitored steps every 50, one of them with the Jacobians and the Lyapunov spectrum), so
     every instrument's cost is in it at its default frequency. ``every_step``: monitoring every
-    step without the parameter contributions (the full-resolution heatmap's setting)."""
+    step without the parameter contributions (the full-resolution heatmap's setting).
+    ``paired``: rnnlab's modes alternate step by step with the raw loop (`StepTimer`)."""
     from rnnlab.callbacks import INSTRUMENT_STEPS
 
     cases = []
@@ -437,11 +481,13 @@ def plan(quick: bool, cells: list[str], lengths: list[int]) -> list[dict]:
             for mode in ("raw", "off", "monitor"):
                 cases.append({"cell": cell, "T": T, "mode": mode, "warmup": warmup,
                               "steps": steps, "every": every,
-                              "monitor_overrides": long if T > 1000 else []})
+                              "monitor_overrides": long if T > 1000 else [],
+                              **({"paired": True} if paired and mode != "raw" else {})})
             if T <= 1000:
                 cases.append({"cell": cell, "T": T, "mode": "every_step", "warmup": warmup,
                               "steps": steps, "every": 1,
-                              "monitor_overrides": ["monitor.param_contributions=false"]})
+                              "monitor_overrides": ["monitor.param_contributions=false"],
+                              **({"paired": True} if paired else {})})
             cases.append({"cell": cell, "T": T, "mode": "probed",
                           "steps": 5 if T <= 1000 else 2})
     return cases
@@ -525,13 +571,17 @@ def cell_table(cells: list[str], results: list[dict], title: str):
                 summary.append({"cell": cell, "T": T, "failed": failed})
                 table.add_row(cell, str(T), *(["failed: " + ", ".join(failed)] + [""] * 9))
                 continue
+            # Paired: each mode's speed over the raw loop it alternated with, and modes
+            # compared through those ratios; else each over the raw case's speed.
+            speed = {m: r.get("over_raw", r.get("steps_per_s")) for m, r in by.items()}
+            raw = 1.0 if "over_raw" in by["off"] else by["raw"]["steps_per_s"]
             row = {"cell": cell, "T": T, "raw_steps_per_s": by["raw"]["steps_per_s"],
-                   "off_over_raw": by["off"]["steps_per_s"] / by["raw"]["steps_per_s"],
-                   "monitor_over_raw": by["monitor"]["steps_per_s"] / by["raw"]["steps_per_s"],
-                   "monitor_over_off": by["monitor"]["steps_per_s"] / by["off"]["steps_per_s"],
+                   "paired": "over_raw" in by["off"],
+                   "off_over_raw": speed["off"] / raw,
+                   "monitor_over_raw": speed["monitor"] / raw,
+                   "monitor_over_off": speed["monitor"] / speed["off"],
                    "every_step_over_off": (  # a time ratio: every step's time over off's
-                       by["off"]["steps_per_s"] / by["every_step"]["steps_per_s"]
-                       if "every_step" in by else None),
+                       speed["off"] / speed["every_step"] if "every_step" in by else None),
                    "monitor_every": by["monitor"]["every"],
                    "steps_timed": by["monitor"].get("steps"),
                    "probed_over_plain": by["probed"]["probed_s"] / by["probed"]["plain_s"],
@@ -797,6 +847,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-jobs", type=int, default=20)
     parser.add_argument("--sweep-length", type=int, default=50)
     parser.add_argument("--sweep-steps", type=int, default=500)
+    parser.add_argument("--paired", action="store_true",
+                        help="rnnlab's modes alternate step by step with the raw loop in one "
+                             "process, and each is compared with the raw steps beside it: "
+                             "ratios that drifts in machine speed do not move (peak memory "
+                             "then includes the raw loop's)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
@@ -842,7 +897,7 @@ def main(argv: list[str] | None = None) -> None:
         lengths = [int(t) for t in args.lengths.split(",")]
         if args.quick:
             cells, lengths = [c for c in cells if c != "node"], [100]
-        cases = plan(args.quick, cells, lengths)
+        cases = plan(args.quick, cells, lengths, args.paired)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     for case in cases:
@@ -871,7 +926,9 @@ def main(argv: list[str] | None = None) -> None:
         table, summary = ode_table(results, f"neural ODE solver paths, rnnlab training steps "
                                             f"({setting}, g 2×{H} tanh, δt 0.1)")
     else:
-        table, summary = cell_table(cells, results, f"rnnlab vs raw PyTorch ({setting})")
+        pairing = ", paired step by step with the raw loop" if args.paired else ""
+        table, summary = cell_table(cells, results,
+                                    f"rnnlab vs raw PyTorch ({setting}{pairing})")
     Console(width=150).print(table)
     Path(args.out).write_text(json.dumps({"summary": summary, "cases": every_round}, indent=2)
                               + "\n")

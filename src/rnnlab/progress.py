@@ -38,6 +38,15 @@ class StepProgressBar(RichProgressBar):
             return
         self.train_progress_bar_id = self._add_task(self.trainer.max_steps, "Training step")
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Lightning's, and ``train/loss``: rnnlab's model writes its loss to the loggers itself
+        (`RecurrentModel.write_train_loss`), so it is taken from the model."""
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "train_loss", None)
+        if loss is not None:
+            metrics["train/loss"] = float(loss)
+        return metrics
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.by_steps(trainer):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
