@@ -30,6 +30,9 @@ job's first log line to its first training step), the training steps and the win
 end of training's last hook) read from the jobs' own clocks (`JobClock`).
 
 Each case runs in a fresh process, so its peak memory (max RSS, or CUDA max allocated) is its own.
+``--paired`` also runs one raw step after each timed rnnlab step in that process (`StepTimer`)
+and tables each mode's speed over the raw steps beside it, which a drift in machine speed moves
+alike.
 """
 
 from __future__ import annotations
