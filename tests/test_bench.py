@@ -57,6 +57,26 @@ def test_paired_ratios_come_from_each_modes_own_raw_steps():
     assert not unpaired["paired"] and unpaired["off_over_raw"] == 8.0 / 50.0
 
 
+def test_a_cell_without_a_raw_loop_is_measured_against_its_own_unmonitored_run():
+    modes = [c["mode"] for c in bench.plan(True, ["lru"], [100], paired=True)]
+    assert modes == ["off", "monitor", "every_step", "probed"]
+    results = [{"cell": "lru", "T": 100, "mode": "off", "steps_per_s": 10.0, "peak_mb": 100.0},
+               {"cell": "lru", "T": 100, "mode": "monitor", "steps_per_s": 9.0, "every": 50,
+                "peak_mb": 120.0},
+               {"cell": "lru", "T": 100, "mode": "probed", "plain_s": 1.0, "probed_s": 1.2,
+                "peak_mb": 100.0}]
+    _, (row,) = bench.cell_table(["lru"], results, "t")
+    assert row["raw_steps_per_s"] is None and row["off_over_raw"] is None
+    assert row["monitor_over_off"] == 0.9 and row["monitor_memory_over_off"] == 1.2
+
+
+@pytest.mark.parametrize("cell", ["lru", "cornn"])
+def test_the_probed_mode_runs_for_the_new_cells(cell):
+    result = bench.run_case({"cell": cell, "T": 5, "mode": "probed", "steps": 1,
+                             "device": "cpu", "threads": 1})
+    assert result["plain_s"] > 0 and result["probed_s"] > 0
+
+
 def test_a_failing_case_is_recorded_with_its_error():
     result = bench.measure({"cell": "gru", "T": 5, "mode": "monitor", "warmup": 1, "steps": 2,
                             "every": 2, "device": "cpu",

@@ -54,6 +54,8 @@ from torch import nn
 B, H, ENCODER = 64, 128, 32
 LR = 3e-3  # conf/model/default.yaml's: the same training dynamics, so the same subnormals
 FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+RAW = (*FUSED, "node")  # the cells with a raw loop written by hand (`RawLoop`); the others are
+# measured against their own unmonitored rnnlab run
 
 
 class StepTimer(pl.Callback):
@@ -481,16 +483,17 @@ def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False
             long = ["monitor.param_contributions=false", "model.checkpoint_steps=100",
                     f"monitor.jacobian_every_n_steps={every}",
                     f"monitor.lyapunov_every_n_steps={every}"]
-            for mode in ("raw", "off", "monitor"):
+            pair = {"paired": True} if paired and cell in RAW else {}
+            for mode in ("raw", "off", "monitor") if cell in RAW else ("off", "monitor"):
                 cases.append({"cell": cell, "T": T, "mode": mode, "warmup": warmup,
                               "steps": steps, "every": every,
                               "monitor_overrides": long if T > 1000 else [],
-                              **({"paired": True} if paired and mode != "raw" else {})})
+                              **(pair if mode != "raw" else {})})
             if T <= 1000:
                 cases.append({"cell": cell, "T": T, "mode": "every_step", "warmup": warmup,
                               "steps": steps, "every": 1,
                               "monitor_overrides": ["monitor.param_contributions=false"],
-                              **({"paired": True} if paired else {})})
+                              **pair})
             cases.append({"cell": cell, "T": T, "mode": "probed",
                           "steps": 5 if T <= 1000 else 2})
     return cases
@@ -576,28 +579,34 @@ def cell_table(cells: list[str], results: list[dict], title: str):
                 continue
             # Paired: each mode's speed over the raw loop it alternated with, and modes
             # compared through those ratios; else each over the raw case's speed.
+            # A cell without a raw loop (`RAW`): its modes against its own unmonitored run.
             speed = {m: r.get("over_raw", r.get("steps_per_s")) for m, r in by.items()}
-            raw = 1.0 if "over_raw" in by["off"] else by["raw"]["steps_per_s"]
-            row = {"cell": cell, "T": T, "raw_steps_per_s": by["raw"]["steps_per_s"],
+            raw = (1.0 if "over_raw" in by["off"] else
+                   by["raw"]["steps_per_s"] if "raw" in by else None)
+            row = {"cell": cell, "T": T,
+                   "raw_steps_per_s": by["raw"]["steps_per_s"] if "raw" in by else None,
                    "paired": "over_raw" in by["off"],
-                   "off_over_raw": speed["off"] / raw,
-                   "monitor_over_raw": speed["monitor"] / raw,
+                   "off_over_raw": speed["off"] / raw if raw else None,
+                   "monitor_over_raw": speed["monitor"] / raw if raw else None,
                    "monitor_over_off": speed["monitor"] / speed["off"],
                    "every_step_over_off": (  # a time ratio: every step's time over off's
                        speed["off"] / speed["every_step"] if "every_step" in by else None),
                    "monitor_every": by["monitor"]["every"],
                    "steps_timed": by["monitor"].get("steps"),
                    "probed_over_plain": by["probed"]["probed_s"] / by["probed"]["plain_s"],
-                   "peak_mb": {m: by[m]["peak_mb"] for m in ("raw", "off", "monitor")}}
+                   "peak_mb": {m: by[m]["peak_mb"] for m in ("raw", "off", "monitor")
+                               if m in by}}
             row["monitor_memory_over_off"] = row["peak_mb"]["monitor"] / row["peak_mb"]["off"]
             summary.append(row)
             every_step = row["every_step_over_off"]
-            table.add_row(cell, str(T), f"{row['raw_steps_per_s']:.2f}",
-                          f"{row['off_over_raw']:.2f}", f"{row['monitor_over_raw']:.2f}",
+            table.add_row(cell, str(T), *(f"{row[k]:.2f}" if row[k] is not None else "—"
+                                          for k in ("raw_steps_per_s", "off_over_raw",
+                                                    "monitor_over_raw")),
                           f"{row['monitor_over_off']:.2f}",
                           f"{every_step:.2f}" if every_step is not None else "",
                           f"{row['probed_over_plain']:.2f}",
-                          *(f"{row['peak_mb'][m]:.0f}" for m in ("raw", "off", "monitor")),
+                          *(f"{row['peak_mb'][m]:.0f}" if m in row["peak_mb"] else "—"
+                            for m in ("raw", "off", "monitor")),
                           f"{row['monitor_memory_over_off']:.2f}")
     return table, summary
 
