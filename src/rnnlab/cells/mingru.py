@@ -107,10 +107,7 @@ class MinGRUScan(torch.autograd.Function):
         state = h0
         for t0 in range(0, T, L):
             t1 = min(t0 + L, T)
-            k, c = pre_activations(u[t0:t1], weights)
-            z = torch.sigmoid(k)
-            a = torch.sigmoid(k.neg_())  # 1 − z_t
-            sigma_c = torch.sigmoid(c)
+            z, a, c, sigma_c = gates(u[t0:t1], weights)
             b = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c).mul_(z)  # z_t ⊙ g(c_t)
             state = steps_forward(a, b, state, h[t0:t1])
         ctx.save_for_backward(u, weights, h0, h)
@@ -128,10 +125,7 @@ class MinGRUScan(torch.autograd.Function):
         g = a_after = torch.zeros_like(h0)  # nothing after the last step
         for t0 in reversed(range(0, T, L)):
             t1 = min(t0 + L, T)
-            k, c = pre_activations(u[t0:t1], weights)
-            z = torch.sigmoid(k)
-            a = torch.sigmoid(k.neg_())
-            sigma_c = torch.sigmoid(c)
+            z, a, c, sigma_c = gates(u[t0:t1], weights)
             slope = candidate_slope(c, sigma_c)
             candidate = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c)
             grad_gates = torch.empty(2, *z.shape, dtype=h.dtype, device=h.device)
@@ -163,6 +157,14 @@ def with_ones(u: Tensor) -> Tensor:
 def with_bias(weight: Tensor, bias: Tensor) -> Tensor:
     """[W_z, b_z] and [W_h, b_h]: (2, H, input + 1)."""
     return torch.cat([weight, bias[:, None]], dim=1).unflatten(0, (2, -1))
+
+
+def gates(u: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For a block of inputs [u_t, 1] (L, B, input + 1): z_t, 1 − z_t = σ(−k_t), the
+    candidate's pre-activation c_t and σ(c_t), each (L, B, H), fresh."""
+    k, c = pre_activations(u, weights)
+    z = torch.sigmoid(k)
+    return z, torch.sigmoid(k.neg_()), c, torch.sigmoid(c)
 
 
 def pre_activations(u: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
