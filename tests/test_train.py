@@ -46,7 +46,7 @@ class BatchLosses(pl.Callback):
 def test_train_loss_is_logged_every_log_every_n_steps_with_its_batch_loss(make_cfg, tmp_path):
     """``train/loss`` goes to the loggers without ``self.log``: on the steps Lightning's logging
     would pick (step + 1 a multiple of trainer.log_every_n_steps), each the loss of that step's
-    batch recomputed before the update; the progress bar shows the last one."""
+    batch recomputed before the update, and ``epoch`` beside it."""
     BatchLosses.losses = {}
     train(make_cfg("trainer.max_steps=7", "trainer.log_every_n_steps=2",
                    "task.train_batches=100", f"+callbacks.losses._target_={__name__}.BatchLosses"))
