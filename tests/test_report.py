@@ -21,6 +21,7 @@ from rnnlab.report import (
     NoRunsError,
     decay_vs_gain_figure,
     find_runs,
+    legend_names,
     load_runs,
     loss_figure,
     profiles_by_step_figure,
@@ -219,6 +220,17 @@ def test_nested_group_overrides_are_shortened_in_labels(tmp_path):
                                                                  ["urnn_model=tanh_rnn"]]
 
 
+def test_legends_name_runs_by_the_overrides_that_tell_them_apart_unless_two_share_them(
+        tmp_path):
+    fake_run(tmp_path / "s1" / "0", 1.0, overrides=["cell=rnn", "seed=1"])
+    fake_run(tmp_path / "s1" / "1", 1.0, overrides=["cell=gru", "seed=1"])
+    apart = load_runs([tmp_path / "s1"])
+    assert legend_names(apart) == ["cell=rnn", "cell=gru"]
+    fake_run(tmp_path / "s2" / "0", 1.0, overrides=["cell=rnn", "seed=1"])
+    shared = load_runs([tmp_path / "s1", tmp_path / "s2"])  # two runs named cell=rnn
+    assert legend_names(shared) == ["s1/0 cell=rnn", "s1/1 cell=gru", "s2/0 cell=rnn"]
+
+
 def test_table_status_tells_a_failed_job_and_an_unfinished_one_from_a_completed_one(sweep):
     (sweep / "1" / "failed.json").write_text(json.dumps(
         {"error_type": "FloatingPointError", "message": "loss is nan at step 20"}))
@@ -236,7 +248,8 @@ def test_spectra_figure_draws_the_first_and_last_recorded_spectrum_and_the_top_e
     run = load_runs([fake_run(tmp_path / "run", 0.5, spectra=spectra)])[0]
     fig = spectra_figure([run])
     left, right = fig.axes
-    lines = [line for line in left.get_lines() if not line.get_label().startswith("_")]
+    lines = [line for line in left.get_lines() if line.get_gid() in ("first", "last")]
+    assert [line.get_gid() for line in lines] == ["first", "last"]
     assert [list(line.get_ydata()) for line in lines] == [spectra[10], spectra[20]]
     assert [list(line.get_xdata()) for line in lines] == [[1, 2], [1, 2]]
     (top,) = [line for line in right.get_lines() if not line.get_label().startswith("_")]

@@ -207,6 +207,14 @@ def title(run: Run) -> str:
     return run.label + (f"\n{' '.join(run.overrides)}" if run.overrides else "")
 
 
+def legend_names(runs: list[Run]) -> list[str]:
+    """Each run's name in a legend: the overrides that tell it apart (``cell=gru``), or its
+    label and overrides where two runs would share a name (or it has no overrides)."""
+    short = [" ".join(run.overrides) for run in runs]
+    unique = all(short) and len(set(short)) == len(short)
+    return short if unique else [" ".join([run.label, *run.overrides]) for run in runs]
+
+
 def profiles_figure(runs: list[Run], steps: list[int] | None = None) -> plt.Figure:
     fig, axes = panels(len(runs))
     for ax, run in zip(axes, runs):
@@ -238,11 +246,11 @@ def profiles_by_step_figure(runs: list[Run], steps: list[int] | None = None) -> 
         steps = sorted({int(first[0]), int(first[-1])})
     fig, axes = panels(len(steps))
     colors = plt.cm.tab10(np.arange(len(runs)) % 10)
+    names = legend_names(runs)
     for ax, step in zip(axes, steps):
-        for color, run in zip(colors, runs):
+        for color, run, name in zip(colors, runs, names):
             i = int(np.abs(run.record["step"] - step).argmin())
-            semilogy_positive(ax, run.record["dL_dz"][i], " ".join(run.overrides) or run.label,
-                              color=color)
+            semilogy_positive(ax, run.record["dL_dz"][i], name, color=color)
         finish_profile_axes(ax, f"training step {step}", fontsize=9)
     fig.tight_layout()
     return fig
@@ -294,34 +302,33 @@ def decay_vs_gain_figure(runs: list[Run]) -> plt.Figure:
 
 
 def spectra_figure(runs: list[Run]) -> plt.Figure:
-    """Left: each run's spectrum λ_1 … λ_k at its first (dashed) and last (solid) record with
-    one; right: λ₁ against the training step. Records without a spectrum are left out."""
+    """Left: each run's spectrum λ_1 … λ_k at its first (dashed, ``gid`` "first") and last
+    (solid, ``gid`` "last") record with one; right: λ₁ against the training step, with the one
+    legend of both panels (a run has the same colour in each). Records without a spectrum are
+    left out."""
     fig, (spectra, top) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     measured = [r for r in runs if "lyapunov" in r.record]
-    for i, run in enumerate(measured):
+    for i, (run, name) in enumerate(zip(measured, legend_names(measured))):
         color, exponents = f"C{i % 10}", run.record["lyapunov"]  # (records, k), NaN: none
         rows = np.flatnonzero(np.isfinite(exponents[:, 0]))
         if not len(rows):
             continue
-        label = " ".join([run.label, *run.overrides])
         index = np.arange(1, exponents.shape[1] + 1)
-        first, last = rows[0], rows[-1]
-        spectra.plot(index, exponents[first], "o--", color=color, ms=3, lw=0.8,
-                     label=f"{label}, step {int(run.record['step'][first])}")
-        spectra.plot(index, exponents[last], "o-", color=color, ms=3,
-                     label=f"{label}, step {int(run.record['step'][last])}")
-        top.plot(run.record["step"][rows], exponents[rows, 0], ".-", color=color, label=label)
+        spectra.plot(index, exponents[rows[0]], "o--", color=color, ms=3, lw=0.8, gid="first")
+        spectra.plot(index, exponents[rows[-1]], "o-", color=color, ms=3, gid="last")
+        top.plot(run.record["step"][rows], exponents[rows, 0], ".-", color=color, label=name)
     if not measured:
         spectra.text(0.5, 0.5, "no Lyapunov spectrum recorded (monitor.lyapunov_every_n_steps)",
                      ha="center", va="center", transform=spectra.transAxes, fontsize=8)
     for ax in (spectra, top):
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.grid(True, alpha=0.3)
-        if measured:
-            ax.legend(fontsize=7)
+    if measured:
+        top.legend(fontsize=7)
     spectra.set_xlabel("exponent i")
     spectra.set_ylabel("λ_i (log10 per step)")
-    spectra.set_title("Lyapunov spectrum: first (dashed) and last (solid) record", fontsize=9)
+    spectra.set_title("Lyapunov spectrum: first (dashed) and last (solid) record with one\n"
+                      "(colours as on the right)", fontsize=9)
     top.set_xlabel("training step")
     top.set_ylabel("λ₁ (log10 per step)")
     top.set_title("top exponent: < 0 vanishing, > 0 exploding", fontsize=9)
@@ -331,10 +338,9 @@ def spectra_figure(runs: list[Run]) -> plt.Figure:
 
 def loss_figure(runs: list[Run]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for i, run in enumerate(runs):
+    for i, (run, name) in enumerate(zip(runs, legend_names(runs))):
         color = f"C{i % 10}"
-        ax.plot(run.record["step"], run.record["loss"], ".-", color=color,
-                label=" ".join([run.label, *run.overrides]))
+        ax.plot(run.record["step"], run.record["loss"], ".-", color=color, label=name)
         if run.metrics.get("val/loss") is not None:
             ax.plot([run.metrics.get("step", run.record["step"][-1])], [run.metrics["val/loss"]],
                     "*", color=color, ms=10)
