@@ -30,6 +30,38 @@ from torch import Tensor
 # Sums a tensor over the processes of a data-parallel run (None: a single process).
 Reduce = Callable[[Tensor], Tensor] | None
 
+# A float64 norm computed as √(Σ x²) loses digits below ~1e-154 (x² is subnormal) and is 0 below
+# ~1e-162, and overflows above ~1e154; norms outside these bounds are recomputed with the row
+# scaled by its largest entry. Entries of any narrower dtype square within float64's range.
+SQUARE_SAFE = (1e-140, 1e140)
+
+
+def row_norms(rows: Tensor) -> Tensor:
+    """‖row‖₂ of every row of a 2-D tensor, (rows,) float64, accumulated in float64 without a
+    float64 copy, and exact for float64 entries at any magnitude float64 holds (`SQUARE_SAFE`:
+    those rows are divided by their largest |entry| before squaring, and multiplied back)."""
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
+    if rows.dtype != torch.float64:
+        return norms
+    outside = (norms < SQUARE_SAFE[0]) | (norms > SQUARE_SAFE[1])
+    if bool(outside.any()):
+        sub = rows[outside]
+        scale = sub.abs().amax(1)
+        usable = (scale > 0) & torch.isfinite(scale)  # zero, non-finite rows: as they are
+        unit = torch.where(usable, scale, torch.ones_like(scale))
+        scaled = torch.linalg.vector_norm(sub / unit[:, None], dim=1) * unit
+        norms[outside] = torch.where(usable, scaled, norms[outside])
+    return norms
+
+
+def norms_over_processes(norms: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """√(Σ_r n_r²) over the processes of each process's norms n_r (T,), float64, without
+    squaring a norm below float64's square range: each is first divided by s = Σ_r n_r (the same
+    on every process), so the squares summed are of numbers in [0, 1]."""
+    total = reduce(norms)
+    unit = torch.where(total > 0, total, torch.ones_like(total))
+    return reduce((norms / unit).square()).sqrt() * unit
+
 
 @dataclass(frozen=True)
 class ProbeRequest:
@@ -55,31 +87,32 @@ class StateProbes:
 
         Under data parallelism each of the R processes holds ∂L_r/∂z_t for its share of the
         batch, and the global batch-mean loss is L = (1/R) Σ_r L_r; so the norm over the global
-        batch is √(Σ_r ||∂L_r/∂z_t||²) / R: squared norms are summed with ``reduce``.
+        batch is √(Σ_r ||∂L_r/∂z_t||²) / R, summed with ``reduce`` (`norms_over_processes`).
+        Exact at any magnitude float64 holds (`row_norms`).
         """
         T = len(self.sizes)
         grads = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
                  for leaf in self.leaves]
         if len(grads) == 1 and T > 1 and all(n == 1 for n in self.sizes):
-            # one (T, B, H) leaf, row t of it step t: the norms without an index, accumulated
-            # in float64 without a float64 copy
-            norms = torch.linalg.vector_norm(grads[0].reshape(T, -1), dim=1,
-                                             dtype=torch.float64)
-            if reduce is None:
-                return (norms / world_size).cpu().numpy()
-            squares = norms.square()
+            # one (T, B, H) leaf, row t of it step t: the norms without an index
+            norms = row_norms(grads[0].reshape(T, -1))
         else:
             # A leaf per timestep holds that step's rows (one row if it has no batch
-            # dimension); a single leaf holds them all.
+            # dimension); a single leaf holds them all. Each row's norm, then per step the
+            # norm of its rows' norms, scaled by their largest as `row_norms` does.
             counts = self.sizes if len(grads) == T else [sum(self.sizes)]
-            rows = torch.cat([g.double().reshape(n, -1) for g, n in zip(grads, counts)])
+            rows = torch.cat([row_norms(g.reshape(n, -1)) for g, n in zip(grads, counts)])
             index = torch.repeat_interleave(torch.arange(T, device=rows.device),
                                             torch.tensor(self.sizes, device=rows.device))
+            largest = torch.zeros(T, dtype=torch.float64, device=rows.device)
+            largest.scatter_reduce_(0, index, rows, reduce="amax")
+            unit = torch.where(largest > 0, largest, torch.ones_like(largest))
             squares = torch.zeros(T, dtype=torch.float64, device=rows.device)
-            squares.index_add_(0, index, rows.square().sum(1))
+            squares.index_add_(0, index, (rows / unit[index]).square())
+            norms = torch.where(torch.isfinite(largest), squares.sqrt() * unit, largest)
         if reduce is not None:
-            squares = reduce(squares)
-        return (squares.sqrt() / world_size).cpu().numpy()
+            norms = norms_over_processes(norms, reduce)
+        return (norms / world_size).cpu().numpy()
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""Profiles stay exact where the squares of float64 gradients leave float64's range."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rnnlab import gradflow
+from rnnlab.probing import StateProbes, norms_over_processes, row_norms
+from rnnlab.tasks import Adding
+
+from .conftest import CONF, float64_model
+
+
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-200, 1e-160, 1e-100, 1.0, 1e200, 1e300])
+def test_row_norms_of_float64_rows_at_any_magnitude(magnitude):
+    row = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=torch.float64) * magnitude  # ‖·‖ = 13·m
+    rows = torch.stack([row, torch.zeros(4, dtype=torch.float64)])
+    np.testing.assert_allclose(row_norms(rows).numpy(), [13 * magnitude, 0.0], rtol=1e-15)
+
+
+def test_row_norms_keep_non_finite_rows_non_finite():
+    rows = torch.tensor([[math.inf, 1.0], [math.nan, 1e-200]], dtype=torch.float64)
+    norms = row_norms(rows)
+    assert math.isinf(norms[0]) and math.isnan(norms[1])
+
+
+@pytest.mark.parametrize("layout", ["one leaf", "a leaf per step"])
+def test_state_norms_of_tiny_float64_gradients_in_both_layouts(layout):
+    T, B, H = 4, 3, 2
+    grad = torch.arange(1.0, T * B * H + 1, dtype=torch.float64).reshape(T, B, H)
+    grad = grad * torch.tensor([1e-300, 1e-170, 1.0, 1e250], dtype=torch.float64)[:, None, None]
+    expected = [math.sqrt(sum(float(v / s) ** 2 for v in grad[t].flatten())) * s
+                for t, s in enumerate([1e-300, 1e-170, 1.0, 1e250])]
+    if layout == "one leaf":
+        leaf = torch.zeros(T, B, H, dtype=torch.float64)
+        leaf.grad = grad
+        probes = StateProbes([leaf], [1] * T)
+    else:
+        leaves = [torch.zeros(B, H, dtype=torch.float64) for _ in range(T)]
+        for leaf, g in zip(leaves, grad):
+            leaf.grad = g
+        probes = StateProbes(leaves, [B] * T)
+    np.testing.assert_allclose(probes.norms(), expected, rtol=1e-14)
+
+
+def test_norms_over_processes_sum_squares_below_float64s_square_range():
+    # Two processes as the rows of one tensor; the reduce is the all-reduce sum over them. The
+    # squares of their norms (1e-400) underflow; the combined norm √(3² + 4²)·1e-200 does not.
+    norms = torch.tensor([[3e-200, 1.0, 0.0], [4e-200, 0.0, 0.0]], dtype=torch.float64)
+
+    def all_reduce_sum(x):
+        return x.sum(0, keepdim=True).expand_as(x)
+
+    combined = norms_over_processes(norms, all_reduce_sum)
+    np.testing.assert_allclose(combined.numpy(), [[5e-200, 1.0, 0.0]] * 2, rtol=1e-15)
+
+
+def test_float64_profile_of_a_linear_orthogonal_rnn_below_1e_minus_154():
+    """W = g·Q, identity activation: ‖∂L/∂z_t‖ = g^(T−1−t)·‖∂L/∂z_{T−1}‖ exactly (Q orthogonal),
+    here down to ~1e-190, where √(Σ x²) in float64 gives 0."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / "rnn.yaml"))
+    cfg.update({"hidden_size": 6, "nonlinearity": "identity", "init": "orthogonal",
+                "gain": 0.5})
+    model = float64_model(cfg, encoder_size=4)
+    T = 640
+    batch = Adding(seq_len=T, batch_size=2).generate(2, torch.Generator().manual_seed(0))
+    record = gradflow.grad_flow(model, {k: v.double() for k, v in batch.items()})
+    profile = record.profiles["dL_dz"]
+    expected = profile[-1] * 0.5 ** (T - 1 - np.arange(T))
+    assert expected[0] < 1e-180
+    np.testing.assert_allclose(profile, expected, rtol=1e-9)
