@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rnnlab import gradflow
-from rnnlab.probing import StateProbes, norms_over_processes, row_norms
+from rnnlab.probing import ProbedPass, StateProbes, norms_over_processes, row_norms
 from rnnlab.tasks import Adding
 
 from .conftest import CONF, float64_model
@@ -56,8 +56,12 @@ def test_norms_over_processes_sum_squares_below_float64s_square_range():
     def all_reduce_sum(x):
         return x.sum(0, keepdim=True).expand_as(x)
 
-    combined = norms_over_processes(norms, all_reduce_sum)
-    np.testing.assert_allclose(combined.numpy(), [[5e-200, 1.0, 0.0]] * 2, rtol=1e-15)
+    def in_place_all_reduce_sum(x):  # as torch.distributed and Lightning's strategies do
+        return x.copy_(x.sum(0, keepdim=True).expand_as(x))
+
+    for reduce in (all_reduce_sum, in_place_all_reduce_sum):
+        combined = norms_over_processes(norms.clone(), reduce)
+        np.testing.assert_allclose(combined.numpy(), [[5e-200, 1.0, 0.0]] * 2, rtol=1e-15)
 
 
 def test_float64_profile_of_a_linear_orthogonal_rnn_below_1e_minus_154():
@@ -74,3 +78,22 @@ def test_float64_profile_of_a_linear_orthogonal_rnn_below_1e_minus_154():
     expected = profile[-1] * 0.5 ** (T - 1 - np.arange(T))
     assert expected[0] < 1e-180
     np.testing.assert_allclose(profile, expected, rtol=1e-9)
+
+
+def test_contributions_of_tiny_float64_gradients_kept_and_streamed():
+    """dL_dW_<module>: √(Σ over parameters and entries of (dL/dW⁽ᵗ⁾)²) at t, at 1e-200 and 1e250."""
+    T = 4
+    scale = torch.tensor([1e-200, 1e-170, 1.0, 1e250], dtype=torch.float64)
+    weight = torch.arange(1.0, T * 6 + 1, dtype=torch.float64).reshape(T, 2, 3)
+    weight = weight * scale[:, None, None]
+    bias = -torch.arange(1.0, T * 2 + 1, dtype=torch.float64).reshape(T, 2) * scale[:, None]
+    expected = [math.sqrt(sum(float(v / s) ** 2 for v in torch.cat([weight[t].flatten(),
+                                                                     bias[t]]))) * float(s)
+                for t, s in enumerate(scale)]
+    q_weight, q_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+    q_weight.grad, q_bias.grad = weight, bias
+    kept = ProbedPass(states={}, params={"cell": {"weight": q_weight, "bias": q_bias}})
+    streamed = ProbedPass(states={}, streamed={"cell": lambda: iter(
+        [[weight[:2], bias[:2]], [weight[2:], bias[2:]]])})
+    for probed in (kept, streamed):
+        np.testing.assert_allclose(probed.contributions()["dL_dW_cell"], expected, rtol=1e-14)

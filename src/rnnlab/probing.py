@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Sums a tensor over the processes of a data-parallel run (None: a single process).
+# Sums a tensor over the processes of a data-parallel run (None: a single process); it may
+# overwrite the tensor it is given with the sum.
 Reduce = Callable[[Tensor], Tensor] | None
 
 # A float64 norm computed as √(Σ x²) loses digits below ~1e-154 (x² is subnormal) and is 0 below
@@ -57,8 +58,9 @@ def row_norms(rows: Tensor) -> Tensor:
 def norms_over_processes(norms: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
     """√(Σ_r n_r²) over the processes of each process's norms n_r (T,), float64, without
     squaring a norm below float64's square range: each is first divided by s = Σ_r n_r (the same
-    on every process), so the squares summed are of numbers in [0, 1]."""
-    total = reduce(norms)
+    on every process), so the squares summed are of numbers in [0, 1]. ``reduce`` may sum in
+    place (Lightning's strategies do): it is given copies."""
+    total = reduce(norms.clone())
     unit = torch.where(total > 0, total, torch.ones_like(total))
     return reduce((norms / unit).square()).sqrt() * unit
 
@@ -156,26 +158,35 @@ class ProbedPass:
         contributions = {}
         for module, probes in (self.params or {}).items():
             T = next(iter(probes.values())).shape[0] if probes else 0
-            squares = torch.zeros(T, dtype=torch.float64)
-            for q in probes.values():
-                if q.grad is None:  # a parameter the loss does not reach: a zero contribution
-                    continue
-                squares = squares.to(q.grad.device) + step_squares(q.grad, reduce, world_size)
-            contributions[f"dL_dW_{module}"] = squares.sqrt().cpu().numpy()
+            norms = [step_norms(q.grad, reduce, world_size) for q in probes.values()
+                     if q.grad is not None]  # a parameter the loss does not reach: 0
+            contributions[f"dL_dW_{module}"] = (
+                combined_norms(norms) if norms else torch.zeros(T, dtype=torch.float64)
+            ).cpu().numpy()
         for module, chunks in self.streamed.items():
-            squares = torch.cat([sum(step_squares(g, reduce, world_size) for g in grads)
-                                 for grads in chunks()])
-            contributions[f"dL_dW_{module}"] = squares.sqrt().cpu().numpy()
+            norms = torch.cat([combined_norms([step_norms(g, reduce, world_size) for g in grads])
+                               for grads in chunks()])
+            contributions[f"dL_dW_{module}"] = norms.cpu().numpy()
         return contributions
 
 
-def step_squares(grad: Tensor, reduce: Reduce = None, world_size: int = 1) -> Tensor:
-    """Σ over a parameter's entries of (dL/dW⁽ᵗ⁾)², per step: (T, *shape) → (T,) float64;
+def step_norms(grad: Tensor, reduce: Reduce = None, world_size: int = 1) -> Tensor:
+    """‖dL/dW⁽ᵗ⁾‖ over a parameter's entries, per step: (T, *shape) → (T,) float64 (`row_norms`);
     under data parallelism of the gradient summed over processes and divided by R."""
-    if reduce is None:  # accumulated in float64 without a float64 copy of the gradient
-        return torch.linalg.vector_norm(grad.detach().flatten(1), dim=1,
-                                        dtype=torch.float64).square()
-    return (reduce(grad.detach().double()) / world_size).flatten(1).square().sum(1)
+    if reduce is None:
+        return row_norms(grad.detach().flatten(1))
+    return row_norms((reduce(grad.detach().double()) / world_size).flatten(1))
+
+
+def combined_norms(norms: list[Tensor]) -> Tensor:
+    """√(Σ_i n_i²) of several (T,) float64 norms, each divided by their largest before squaring
+    (exact where the squares would leave float64's range); non-finite where one is."""
+    stacked = torch.stack(norms)
+    largest = stacked.amax(0)
+    unit = torch.where((largest > 0) & torch.isfinite(largest), largest,
+                       torch.ones_like(largest))
+    combined = (stacked / unit).square().sum(0).sqrt() * unit
+    return torch.where(torch.isfinite(largest), combined, largest)
 
 
 @runtime_checkable
