@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from rnnlab.records import Record, summarize
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
 
-from .conftest import CONF, float64_model
+from .conftest import CONF, ROOT, float64_model
 
 
 def make_model(cell: str = "rnn", hidden_size: int = 8, **overrides):
@@ -104,19 +105,21 @@ def test_predicted_profile_is_the_log_mean_exp_of_the_sequences_growth():
     np.testing.assert_allclose(lyapunov.predicted_profile(top_growth, 2.0), expected, rtol=1e-14)
 
 
-def train_on_adding(cell: str, T: int = 50, steps: int = 300, hidden_size: int = 32):
-    """A float64 model trained by Adam on the adding task, loss read at the last step."""
-    torch.manual_seed(0)
-    model = make_model(cell, hidden_size=hidden_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    task, generator = Adding(seq_len=T, batch_size=32), torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        batch = {k: v.double() for k, v in task.generate(32, generator).items()}
-        loss = model.loss_fn(model(batch["x"]), batch["y"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model, {k: v.double() for k, v in task.generate(32, generator).items()}
+def load_script(name: str):
+    """scripts/<name>.py as a module: the measurement and the test run the same code."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+measure_prediction = load_script("measure_prediction")
+
+
+def trained(cell: str):
+    """The float64 cell (hidden 32) that `scripts/measure_prediction.py` trains: 300 Adam steps
+    on adding at T = 50, the loss read at the last step."""
+    return measure_prediction.train_on_adding(measure_prediction.cell_config(cell, 32))
 
 
 # The exponents are asymptotic rates. ∂L/∂z_{T−1} starts in the readout's direction and the QR
@@ -131,17 +134,13 @@ def train_on_adding(cell: str, T: int = 50, steps: int = 300, hidden_size: int =
 @pytest.mark.parametrize(("cell", "T"), [("rnn", 50), ("rnn", 500), ("gru", 1000),
                                          ("lstm", 1000)])
 def test_predicted_decay_rate_is_within_5_percent_of_the_measured_on_trained_cells(cell, T):
-    model, batch = train_on_adding(cell)
-    if T != batch["x"].shape[1]:
-        batch = adding_batch(T, B=32, seed=7)
-    record = gradflow.grad_flow(model, batch, lyapunov_k=8)
-    measured = record.summary.decay_rate
-    assert record.lyapunov.predicted_decay_rate == pytest.approx(measured, rel=0.05)
+    rates = measure_prediction.compare(trained(cell), T, seed=7)  # a fresh batch of 32
+    assert rates["predicted"] == pytest.approx(rates["measured"], rel=0.05)
 
 
 @pytest.mark.slow
 def test_four_sequences_estimate_the_batch_mean_top_exponent_of_a_trained_gru():
-    model, batch = train_on_adding("gru")
+    model, batch = trained("gru"), next(measure_prediction.adding_batches(50, seed=7))
     every = lyapunov.lyapunov(model, batch, k=8)
     four = lyapunov.lyapunov(model, batch, k=8, sequences=4)
     assert four.lyapunov[0] == pytest.approx(every.lyapunov[0], rel=0.05)
