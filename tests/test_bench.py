@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -188,3 +189,12 @@ def test_the_benchmark_runs_its_cases_in_rounds_and_tables_the_medians(tmp_path,
     written = json.loads(out.read_text())
     assert written["summary"] == [{"raw": 20.0, "off": 7.0}]
     assert [c["round"] for c in written["cases"]] == [0, 0, 1, 1, 2, 2]
+
+
+def test_the_jacobian_benchmark_times_both_paths_and_compares_their_norms(capsys):
+    bench.main(["--jacobians", "--cells", "gru,cornn", "--lengths", "4", "--repeats", "1"])
+    gru, cornn = capsys.readouterr().out.strip().splitlines()
+    assert gru.startswith("Jacobian norms, gru") and "own" in gru and "autograd" in gru
+    difference = float(re.search(r"largest relative difference (\S+)", gru).group(1))
+    assert difference < 1e-5  # float32 rounding: the same norms by two computations
+    assert cornn.startswith("Jacobian norms, cornn") and "own" not in cornn  # autograd only

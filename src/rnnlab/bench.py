@@ -23,6 +23,9 @@ memory, each in a process of its own.
 (`SCAN_PATHS`): one forward + backward of the cell alone, the paths alternating in one process
 (so drifts in machine load hit them alike), and each path's peak memory in a process of its own.
 
+``--jacobians`` times the transition Jacobians' norms (`gradflow.jacobians`) by the cell's own
+J v and Jᵀ w against autograd's, beside a probed step of the same model and batch.
+
 ``--sweep`` measures a sweep's throughput instead: 20 short jobs (T = 50, 500 steps, seeds
 0 … 19) under ``hydra/launcher=joblib``, one job at a time and two at a time, each sweep one
 ``rnnlab train -m`` process: its jobs per hour, their ratio, and per job the start-up (from the
@@ -305,6 +308,61 @@ def lyapunov_cost(cell: str, T: int, k: int, ons_every: int, repeats: int, devic
           f"({B // k} sequences), {device}, {torch.get_num_threads()} threads, median of "
           f"{repeats}: probed step {step_s:.3f} s, spectrum {spectrum_s:.3f} s, "
           f"ratio {spectrum_s / step_s:.2f}")
+
+
+def jacobian_cost(cell: str, T: int, repeats: int, device: str) -> None:
+    """Print the median seconds of a probed step and of the transition Jacobians' norms of the
+    same model and batch (`gradflow.jacobians`, the monitor's default Lanczos steps), by the
+    cell's own J v and Jᵀ w (`Cell.transition_jacobian`) and by autograd, interleaved, with the
+    largest relative difference between the two."""
+    import inspect
+
+    import numpy as np
+
+    from rnnlab import GradFlowCallback, gradflow
+    from rnnlab.config import compose_config
+    from rnnlab.train import build, build_model
+
+    iterations = inspect.signature(GradFlowCallback).parameters["jacobian_iterations"].default
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(rnnlab_overrides(cell, T, device), Path(tmp) / "run")
+        model = build_model(cfg, build(cfg.task)).to(device)
+    model.hparams.fast_path = False
+    x, y = next(adding_batches(T, device))
+    own = model.cell.transition_jacobian
+    paths = {"own": own, "autograd": None} if own is not None else {"autograd": None}
+    norms = {}
+
+    def timed(work) -> float:
+        sync(torch.device(device))
+        start = time.perf_counter()
+        work()
+        sync(torch.device(device))
+        return time.perf_counter() - start
+
+    def probed() -> None:
+        model.loss_fn(model(x, None, model.make_probes(B, T)), y).backward()
+
+    def jacobians(path: str) -> None:
+        model.cell.transition_jacobian = paths[path]
+        norms[path] = gradflow.jacobians(model, {"x": x, "y": y}, iterations).jacobian_norm
+
+    seconds: dict[str, list[float]] = {"probed step": [], **{path: [] for path in paths}}
+    for round_ in range(repeats + 1):  # the first warms up
+        times = {"probed step": timed(probed),
+                 **{path: timed(lambda path=path: jacobians(path)) for path in paths}}
+        for key, value in times.items():
+            if round_:
+                seconds[key].append(value)
+    model.cell.transition_jacobian = own
+    median = {key: statistics.median(value) for key, value in seconds.items()}
+    parts = [f"{key} {value:.3f} s" for key, value in median.items()]
+    if "own" in paths:
+        difference = float(np.max(np.abs(norms["own"] / norms["autograd"] - 1)))
+        parts.append(f"autograd/own {median['autograd'] / median['own']:.2f}, largest relative "
+                     f"difference {difference:.1e}")
+    print(f"Jacobian norms, {cell}, {iterations} Lanczos steps, T={T}, H={H}, B={B}, {device}, "
+          f"{torch.get_num_threads()} threads, median of {repeats}: " + ", ".join(parts))
 
 
 class UserLSTM(pl.LightningModule):
@@ -850,6 +908,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lyapunov", action="store_true",
                         help="only: the Lyapunov spectrum's cost (k=32) against a probed step, "
                              "for each of --cells at each of --lengths")
+    parser.add_argument("--jacobians", action="store_true",
+                        help="only: the transition Jacobians' cost, by the cell's own products "
+                             "and by autograd, against a probed step, for each of --cells at "
+                             "each of --lengths")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of every case (interleaved, so drifts in machine load hit "
                              "every mode alike); the tables show each number's median")
@@ -877,6 +939,11 @@ def main(argv: list[str] | None = None) -> None:
             for T in (int(t) for t in args.lengths.split(",")):
                 for ons_every in (1, 5):
                     lyapunov_cost(cell, T, 32, ons_every, repeats=3, device=args.device)
+        return
+    if args.jacobians:
+        for cell in (c for c in args.cells.split(",") if c):
+            for T in (int(t) for t in args.lengths.split(",")):
+                jacobian_cost(cell, T, repeats=max(3, args.repeats), device=args.device)
         return
 
     from rich.console import Console

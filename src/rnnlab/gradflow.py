@@ -86,9 +86,9 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     are batches of at most `JACOBIAN_ROWS` rows of ``cell.forward_mode_step`` (whole timesteps,
     so memory stays bounded at any T), whose rows are independent sequences (for an adaptive ODE
     solver the step size is then chosen over the rows of a batch together, which moves the result
-    only within the solver's tolerance). The vector products are reverse-mode autograd on one
-    graph of the step: Jᵀw by a vector-Jacobian product, Jv by differentiating w ↦ Jᵀw (linear
-    in w) along v, so any differentiable step works, torchdiffeq's solvers included. The result
+    only within the solver's tolerance). The products JᵀJ q come from the cell's own
+    ``transition_jacobian`` where it has one (the Elman RNN, GRU, LSTM), else from autograd on
+    one graph of the step (`normal_products`), which works for any differentiable step. The result
     is a Ritz value: a lower bound on σ_max that converges from below (exact to rounding once
     ``iterations`` reaches the state's size). A cell with ``jacobian_norms`` (a diagonal J) gives
     the exact norms itself, and ``iterations`` is not used.
@@ -127,33 +127,15 @@ def lanczos_norms(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | Non
     A row whose Krylov space is exhausted (JᵀJ maps the basis into itself, e.g. an orthogonal J:
     one vector spans it) continues with 0, which adds only an eigenvalue 0.
     """
-    z = tuple(s.requires_grad_() for s in z)
-    widths = [s[0].numel() for s in z]
-    D = sum(widths)
-
-    def split(flat: Tensor) -> tuple[Tensor, ...]:
-        return tuple(p.reshape(s.shape) for p, s in zip(flat.split(widths, 1), z))
-
-    with torch.enable_grad():
-        out = tuple(cell.forward_mode_step(u, z, dt))
-        w = tuple(torch.zeros_like(o, requires_grad=True) for o in out)
-        vjp_of_w = torch.autograd.grad(out, z, w, create_graph=True, allow_unused=True)
-        vjp_of_w = tuple(g if g is not None else torch.zeros_like(s) * w[0].sum()
-                         for g, s in zip(vjp_of_w, z))
-
-        def jvp(vector: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            return torch.autograd.grad(vjp_of_w, w, vector, retain_graph=True)
-
-        def vjp(vector: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            grads = torch.autograd.grad(out, z, vector, retain_graph=True, allow_unused=True)
-            return tuple(g if g is not None else torch.zeros_like(s) for g, s in zip(grads, z))
-
+    products = normal_products(cell, u, z, dt)
+    with torch.no_grad():
         q = torch.cat([p.flatten(1) for p in unit_rows(v)], 1)  # (N, D)
+        D = q.shape[1]
         previous, beta = torch.zeros_like(q), q.new_zeros(q.shape[0], 1)
         tiny, eps = torch.finfo(q.dtype).tiny, torch.finfo(q.dtype).eps
         alphas, betas = [], []  # the tridiagonal's diagonal and off-diagonal, (N, 1) each
         for j in range(min(iterations, D)):
-            r = torch.cat([p.flatten(1) for p in vjp(jvp(split(q)))], 1).detach()  # JᵀJ q
+            r = products(q)  # JᵀJ q
             alpha = (r * q).sum(1, keepdim=True)
             alphas.append(alpha)
             if j == min(iterations, D) - 1:
@@ -171,6 +153,39 @@ def lanczos_norms(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | Non
            else np.zeros((diagonal.shape[0], 0)))
     top = top_tridiagonal_eigenvalue(diagonal, off)
     return torch.from_numpy(np.sqrt(np.clip(top, 0, None))).to(device=q.device, dtype=q.dtype)
+
+
+def normal_products(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | None):
+    """q ↦ JᵀJ q per row, J = ∂step/∂z at (u, z), on rows of the flattened state (N, D): from
+    the cell's `transition_jacobian` where it has one, else by autograd on one graph of
+    ``cell.forward_mode_step``: Jᵀw by a vector-Jacobian product, Jv by differentiating
+    w ↦ Jᵀw (linear in w) along v, so that any differentiable step works, torchdiffeq's
+    solvers included."""
+    if cell.transition_jacobian is not None:
+        with torch.no_grad():
+            matvec, rmatvec = cell.transition_jacobian(u, z, dt)
+        return lambda q: rmatvec(matvec(q))
+    z = tuple(s.detach().requires_grad_() for s in z)
+    widths = [s[0].numel() for s in z]
+
+    def split(flat: Tensor) -> tuple[Tensor, ...]:
+        return tuple(p.reshape(s.shape) for p, s in zip(flat.split(widths, 1), z))
+
+    with torch.enable_grad():
+        out = tuple(cell.forward_mode_step(u, z, dt))
+        w = tuple(torch.zeros_like(o, requires_grad=True) for o in out)
+        vjp_of_w = torch.autograd.grad(out, z, w, create_graph=True, allow_unused=True)
+        vjp_of_w = tuple(g if g is not None else torch.zeros_like(s) * w[0].sum()
+                         for g, s in zip(vjp_of_w, z))
+
+    def products(q: Tensor) -> Tensor:
+        with torch.enable_grad():
+            jv = torch.autograd.grad(vjp_of_w, w, split(q), retain_graph=True)
+            grads = torch.autograd.grad(out, z, jv, retain_graph=True, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(s)).flatten(1)
+                          for g, s in zip(grads, z)], 1)
+
+    return products
 
 
 def top_tridiagonal_eigenvalue(diagonal: np.ndarray, off: np.ndarray) -> np.ndarray:

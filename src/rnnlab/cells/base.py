@@ -98,6 +98,14 @@ class Cell(nn.Module):
       J = ∂step(u_t, state, dt)/∂state per sequence (the state's tensors concatenated), for cells
       whose J is cheap to take apart (diagonal: max |J_ii|; 2×2 rotation blocks: max |λ|). The
       monitor then uses it instead of power iteration. The base has none (``None``).
+    - optional `transition_jacobian(u_t, state, dt)` -> ``(matvec, rmatvec)``: J and Jᵀ of the
+      same step as two functions on rows of the flattened state (N, D), D the state's tensors
+      concatenated, ``u_t`` and ``state`` (N, ·): ``matvec(v) = J v`` and ``rmatvec(w) = Jᵀ w``
+      per row, written out from the step's own derivatives (called without gradient). The
+      Lanczos iteration of the Jacobian norms then needs no autograd graph: two matmuls with
+      the recurrent weight and a few elementwise products per iteration (docs/cells.md: 1.16–1.30×
+      faster than autograd for the Elman RNN, GRU and LSTM). The base has none (``None``):
+      autograd on `forward_mode_step` serves every cell.
     - optional `input_projection(u)` and `projected_step(g_t, state, dt)`, together: the part of
       `step` that reads the input alone (W_ih u_t + b), for many steps at once, ``u`` (…,
       input_size) → ``g`` (…, ·) acting on the last dimension (the model passes a chunk of C
@@ -148,6 +156,7 @@ class Cell(nn.Module):
 
     state_names: tuple[str, ...] = ("h",)
     jacobian_norms = None  # optional: (u_t, state, dt) -> (B,), see the contract
+    transition_jacobian = None  # optional: (u_t, state, dt) -> (matvec, rmatvec), the contract
     input_projection = None  # optional: u (C, B, input) -> g (C, B, ·), with projected_step
     projected_step = None  # optional: (g_t, state, dt) -> State, see the contract
     probed_sequence = None  # optional: (g, state, probes, previous) -> (first, state)

@@ -71,6 +71,31 @@ class GRU(GatedCell):
         (h,) = state
         return (torch.gru_cell(u_t, h, *self.weights()),)
 
+    def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
+        """J = ∂h_t/∂h_{t−1} = diag(z) + Σ_g diag(α_g) W_hg over the blocks g = r, z, n:
+
+            α_r = (1 − z)(1 − n²) ⊙ (W_hn h + b_hn) ⊙ r(1 − r)
+            α_z = (h − n) ⊙ z(1 − z)
+            α_n = (1 − z)(1 − n²) ⊙ r
+
+        Jv = z ⊙ v + Σ_g α_g ⊙ (W_hg v); Jᵀw = z ⊙ w + Σ_g W_hgᵀ (α_g ⊙ w): one matmul each."""
+        (h,) = state
+        H, W = self.hidden_size, self.weight_hh
+        x_r, x_z, x_n = F.linear(u_t, self.weight_ih, self.bias_ih).split(H, 1)
+        a_r, a_z, a_n = F.linear(h, W, self.bias_hh).split(H, 1)
+        r, z = torch.sigmoid(x_r + a_r), torch.sigmoid(x_z + a_z)
+        n = torch.tanh(x_n + r * a_n)
+        through_n = (1 - z) * (1 - n * n)
+        alpha = torch.cat([through_n * a_n * r * (1 - r), (h - n) * z * (1 - z), through_n * r], 1)
+
+        def matvec(v: Tensor) -> Tensor:
+            return z * v + (alpha * (v @ W.T)).unflatten(1, (3, H)).sum(1)
+
+        def rmatvec(w: Tensor) -> Tensor:
+            return torch.addmm(z * w, alpha * w.repeat(1, 3), W)
+
+        return matvec, rmatvec
+
     def input_projection(self, u: Tensor) -> Tensor:
         return F.linear(u, self.weight_ih, self.bias_ih)
 
@@ -120,6 +145,37 @@ class LSTM(GatedCell):
 
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         return tuple(torch.lstm_cell(u_t, state, *self.weights()))
+
+    def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
+        """J of the state (h, c), rows [h, c] (2H): with P = W_hh v_h (blocks i, f, g, o),
+
+            Jv:  c part  dc = f ⊙ v_c + g i(1 − i) ⊙ P_i + c f(1 − f) ⊙ P_f + i(1 − g²) ⊙ P_g
+                 h part  κ ⊙ dc + tanh(c_t) o(1 − o) ⊙ P_o,   κ = o (1 − tanh²(c_t))
+            Jᵀw: e = w_c + κ ⊙ w_h;  c part f ⊙ e;  h part W_hhᵀ [α_i e, α_f e, α_g e, β w_h]
+
+        (α the three coefficients of dc, β = tanh(c_t) o(1 − o)): one matmul each."""
+        h, c = state
+        H, W = self.hidden_size, self.weight_hh
+        gates = torch.addmm(F.linear(u_t, self.weight_ih, self.bias_ih + self.bias_hh), h, W.T)
+        i, f, o = (torch.sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+        g = torch.tanh(gates[:, 2 * H:3 * H])
+        tau = torch.tanh(f * c + i * g)
+        kappa, beta = o * (1 - tau * tau), tau * o * (1 - o)
+        alpha = torch.cat([g * i * (1 - i), c * f * (1 - f), i * (1 - g * g)], 1)  # (N, 3H)
+
+        def matvec(v: Tensor) -> Tensor:
+            v_h, v_c = v.split(H, 1)
+            P = v_h @ W.T
+            dc = f * v_c + (alpha * P[:, :3 * H]).unflatten(1, (3, H)).sum(1)
+            return torch.cat([kappa * dc + beta * P[:, 3 * H:], dc], 1)
+
+        def rmatvec(w: Tensor) -> Tensor:
+            w_h, w_c = w.split(H, 1)
+            e = w_c + kappa * w_h
+            delta = torch.cat([alpha * e.repeat(1, 3), beta * w_h], 1)
+            return torch.cat([delta @ W, f * e], 1)
+
+        return matvec, rmatvec
 
     def input_projection(self, u: Tensor) -> Tensor:
         return F.linear(u, self.weight_ih, self.bias_ih + self.bias_hh)

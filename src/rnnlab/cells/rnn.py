@@ -19,6 +19,14 @@ NONLINEARITIES = {
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
 }
+# φ'(a) from the pre-activation a and φ(a), as autograd differentiates each φ (relu: 1 where
+# a > 0, else 0).
+SLOPES = {
+    "tanh": lambda a, y: 1 - y * y,
+    "relu": lambda a, y: (a > 0).to(a.dtype),
+    "sigmoid": lambda a, y: y * (1 - y),
+    "identity": lambda a, y: torch.ones_like(a),
+}
 INITS = ("default", "orthogonal", "identity", "normal", "critical")
 CONSTRAINTS = ("none", "orthogonal")
 
@@ -105,6 +113,14 @@ class ElmanRNN(Cell):
         (z,) = state
         pre = u_t @ self.weight_ih.T + self.bias_ih + z @ self.weight_hh.T + self.bias_hh
         return (self.phi(pre),)
+
+    def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
+        """J = diag(φ'(a_t)) W, a_t = W z_{t−1} + U u_t + b: Jv = φ' ⊙ (W v), Jᵀw = Wᵀ(φ' ⊙ w)."""
+        (z,) = state
+        W = self.weight_hh  # once: with the constraint, a parametrization computes it
+        pre = u_t @ self.weight_ih.T + self.bias_ih + z @ W.T + self.bias_hh
+        slope = SLOPES[self.nonlinearity](pre, self.phi(pre))
+        return (lambda v: slope * (v @ W.T)), (lambda w: (slope * w) @ W)
 
     def input_projection(self, u: Tensor) -> Tensor:
         return u @ self.weight_ih.T + (self.bias_ih + self.bias_hh)
