@@ -117,6 +117,15 @@ def test_find_runs_orders_multirun_jobs_numerically(tmp_path):
     assert [p.name for p in find_runs([tmp_path])] == ["1", "2", "10"]
 
 
+def test_find_runs_puts_runs_given_in_a_shell_globs_order_in_natural_order(tmp_path):
+    for job in (0, 2, 10, 12):
+        fake_run(tmp_path / f"{job}_cell=rnn", 1.0)
+    glob = sorted(str(p) for p in tmp_path.glob("*_cell=rnn"))  # the shell's: 0, 10, 12, 2
+    assert [p.name.split("_")[0] for p in find_runs(glob)] == ["0", "2", "10", "12"]
+    chosen = [tmp_path / "12_cell=rnn", tmp_path / "0_cell=rnn"]  # an order of the user's own
+    assert find_runs(chosen) == chosen
+
+
 def test_find_runs_names_a_path_that_holds_no_run(tmp_path, sweep):
     (tmp_path / "other").mkdir()
     with pytest.raises(NoRunsError, match=f"no runs under {re.escape(str(tmp_path / 'other'))}"):

@@ -216,13 +216,15 @@ def top_tridiagonal_eigenvalue(diagonal: np.ndarray, off: np.ndarray) -> np.ndar
     return high
 
 
-def row_norms(parts: tuple[Tensor, ...]) -> Tensor:
-    """The 2-norm of each row over all tensors together: (N, …) each → (N,)."""
+def state_row_norms(parts: tuple[Tensor, ...]) -> Tensor:
+    """The 2-norm of each row over a state's tensors together: (N, …) each → (N,) (for the
+    Lanczos start vectors, O(1) by construction; `rnnlab.probing.row_norms` is the one that is
+    exact at any magnitude, for the logged norms)."""
     return torch.stack([p.flatten(1).square().sum(1) for p in parts]).sum(0).sqrt()
 
 
 def unit_rows(parts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    norms = row_norms(parts).clamp_min(torch.finfo(parts[0].dtype).tiny)
+    norms = state_row_norms(parts).clamp_min(torch.finfo(parts[0].dtype).tiny)
     return tuple(p / norms.view(-1, *([1] * (p.dim() - 1))) for p in parts)
 
 

@@ -117,7 +117,10 @@ def natural_key(path: Path) -> list:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Every run directory (one holding ``grad_flow/``) at or below each path, in order.
+    """Every run directory (one holding ``grad_flow/``) at or below each path, in order: the
+    runs under one path in natural order (2 before 10), the paths in the order given, except
+    that paths given in a shell glob's order (sorted as text: 0, 10, 12, 2) are put in natural
+    order too.
 
     Raises `NoRunsError` naming the path when one holds none.
     """
@@ -133,7 +136,8 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
             raise NoRunsError(f"no runs under {path}: a run directory holds grad_flow/, written "
                               "by scripts/train.py with the monitor on")
         runs += [run for run in found if run not in runs]
-    return runs
+    given = [str(path) for path in paths]
+    return sorted(runs, key=natural_key) if given == sorted(given) else runs
 
 
 def load_run(path: Path, label: str) -> Run:
