@@ -245,7 +245,7 @@ def probe_gradients(cell: str, checkpoint_steps: int, project: bool,
     return grads
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mingru", "lru"])
 @pytest.mark.parametrize("checkpoint_steps", [0, 4])
 @pytest.mark.parametrize("n_out", [1, 6])
 def test_probed_pass_from_the_input_projection_equals_stepping(cell, checkpoint_steps, n_out,

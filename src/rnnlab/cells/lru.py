@@ -10,7 +10,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.cells.scan import block_length, steps_adjoint, steps_forward, sum_over_steps, time_major
+from rnnlab.cells.scan import (
+    block_length,
+    linear_scan,
+    steps_adjoint,
+    steps_forward,
+    sum_over_steps,
+    time_major,
+)
 from rnnlab.config import is_int, is_number, require
 
 
@@ -83,6 +90,28 @@ class LRU(Cell):
         x = unpack(state[0])
         x = torch.exp(self.log_lambda()) * x + self.drive(u_t)
         return (pack(x),)
+
+    def input_projection(self, u: Tensor) -> Tensor:
+        """γ ⊙ (B u_t), packed real (…, 2N) (`pack`)."""
+        return pack(self.drive(u))
+
+    def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return (pack(torch.exp(self.log_lambda()) * unpack(state[0]) + unpack(g_t)),)
+
+    def probed_sequence(self, g: Tensor, state: State, probes: State,
+                        previous: list[State] | None) -> tuple[Tensor, State]:
+        """A chunk of probed steps x_t = λ ⊙ x_{t−1} + γ ⊙ B u_t + p_t as one scan
+        (`linear_scan`, complex): the probe enters as the drive does, so its gradient is the
+        scan's adjoint ∂L/∂x_t. ``g`` (C, B, 2N) from `input_projection` and ``probes[0]``
+        (C, B, 2N), time-major and packed; returns x_t at every step packed (C, B, 2N) and the
+        last state."""
+        drive = unpack(g + probes[0])
+        xs = time_major(linear_scan(torch.exp(self.log_lambda()), time_major(drive),
+                                    unpack(state[0])))
+        hs = pack(xs)
+        if previous is not None:  # z_{t−1} of every step, as the stepping loop records them
+            previous += [(h.detach(),) for h in (state[0], *hs[:-1].unbind(0))]
+        return hs, (hs[-1],)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         """u: (B, T, input) → x_t at every t as (B, T, hidden), by the scan `LRUScan`."""

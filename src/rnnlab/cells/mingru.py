@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.cells.scan import block_length, steps_adjoint, steps_forward, time_major
+from rnnlab.cells.scan import block_length, linear_scan, steps_adjoint, steps_forward, time_major
 
 
 def g(x: Tensor) -> Tensor:
@@ -60,6 +60,28 @@ class MinGRU(Cell):
         k = self.gate(u_t)
         # 1 − σ(k) = σ(−k), without the cancellation where σ(k) ≈ 1
         return (torch.sigmoid(-k) * h + torch.sigmoid(k) * g(self.candidate(u_t)),)
+
+    def input_projection(self, u: Tensor) -> Tensor:
+        """[k_t, c_t] = [W_z u_t + b_z, W_h u_t + b_h]: u (…, input) → (…, 2H)."""
+        weight = torch.cat([self.gate.weight, self.candidate.weight])
+        return F.linear(u, weight, torch.cat([self.gate.bias, self.candidate.bias]))
+
+    def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
+        k, c = g_t.chunk(2, -1)
+        return (torch.sigmoid(-k) * state[0] + torch.sigmoid(k) * g(c),)
+
+    def probed_sequence(self, g_: Tensor, state: State, probes: State,
+                        previous: list[State] | None) -> tuple[Tensor, State]:
+        """A chunk of probed steps h_t = a_t ⊙ h_{t−1} + b_t + p_t as one scan (`linear_scan`):
+        the probe enters as b_t does, so its gradient is the scan's adjoint ∂L/∂h_t, and a
+        monitored step runs the scan too. ``g_`` (C, B, 2H) from `input_projection`, time-major,
+        as ``probes[0]`` (C, B, H); returns h_t at every step (C, B, H) and the last state."""
+        k, c = g_.chunk(2, -1)
+        a, b = torch.sigmoid(-k), torch.sigmoid(k) * g(c)
+        hs = time_major(linear_scan(time_major(a), time_major(b + probes[0]), state[0]))
+        if previous is not None:  # z_{t−1} of every step, as the stepping loop records them
+            previous += [(h.detach(),) for h in (state[0], *hs[:-1].unbind(0))]
+        return hs, (hs[-1],)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         """u: (B, T, input) → h_t at every t (B, T, hidden), by the scan `MinGRUScan`."""
