@@ -53,6 +53,13 @@ class IndRNN(Cell):
         (h,) = state
         return (torch.relu(self.input(u_t) + self.recurrent_weights() * h),)
 
+    def input_projection(self, u: Tensor) -> Tensor:
+        """W u_t + b for many steps at once: the loop then makes one matmul per chunk."""
+        return self.input(u)
+
+    def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return (torch.relu(g_t + self.recurrent_weights() * state[0]),)
+
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
         """max_i |w_i|·1[pre_i > 0] per row: J = diag(w ⊙ relu'(pre)), relu'(0) = 0 as in torch."""
         (h,) = state
