@@ -271,12 +271,10 @@ def run_probed(cell: str, T: int, repeats: int, device: str) -> dict:
     return {"plain_s": statistics.median(plain), "probed_s": statistics.median(probed)}
 
 
-def lyapunov_cost(cell: str, T: int, k: int, ons_every: int, repeats: int, device: str) -> None:
-    """Print the median seconds of a probed step (forward + backward, B sequences) and of the
-    Lyapunov spectrum of the same model and batch (k vectors of B // k sequences, the monitor's
-    default), measured interleaved, and their ratio."""
+def instrument_case(cell: str, T: int, device: str):
+    """The benchmark's model for ``cell`` at ``T`` (stepping, not its fused path) and one adding
+    batch (x, y), for timing an instrument beside a probed step."""
     from rnnlab.config import compose_config
-    from rnnlab.lyapunov import lyapunov
     from rnnlab.train import build, build_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -284,25 +282,42 @@ def lyapunov_cost(cell: str, T: int, k: int, ons_every: int, repeats: int, devic
         model = build_model(cfg, build(cfg.task)).to(device)
     model.hparams.fast_path = False
     x, y = next(adding_batches(T, device))
+    return model, x, y
 
-    def timed(work) -> float:
-        sync(torch.device(device))
-        start = time.perf_counter()
-        work()
-        sync(torch.device(device))
-        return time.perf_counter() - start
+
+def timed(work, device: str) -> float:
+    """Seconds of ``work()``, the device synchronised before and after."""
+    sync(torch.device(device))
+    start = time.perf_counter()
+    work()
+    sync(torch.device(device))
+    return time.perf_counter() - start
+
+
+def probed_step(model, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One probed forward + backward of ``model`` over the batch."""
+    model.loss_fn(model(x, None, model.make_probes(B, x.shape[1])), y).backward()
+
+
+def lyapunov_cost(cell: str, T: int, k: int, ons_every: int, repeats: int, device: str) -> None:
+    """Print the median seconds of a probed step (forward + backward, B sequences) and of the
+    Lyapunov spectrum of the same model and batch (k vectors of B // k sequences, the monitor's
+    default), measured interleaved, and their ratio."""
+    from rnnlab.lyapunov import lyapunov
+
+    model, x, y = instrument_case(cell, T, device)
 
     def probed() -> None:
-        model.loss_fn(model(x, None, model.make_probes(B, T)), y).backward()
+        probed_step(model, x, y)
 
     def spectrum() -> None:
         lyapunov(model, {"x": x, "y": y}, k, ons_every, sequences=max(1, B // k))
 
-    timed(probed), timed(spectrum)  # warm up
+    timed(probed, device), timed(spectrum, device)  # warm up
     steps, spectra = [], []
     for _ in range(repeats):
-        steps.append(timed(probed))
-        spectra.append(timed(spectrum))
+        steps.append(timed(probed, device))
+        spectra.append(timed(spectrum, device))
     step_s, spectrum_s = statistics.median(steps), statistics.median(spectra)
     print(f"Lyapunov spectrum, {cell}, k={k}, QR every {ons_every}, T={T}, H={H}, B={B} "
           f"({B // k} sequences), {device}, {torch.get_num_threads()} threads, median of "
@@ -320,28 +335,12 @@ def jacobian_cost(cell: str, T: int, repeats: int, device: str) -> None:
     import numpy as np
 
     from rnnlab import GradFlowCallback, gradflow
-    from rnnlab.config import compose_config
-    from rnnlab.train import build, build_model
 
     iterations = inspect.signature(GradFlowCallback).parameters["jacobian_iterations"].default
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config(rnnlab_overrides(cell, T, device), Path(tmp) / "run")
-        model = build_model(cfg, build(cfg.task)).to(device)
-    model.hparams.fast_path = False
-    x, y = next(adding_batches(T, device))
+    model, x, y = instrument_case(cell, T, device)
     own = model.cell.transition_jacobian
     paths = {"own": own, "autograd": None} if own is not None else {"autograd": None}
     norms = {}
-
-    def timed(work) -> float:
-        sync(torch.device(device))
-        start = time.perf_counter()
-        work()
-        sync(torch.device(device))
-        return time.perf_counter() - start
-
-    def probed() -> None:
-        model.loss_fn(model(x, None, model.make_probes(B, T)), y).backward()
 
     def jacobians(path: str) -> None:
         model.cell.transition_jacobian = paths[path]
@@ -349,8 +348,8 @@ def jacobian_cost(cell: str, T: int, repeats: int, device: str) -> None:
 
     seconds: dict[str, list[float]] = {"probed step": [], **{path: [] for path in paths}}
     for round_ in range(repeats + 1):  # the first warms up
-        times = {"probed step": timed(probed),
-                 **{path: timed(lambda path=path: jacobians(path)) for path in paths}}
+        times = {"probed step": timed(lambda: probed_step(model, x, y), device),
+                 **{path: timed(lambda path=path: jacobians(path), device) for path in paths}}
         for key, value in times.items():
             if round_:
                 seconds[key].append(value)
