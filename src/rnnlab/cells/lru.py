@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
+from rnnlab.cells.recurrences import record_previous_chunk
 from rnnlab.cells.scan import (
     block_length,
     linear_scan,
@@ -79,12 +80,15 @@ class LRU(Cell):
         """log λ = −exp(ν) + i·exp(θ), (N,) complex."""
         return torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))
 
+    def drive_weight(self) -> Tensor:
+        """γ ⊙ B as one real (2N, input) matrix whose rows alternate Re, Im."""
+        gamma = torch.exp(self.gamma_log)[:, None]
+        return torch.stack([gamma * self.B_re, gamma * self.B_im], dim=1).flatten(0, 1)
+
     def drive(self, u: Tensor) -> Tensor:
         """γ ⊙ (B u), complex, for u (…, input) → (…, N): one real product whose output rows
         alternate Re, Im, viewed as complex."""
-        gamma = torch.exp(self.gamma_log)[:, None]
-        weight = torch.stack([gamma * self.B_re, gamma * self.B_im], dim=1)  # (N, 2, input)
-        return unpack(u @ weight.flatten(0, 1).T)
+        return unpack(u @ self.drive_weight().T)
 
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         x = unpack(state[0])
@@ -109,15 +113,13 @@ class LRU(Cell):
         xs = time_major(linear_scan(torch.exp(self.log_lambda()), time_major(drive),
                                     unpack(state[0])))
         hs = pack(xs)
-        if previous is not None:  # z_{t−1} of every step, as the stepping loop records them
-            previous += [(h.detach(),) for h in (state[0], *hs[:-1].unbind(0))]
+        record_previous_chunk(previous, state[0], hs)
         return hs, (hs[-1],)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         """u: (B, T, input) → x_t at every t as (B, T, hidden), by the scan `LRUScan`."""
-        gamma = torch.exp(self.gamma_log)[:, None]
-        weight = torch.stack([gamma * self.B_re, gamma * self.B_im], dim=1).flatten(0, 1)
-        out = LRUScan.apply(u, weight, torch.exp(self.log_lambda()), unpack(state[0]))
+        out = LRUScan.apply(u, self.drive_weight(), torch.exp(self.log_lambda()),
+                            unpack(state[0]))
         return out, (out[:, -1],)
 
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:

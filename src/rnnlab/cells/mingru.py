@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
+from rnnlab.cells.recurrences import record_previous_chunk
 from rnnlab.cells.scan import block_length, linear_scan, steps_adjoint, steps_forward, time_major
 
 
@@ -61,10 +62,14 @@ class MinGRU(Cell):
         # 1 − σ(k) = σ(−k), without the cancellation where σ(k) ≈ 1
         return (torch.sigmoid(-k) * h + torch.sigmoid(k) * g(self.candidate(u_t)),)
 
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """[W_z; W_h] (2H, input) and [b_z; b_h] (2H,): both gates as one linear map."""
+        return (torch.cat([self.gate.weight, self.candidate.weight]),
+                torch.cat([self.gate.bias, self.candidate.bias]))
+
     def input_projection(self, u: Tensor) -> Tensor:
         """[k_t, c_t] = [W_z u_t + b_z, W_h u_t + b_h]: u (…, input) → (…, 2H)."""
-        weight = torch.cat([self.gate.weight, self.candidate.weight])
-        return F.linear(u, weight, torch.cat([self.gate.bias, self.candidate.bias]))
+        return F.linear(u, *self.stacked())
 
     def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
         k, c = g_t.chunk(2, -1)
@@ -79,15 +84,12 @@ class MinGRU(Cell):
         k, c = g_.chunk(2, -1)
         a, b = torch.sigmoid(-k), torch.sigmoid(k) * g(c)
         hs = time_major(linear_scan(time_major(a), time_major(b + probes[0]), state[0]))
-        if previous is not None:  # z_{t−1} of every step, as the stepping loop records them
-            previous += [(h.detach(),) for h in (state[0], *hs[:-1].unbind(0))]
+        record_previous_chunk(previous, state[0], hs)
         return hs, (hs[-1],)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         """u: (B, T, input) → h_t at every t (B, T, hidden), by the scan `MinGRUScan`."""
-        weight = torch.cat([self.gate.weight, self.candidate.weight])
-        bias = torch.cat([self.gate.bias, self.candidate.bias])
-        h = MinGRUScan.apply(u, weight, bias, state[0])
+        h = MinGRUScan.apply(u, *self.stacked(), state[0])
         return h, (h[:, -1],)
 
     def log_space_sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:

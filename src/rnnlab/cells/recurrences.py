@@ -33,6 +33,13 @@ def record_previous(previous: Previous, *states: Tensor) -> None:
         previous.append(tuple(s.detach() for s in states))
 
 
+def record_previous_chunk(previous: Previous, start: Tensor, states: Tensor) -> None:
+    """z_{t−1} of every step of a chunk of a one-tensor state, as stepping records them: the
+    state the chunk starts from, then each step's ``states`` (C, B, ·) but the last."""
+    if previous is not None:
+        previous += [(h.detach(),) for h in (start, *states[:-1].unbind(0))]
+
+
 def incoming_gradients(d_hs: Tensor | None, d_last: Tensor | None, hs: Tensor) -> Tensor:
     """∂L/∂z_t from outside the chunk, (C, B, H): the reads of z_t (``d_hs``) and, at the last
     step, what the next chunk sends back (``d_last``). The backward adds step t+1's share."""
