@@ -101,17 +101,12 @@ class StateProbes:
         else:
             # A leaf per timestep holds that step's rows (one row if it has no batch
             # dimension); a single leaf holds them all. Each row's norm, then per step the
-            # norm of its rows' norms, scaled by their largest as `row_norms` does.
+            # norm of its rows' norms (`grouped_norms`).
             counts = self.sizes if len(grads) == T else [sum(self.sizes)]
             rows = torch.cat([row_norms(g.reshape(n, -1)) for g, n in zip(grads, counts)])
             index = torch.repeat_interleave(torch.arange(T, device=rows.device),
                                             torch.tensor(self.sizes, device=rows.device))
-            largest = torch.zeros(T, dtype=torch.float64, device=rows.device)
-            largest.scatter_reduce_(0, index, rows, reduce="amax")
-            unit = torch.where(largest > 0, largest, torch.ones_like(largest))
-            squares = torch.zeros(T, dtype=torch.float64, device=rows.device)
-            squares.index_add_(0, index, (rows / unit[index]).square())
-            norms = torch.where(torch.isfinite(largest), squares.sqrt() * unit, largest)
+            norms = grouped_norms(rows, index, T)
         if reduce is not None:
             norms = norms_over_processes(norms, reduce)
         return (norms / world_size).cpu().numpy()
@@ -179,14 +174,23 @@ def step_norms(grad: Tensor, reduce: Reduce = None, world_size: int = 1) -> Tens
 
 
 def combined_norms(norms: list[Tensor]) -> Tensor:
-    """√(Σ_i n_i²) of several (T,) float64 norms, each divided by their largest before squaring
-    (exact where the squares would leave float64's range); non-finite where one is."""
-    stacked = torch.stack(norms)
-    largest = stacked.amax(0)
+    """√(Σ_i n_i²) of several (T,) float64 norms, step by step (`grouped_norms`)."""
+    T = norms[0].shape[0]
+    index = torch.arange(T, device=norms[0].device).repeat(len(norms))
+    return grouped_norms(torch.cat(norms), index, T)
+
+
+def grouped_norms(norms: Tensor, index: Tensor, groups: int) -> Tensor:
+    """√(Σ n²) over the float64 norms of each group, (N,) with their group ``index`` (N,) →
+    (groups,): each group's norms divided by their largest before squaring (exact where the
+    squares would leave float64's range); non-finite where one of them is, 0 for none."""
+    largest = torch.zeros(groups, dtype=torch.float64, device=norms.device)
+    largest.scatter_reduce_(0, index, norms, reduce="amax")
     unit = torch.where((largest > 0) & torch.isfinite(largest), largest,
                        torch.ones_like(largest))
-    combined = (stacked / unit).square().sum(0).sqrt() * unit
-    return torch.where(torch.isfinite(largest), combined, largest)
+    squares = torch.zeros(groups, dtype=torch.float64, device=norms.device)
+    squares.index_add_(0, index, (norms / unit[index]).square())
+    return torch.where(torch.isfinite(largest), squares.sqrt() * unit, largest)
 
 
 @runtime_checkable
