@@ -138,6 +138,22 @@ def test_streamed_cell_contributions_equal_per_step_parameter_probes(cell):
         assert model.batched_contributions
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "mingru"])
+def test_contributions_in_chunks_bounded_by_the_activations_equal_per_step_probes(
+        cell, monkeypatch):
+    """Chunks of 5 steps (the activation bound: 5 × batch × state width values), the last one
+    short, give the same contributions as probing every step in the pass."""
+    model = make_model(cell)
+    batch = adding_batch(12)
+    rows, width = batch["x"].shape[0], sum(s[0].numel() for s in model.cell.init_state(1))
+    monkeypatch.setattr("rnnlab.model.CONTRIBUTION_ACTIVATION_VALUES", 5 * rows * width + 1)
+    assert model.contribution_chunk_steps(rows) == 5
+    record = gradflow.grad_flow(model, batch, param_contributions=True)
+    np.testing.assert_allclose(record.contributions["dL_dW_cell"],
+                               per_step_probe_contributions(model, batch), rtol=1e-10,
+                               atol=1e-14)
+
+
 class ItemCell(Cell):
     """z_t = tanh(W z + U u) · s with s read by .item(): a step vmap cannot batch."""
 

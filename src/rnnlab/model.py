@@ -51,6 +51,11 @@ ParamProbes = dict[str, dict[str, Tensor]]
 # Values of the cell's per-step parameter copies per chunk of `cell_contributions` (× a few for
 # their gradients and the graph): 2**22 float32 values are 16 MiB.
 CONTRIBUTION_CHUNK_VALUES = 2**22
+# … and at most this many values in each of a chunk's activations (C steps × batch × state
+# width; the vmap of a step's vector–Jacobian product keeps a dozen such tensors). A cell with
+# few parameters would otherwise run hundreds of steps at once: the minGRU at T = 1000
+# (B = 64, H = 128) peaked at 1155 MB in chunks of 496 steps, 888 MB in chunks of 124.
+CONTRIBUTION_ACTIVATION_VALUES = 2**20
 # Steps whose input projection (`Cell.input_projection`) the step-by-step loop makes at once
 # when it does not checkpoint segments (then a segment's): one matmul per chunk, and at most
 # a chunk's projection alive beside the graph.
@@ -183,11 +188,14 @@ class RecurrentModel(pl.LightningModule):
                          for name, p in getattr(self, module).named_parameters()}
                 for module in modules}
 
-    def contribution_chunk_steps(self) -> int:
-        """Steps per chunk of `cell_contributions`: `CONTRIBUTION_CHUNK_VALUES` // the cell's
-        parameter count, at least 1."""
+    def contribution_chunk_steps(self, rows: int = 1) -> int:
+        """Steps per chunk of `cell_contributions` over ``rows`` sequences: at most
+        `CONTRIBUTION_CHUNK_VALUES` // the cell's parameter count and
+        `CONTRIBUTION_ACTIVATION_VALUES` // (rows × the state's width), at least 1."""
         count = sum(p.numel() for p in self.cell.parameters()) or 1
-        return max(1, CONTRIBUTION_CHUNK_VALUES // count)
+        width = rows * sum(s[0].numel() for s in self.cell.init_state(1))
+        return max(1, min(CONTRIBUTION_CHUNK_VALUES // count,
+                          CONTRIBUTION_ACTIVATION_VALUES // width))
 
     def cell_contributions(self, u: Tensor, dt: Tensor | None, previous: list[State],
                            probes: State) -> Iterator[list[Tensor]]:
@@ -200,7 +208,7 @@ class RecurrentModel(pl.LightningModule):
         (``previous``, ``u`` detached). Each chunk runs its C steps again from those states with
         parameters W + q_t (`per_step_parameters`) and takes the gradients of the zero q_t: the
         same numbers as probing W⁽ᵗ⁾ during the pass (`tests/test_instruments.py`), in memory of
-        C, not T, copies of the parameters; C = `CONTRIBUTION_CHUNK_VALUES` // parameters. The
+        C, not T, copies of the parameters and steps' activations (`contribution_chunk_steps`). The
         C steps of a chunk are one `vmap` of the step's vector–Jacobian product
         (`per_step_parameter_grads`: the same numbers, 2–5× faster); a cell whose step vmap
         cannot batch (an adaptive ODE solver) is stepped one step at a time from then on, which
@@ -208,7 +216,7 @@ class RecurrentModel(pl.LightningModule):
         made them.
         """
         T = u.shape[1]
-        chunk = self.contribution_chunk_steps()
+        chunk = self.contribution_chunk_steps(u.shape[0])
         inputs = u.detach().unbind(1)
         dts = dt.unbind(1) if dt is not None else (None,) * T
         cotangents = [(p.grad if p.grad is not None else torch.zeros_like(p)) for p in probes]
