@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
-from rnnlab.cells.recurrences import record_previous_chunk
-from rnnlab.cells.scan import block_length, linear_scan, steps_adjoint, steps_forward, time_major
+from rnnlab.cells.recurrences import incoming_gradients, record_previous_chunk
+from rnnlab.cells.scan import block_length, steps_adjoint, steps_forward, time_major
 
 
 def g(x: Tensor) -> Tensor:
@@ -77,15 +77,13 @@ class MinGRU(Cell):
 
     def probed_sequence(self, g_: Tensor, state: State, probes: State,
                         previous: list[State] | None) -> tuple[Tensor, State]:
-        """A chunk of probed steps h_t = a_t ⊙ h_{t−1} + b_t + p_t as one scan (`linear_scan`):
+        """A chunk of probed steps h_t = a_t ⊙ h_{t−1} + b_t + p_t as one scan (`ProbedMinGRU`):
         the probe enters as b_t does, so its gradient is the scan's adjoint ∂L/∂h_t, and a
         monitored step runs the scan too. ``g_`` (C, B, 2H) from `input_projection`, time-major,
         as ``probes[0]`` (C, B, H); returns h_t at every step (C, B, H) and the last state."""
-        k, c = g_.chunk(2, -1)
-        a, b = torch.sigmoid(-k), torch.sigmoid(k) * g(c)
-        hs = time_major(linear_scan(time_major(a), time_major(b + probes[0]), state[0]))
+        hs, last = ProbedMinGRU.apply(g_, state[0], probes[0])
         record_previous_chunk(previous, state[0], hs)
-        return hs, (hs[-1],)
+        return hs, (last,)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         """u: (B, T, input) → h_t at every t (B, T, hidden), by the scan `MinGRUScan`."""
@@ -169,6 +167,40 @@ class MinGRUScan(torch.autograd.Function):
         return time_major(grad_u), grad_weight, grad_bias.flatten(), a_after * g
 
 
+class ProbedMinGRU(torch.autograd.Function):
+    """A probed chunk, h_t = (1 − z_t) ⊙ h_{t−1} + z_t ⊙ g(h̃_t) + p_t, from its input projection
+    [k_t, c_t] (C, B, 2H), time-major, the state before it h0 (B, H) and the probes p (C, B, H).
+    Keeps only the projection and the states, as `MinGRUScan` keeps u and h (autograd on the
+    gates and a `linear_scan` kept five (C, B, H) tensors more), and its backward remakes the
+    gates: ∂L/∂k_t and ∂L/∂c_t as there, ∂L/∂p_t = g_t the adjoint, ∂L/∂h0 = a_0 ⊙ g_0.
+    Returns h_t at every step (C, B, H) and the last state (a copy)."""
+
+    @staticmethod
+    def forward(ctx, g_: Tensor, h0: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        z, a, c, sigma_c = activations(*split_projection(g_))
+        b = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c).mul_(z).add_(p)
+        hs = torch.empty_like(b)
+        steps_forward(a, b, h0, hs)
+        ctx.save_for_backward(g_, h0, hs)
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_hs: Tensor | None, d_last: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        g_, h0, hs = ctx.saved_tensors
+        z, a, c, sigma_c = activations(*split_projection(g_))
+        slope = candidate_slope(c, sigma_c)
+        candidate = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c)
+        adjoint = torch.empty_like(hs)  # g_t = ∂L/∂h_t, the probes' gradient
+        zero = torch.zeros_like(h0)  # nothing after the chunk but what d_last brings
+        steps_adjoint(a, incoming_gradients(d_hs, d_last, hs), zero, zero, adjoint)
+        before = torch.cat([h0[None], hs[:-1]])
+        shared = adjoint * z  # g_t ⊙ z_t, for both gates
+        d_k = candidate.sub_(before).mul_(a).mul_(shared)
+        return torch.cat([d_k, shared.mul_(slope)], -1), a[0] * adjoint[0], adjoint
+
+
 def with_ones(u: Tensor) -> Tensor:
     """u (B, T, input) → [u_t, 1] time-major (T, B, input + 1): each block's rows (steps ×
     sequences) one matrix, and the biases one more column of the weights."""
@@ -186,9 +218,18 @@ def with_bias(weight: Tensor, bias: Tensor) -> Tensor:
 def gates(u: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For a block of inputs [u_t, 1] (L, B, input + 1): z_t, 1 − z_t = σ(−k_t), the
     candidate's pre-activation c_t and σ(c_t), each (L, B, H), fresh."""
-    k, c = pre_activations(u, weights)
+    return activations(*pre_activations(u, weights))
+
+
+def activations(k: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From fresh pre-activations k, c (changed in place): z = σ(k), 1 − z = σ(−k), c, σ(c)."""
     z = torch.sigmoid(k)
     return z, torch.sigmoid(k.neg_()), c, torch.sigmoid(c)
+
+
+def split_projection(g_: Tensor) -> tuple[Tensor, Tensor]:
+    """k and c of a projection [k, c] (…, 2H), as fresh contiguous copies."""
+    return tuple(x.clone(memory_format=torch.contiguous_format) for x in g_.chunk(2, -1))
 
 
 def pre_activations(u: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
