@@ -82,11 +82,12 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     Jacobian of the whole state, the tensors concatenated.
 
     Lanczos on J_tᵀJ_t (`lanczos_norms`) from a fixed random start, for many (t, b) at once:
-    the steps
-    are batches of at most `JACOBIAN_ROWS` rows of ``cell.forward_mode_step`` (whole timesteps,
-    so memory stays bounded at any T), whose rows are independent sequences (for an adaptive ODE
-    solver the step size is then chosen over the rows of a batch together, which moves the result
-    only within the solver's tolerance). The products JᵀJ q come from the cell's own
+    the steps are batches of at most `JACOBIAN_ROWS` rows of ``cell.forward_mode_step`` (whole
+    timesteps; only a batch's states, inputs and start vectors are copied into rows, so memory
+    stays bounded at any T), whose rows are independent sequences (for an adaptive ODE solver the
+    step size is then chosen over the rows of a batch together, which moves the result only
+    within the solver's tolerance). The start vectors are one random stream drawn step by step,
+    the same for any batching. The products JᵀJ q come from the cell's own
     ``transition_jacobian`` where it has one (the Elman RNN, GRU, LSTM), else from autograd on
     one graph of the step (`normal_products`), which works for any differentiable step. The result
     is a Ritz value: a lower bound on σ_max that converges from below (exact to rounding once
@@ -94,21 +95,23 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     the exact norms itself, and ``iterations`` is not used.
     """
     B, T = u.shape[:2]
-    z = tuple(torch.cat(parts).detach() for parts in zip(*previous_states))  # row t·B + b
-    u_rows = u.detach().transpose(0, 1).reshape(T * B, -1)
-    dt_rows = dt.detach().transpose(0, 1).reshape(T * B) if dt is not None else None
-    if cell.jacobian_norms is not None:
-        with torch.no_grad():
-            return cell.jacobian_norms(u_rows, z, dt_rows).reshape(T, B)
-    generator = torch.Generator().manual_seed(JACOBIAN_SEED)
-    v = tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device) for s in z)
     steps = max(1, JACOBIAN_ROWS // B)  # timesteps per batch
+    # one stream of start vectors, drawn step by step: the same for any batching of the steps
+    generator = torch.Generator().manual_seed(JACOBIAN_SEED)
     norms = []
-    for start in range(0, T * B, steps * B):
-        rows = slice(start, start + steps * B)
-        norms.append(lanczos_norms(cell, u_rows[rows], tuple(s[rows] for s in z),
-                                     dt_rows[rows] if dt_rows is not None else None,
-                                     tuple(p[rows] for p in v), iterations))
+    for t0 in range(0, T, steps):  # row (t − t0)·B + b of a batch
+        t1 = min(t0 + steps, T)
+        z = tuple(torch.cat(parts).detach() for parts in zip(*previous_states[t0:t1]))
+        u_rows = u.detach()[:, t0:t1].transpose(0, 1).reshape(-1, u.shape[-1])
+        dt_rows = dt.detach()[:, t0:t1].transpose(0, 1).reshape(-1) if dt is not None else None
+        if cell.jacobian_norms is not None:
+            with torch.no_grad():
+                norms.append(cell.jacobian_norms(u_rows, z, dt_rows))
+            continue
+        draws = [tuple(torch.randn(s.shape, generator=generator, dtype=s.dtype) for s in state)
+                 for state in previous_states[t0:t1]]
+        v = tuple(torch.cat(parts).to(z[0].device) for parts in zip(*draws))
+        norms.append(lanczos_norms(cell, u_rows, z, dt_rows, v, iterations))
     return torch.cat(norms).reshape(T, B)
 
 
