@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -219,6 +220,31 @@ def test_the_callback_leaves_no_attribute_on_the_models_modules(tmp_path):
                          callbacks=[rnnlab.GradFlowCallback(tmp_path, every_n_steps=1)])
     trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(8, T, 3), batch_size=4))
     assert {name: set(vars(m)) for name, m in model.named_modules() if name} == before
+
+
+class LeafWatcher(rnnlab.GradFlowCallback):
+    """Keeps weak references to each monitored step's probes, taken before they are measured."""
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.current is not None:
+            self.leaves = [weakref.ref(leaf) for probed in self.watch.passes().values()
+                           for leaf in probed.leaves()]
+        super().on_after_backward(trainer, pl_module)
+
+
+def test_a_monitored_steps_probes_are_freed_once_measured(tmp_path):
+    """Nothing of a monitored step's probed pass (probes, their gradients, recorded calls) stays
+    alive after the step, though the spectrum, measured after the records, reads the calls."""
+    pl.seed_everything(0)
+    model = lstm_classifier.LSTMClassifier(features=3, hidden=5)
+    callback = LeafWatcher(tmp_path, every_n_steps=1, lyapunov_every_n_steps=1, lyapunov_k=2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    trainer.fit(model, DataLoader(lstm_classifier.first_sign_data(8, T, 3), batch_size=4))
+    assert callback.leaves and all(ref() is None for ref in callback.leaves)
+    assert callback.watch.passes() == {} and callback.watch.module_calls() == {}
+    assert callback.last_records["lstm"].lyapunov is not None
 
 
 class Failing(lstm_classifier.LSTMClassifier):

@@ -473,6 +473,8 @@ class GradFlowCallback(pl.Callback):
             if self.profile_dtype == "float64":
                 record.sources = dict(FLOAT64_SOURCES)
             records[name] = record
+        del passes
+        self.watch.release()  # before the Jacobians and the spectrum, which need the memory
         model = records.get(MODEL)
         if model is not None and isinstance(pl_module, RecurrentModel) and self.jacobian_every \
                 and current.step % self.jacobian_every == 0:
@@ -485,6 +487,7 @@ class GradFlowCallback(pl.Callback):
             model.spectrum = gradflow.recurrent_spectrum(pl_module.cell)
         if self.lyapunov_every and current.step % self.lyapunov_every == 0:
             self.measure_lyapunov(trainer, pl_module, current, records)
+        self.watch.release(calls=True)
         return records
 
     def measure_lyapunov(self, trainer, pl_module, current: MonitoredStep,

@@ -61,8 +61,10 @@ class Target:
     def disarm(self) -> None:
         pass
 
-    def pass_names(self) -> list[str]:
-        return [self.path if i == 0 else f"{self.path}@{i}" for i in range(len(self.passes))]
+    def pass_names(self, count: int | None = None) -> list[str]:
+        """The names of the first ``count`` passes (default: of those probed)."""
+        count = len(self.passes) if count is None else count
+        return [self.path if i == 0 else f"{self.path}@{i}" for i in range(count)]
 
 
 class SelfProbingTarget(Target):
@@ -284,10 +286,19 @@ class Watch:
         """Pass name (the module's path, ``<path>@<i>`` for later calls) → its probes."""
         return {name: p for t in self.targets for name, p in zip(t.pass_names(), t.passes)}
 
+    def release(self, calls: bool = False) -> None:
+        """Drop the last passes' probes once their records are made, and with ``calls`` the
+        recorded module calls: otherwise their tensors (every step's probes and gradients, the
+        states a probed pass kept) stay alive until the next `start`."""
+        for target in self.targets:
+            target.passes = []
+            if calls and isinstance(target, TorchRNNTarget):
+                target.calls = []
+
     def module_calls(self) -> dict[str, ModuleCall]:
         """Pass name → what each watched torch.nn RNN, GRU or LSTM was called with."""
         return {name: call for t in self.targets if isinstance(t, TorchRNNTarget)
-                for name, call in zip(t.pass_names(), t.calls)}
+                for name, call in zip(t.pass_names(len(t.calls)), t.calls)}
 
     def profiles(self, reduce: Reduce = None, world_size: int = 1
                  ) -> dict[str, dict[str, np.ndarray]]:
