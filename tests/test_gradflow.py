@@ -11,6 +11,7 @@ import torch
 
 from rnnlab import gradflow
 from rnnlab.model import RecurrentModel
+from rnnlab.probing import ProbeRequest
 from rnnlab.records import Jacobians, Record
 from rnnlab.tasks import Adding
 from rnnlab.train import build, build_model, train
@@ -56,6 +57,21 @@ def test_probe_profile_equals_retain_grad_profile_for_tanh():
     torch.nn.functional.mse_loss(model.decoder(z).unsqueeze(1), batch["y"]).backward()
     expected = [s.grad.norm().item() for s in states]
     np.testing.assert_allclose(profile, expected, rtol=1e-10)
+
+
+def test_a_passs_zero_probes_store_one_zero_each_and_get_dense_gradients():
+    """The probes read as (T, B, H) zeros from a single stored one; after the backward pass
+    their gradients are whole (T, B, H) tensors, the profile's rows."""
+    model = rnn_model()
+    batch = adding_batch(12)
+    with model.probing(ProbeRequest()) as passes:
+        loss = model.loss_fn(model(batch["x"]), batch["y"])
+    (probe,) = passes[0].leaves()
+    assert probe.shape == (12, 8, 16) and probe.is_leaf
+    assert probe.untyped_storage().nbytes() == probe.element_size()
+    loss.backward(inputs=[probe])
+    assert probe.grad.shape == probe.shape and probe.grad.is_contiguous()
+    assert (probe.grad[:-1] != 0).any(dim=(1, 2)).all()  # every step upstream of the read
 
 
 def test_grad_flow_leaves_parameter_grads_untouched():

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from rnnlab.cells.base import Cell, State, state_keys
 from rnnlab.config import ConfigError, is_int, require, require_choice, require_int
 from rnnlab.flossing import Flossing, cycled, flossing_loss, prefloss
-from rnnlab.probing import ProbedPass, ProbeRequest, StateProbes
+from rnnlab.probing import ProbedPass, ProbeRequest, StateProbes, zero_probe
 from rnnlab.steps import (
     CompiledStep,
     integer_attributes,
@@ -173,8 +173,7 @@ class RecurrentModel(pl.LightningModule):
     # --- the unrolled network ------------------------------------------------------------------
     def make_probes(self, batch_size: int, seq_len: int) -> State:
         """Zero probes, one (T, B, hidden) tensor per state, to be added as z_t ← z_t + p_t."""
-        return tuple(torch.zeros(seq_len, *s.shape, dtype=s.dtype, device=s.device,
-                                 requires_grad=True) for s in self.cell.init_state(batch_size))
+        return tuple(zero_probe((seq_len, *s.shape), s) for s in self.cell.init_state(batch_size))
 
     def make_param_probes(self, seq_len: int, modules: tuple[str, ...] = MODULES) -> ParamProbes:
         """Zero parameter probes q_t: a (T, *shape) tensor per parameter of ``modules``.

@@ -202,10 +202,16 @@ class SelfProbing(Protocol):
         ...
 
 
+def zero_probe(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A zero probe leaf of ``shape`` (``like``'s dtype and device): one stored zero, expanded,
+    so the T·B·H zeros it reads as take no memory (only its gradient, which the backward pass
+    makes dense, does)."""
+    return like.new_zeros(()).expand(shape).requires_grad_()
+
+
 def probe_leaves_like(states: tuple[Tensor, ...], seq_len: int) -> list[Tensor]:
     """Zero probes, one (T, *state shape) leaf per state, to be added as z_t ← z_t + p_t."""
-    return [torch.zeros(seq_len, *s.shape, dtype=s.dtype, device=s.device, requires_grad=True)
-            for s in states]
+    return [zero_probe((seq_len, *s.shape), s) for s in states]
 
 
 def timesteps_of(leaves: list[Tensor]) -> Iterator[tuple[Tensor, ...]]:

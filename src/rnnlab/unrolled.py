@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnlab.cells.gated import cell_step
+from rnnlab.probing import zero_probe
 
 MODES = ("RNN_TANH", "RNN_RELU", "GRU", "LSTM")
 
@@ -118,7 +119,7 @@ def unrolled_forward(module: nn.RNNBase, input: Tensor | PackedSequence,
 
 
 def zeros(like: Tensor, rows: int, size: int) -> Tensor:
-    return torch.zeros(rows, size, dtype=like.dtype, device=like.device, requires_grad=True)
+    return zero_probe((rows, size), like)
 
 
 def initial_states(module: nn.RNNBase, hx, B: int, like: Tensor, unbatched: bool,

@@ -37,7 +37,14 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from rnnlab.cells.base import Cell
-from rnnlab.probing import ProbedPass, ProbeRequest, Reduce, SelfProbing, StateProbes
+from rnnlab.probing import (
+    ProbedPass,
+    ProbeRequest,
+    Reduce,
+    SelfProbing,
+    StateProbes,
+    zero_probe,
+)
 from rnnlab.unrolled import LayerProbes, row_names, unrolled_forward
 
 log = logging.getLogger(__name__)
@@ -137,7 +144,7 @@ class CallLoopTarget(Target):
 
     def probe(self, states: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """Add a fresh zero probe to each state this call returns."""
-        probes = tuple(s.detach().new_zeros(s.shape).requires_grad_() for s in states)
+        probes = tuple(zero_probe(s.shape, s) for s in states)
         self.steps.append(probes)
         return tuple(s + p for s, p in zip(states, probes))
 
