@@ -198,3 +198,23 @@ def test_the_jacobian_benchmark_times_both_paths_and_compares_their_norms(capsys
     difference = float(re.search(r"largest relative difference (\S+)", gru).group(1))
     assert difference < 1e-5  # float32 rounding: the same norms by two computations
     assert cornn.startswith("Jacobian norms, cornn") and "own" not in cornn  # autograd only
+
+
+def test_the_memory_benchmark_tables_each_cells_monitored_peak_over_its_unmonitored(tmp_path,
+                                                                                   monkeypatch):
+    cases = bench.memory_plan(["mingru", "rnn"], [6, 2000])
+    assert [(c["cell"], c["T"], c["mode"]) for c in cases[:2]] == [("mingru", 6, "off"),
+                                                                   ("mingru", 6, "monitor")]
+    assert all(("model.checkpoint_steps=100" in c["monitor_overrides"]) == (c["T"] > 1000)
+               for c in cases)
+    peaks = {"off": 400.0, "monitor": 500.0}
+    # in-process (the script runs each case in a fresh process for its own peak)
+    monkeypatch.setattr(bench, "measure", lambda case: {**bench.run_case({**case, "threads": 1}),
+                                                        "peak_mb": peaks[case["mode"]]})
+    out = tmp_path / "memory.json"
+    bench.main(["--memory", "--cells", "mingru,rnn", "--lengths", "6", "--out", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    assert [(r["cell"], r["T"]) for r in summary] == [("mingru", 6), ("rnn", 6)]
+    for row in summary:
+        assert row["monitor_memory_over_off"] == pytest.approx(1.25)
+        assert row["s_per_step"]["off"] > 0 and row["s_per_step"]["monitor"] > 0

@@ -556,6 +556,44 @@ def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False
     return cases
 
 
+def memory_plan(cells: list[str], lengths: list[int]) -> list[dict]:
+    """`--memory`: per cell and T, a short run unmonitored and one monitored every step with
+    the default monitor (every instrument, the Jacobians and the spectrum on its first step):
+    one warm-up step and two timed ones, each run in a fresh process for its peak memory.
+    Beyond T = 1000 the long-sequence settings of `plan` (no per-step contributions, segments
+    of 100 steps recomputed)."""
+    long = ["monitor.param_contributions=false", "model.checkpoint_steps=100"]
+    return [{"cell": cell, "T": T, "mode": mode, "warmup": 1, "steps": 2, "every": 1,
+             "monitor_overrides": long if T > 1000 else []}
+            for cell in cells for T in lengths for mode in ("off", "monitor")]
+
+
+def memory_table(results: list[dict], title: str):
+    """The table of `memory_plan`'s cases: each cell's peak memory unmonitored and monitored."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("cell", "T", "off MB", "monitor MB", "monitor MB/off", "off s/step",
+                   "monitor s/step"):
+        table.add_column(column, justify="right")
+    summary = []
+    for cell, T in dict.fromkeys((r["cell"], r["T"]) for r in results):
+        by = {r["mode"]: r for r in results if r["cell"] == cell and r["T"] == T}
+        failed = [m for m, r in by.items() if "error" in r]
+        if failed:
+            summary.append({"cell": cell, "T": T, "failed": failed})
+            table.add_row(cell, str(T), "failed: " + ", ".join(failed), *[""] * 4)
+            continue
+        row = {"cell": cell, "T": T, "peak_mb": {m: by[m]["peak_mb"] for m in by},
+               "s_per_step": {m: 1 / by[m]["steps_per_s"] for m in by}}
+        row["monitor_memory_over_off"] = row["peak_mb"]["monitor"] / row["peak_mb"]["off"]
+        summary.append(row)
+        table.add_row(cell, str(T), f"{row['peak_mb']['off']:.0f}",
+                      f"{row['peak_mb']['monitor']:.0f}", f"{row['monitor_memory_over_off']:.2f}",
+                      f"{row['s_per_step']['off']:.3f}", f"{row['s_per_step']['monitor']:.3f}")
+    return table, summary
+
+
 # bench --ode: the neural ODE's solver paths, each as rnnlab trains it (monitor off; the fast
 # path `cell.whole_sequence=auto` picks: one odeint for fixed-grid methods, odeint_adjoint over
 # segments of `cell.adjoint_segment` intervals with the adjoint, interval by interval for dopri5),
@@ -911,6 +949,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only: the transition Jacobians' cost, by the cell's own products "
                              "and by autograd, against a probed step, for each of --cells at "
                              "each of --lengths")
+    parser.add_argument("--memory", action="store_true",
+                        help="only: each of --cells' peak memory at each of --lengths, "
+                             "unmonitored and monitored every step (default monitor), two "
+                             "steps after one, each in a fresh process")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of every case (interleaved, so drifts in machine load hit "
                              "every mode alike); the tables show each number's median")
@@ -964,6 +1006,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.scans:
         cases = scan_plan([int(t) for t in args.scan_lengths.split(",")], args.scan_threads,
                           args.scan_batch, args.scan_hidden)
+    elif args.memory:
+        cells = [c for c in args.cells.split(",") if c]
+        cases = memory_plan(cells, [int(t) for t in args.lengths.split(",")])
     elif args.ode:
         paths = [p.strip() for p in args.ode_paths.split(",") if p.strip()]
         unknown = sorted(set(paths) - set(ODE_PATHS))
@@ -1000,6 +1045,9 @@ def main(argv: list[str] | None = None) -> None:
                                              f"alone (B={args.scan_batch}, "
                                              f"H={args.scan_hidden}, input {ENCODER}, "
                                              f"{args.device}, {args.scan_threads} thread(s))")
+    elif args.memory:
+        table, summary = memory_table(results, f"peak memory, monitored every step against "
+                                               f"unmonitored ({setting})")
     elif args.ode:
         table, summary = ode_table(results, f"neural ODE solver paths, rnnlab training steps "
                                             f"({setting}, g 2×{H} tanh, δt 0.1)")
