@@ -211,12 +211,14 @@ def test_training_with_recomputed_segments_trains_the_same_parameters(make_cfg):
 
 
 def probe_gradients(cell: str, checkpoint_steps: int, project: bool,
-                    n_out: int = 1) -> dict[str, torch.Tensor]:
+                    n_out: int = 1, one_leaf: bool = False) -> dict[str, torch.Tensor]:
     """Loss, state-probe and parameter gradients of the monitor's probed float64 pass (state
-    probes only), stepping from the cell's input projection or, ``project`` False, through
-    `step`."""
+    probes only, a leaf per chunk of steps), stepping from the cell's input projection or,
+    ``project`` False, through `step`; ``one_leaf``: the same pass with one (T, B, H) probe
+    leaf per state given to the model directly."""
     from omegaconf import OmegaConf
 
+    from rnnlab.cells.base import state_keys
     from rnnlab.probing import ProbeRequest
     from rnnlab.tasks import Adding
 
@@ -233,14 +235,22 @@ def probe_gradients(cell: str, checkpoint_steps: int, project: bool,
     T, B = 11, 3
     batch = Adding(seq_len=T, batch_size=B).generate(B, torch.Generator().manual_seed(0))
     y = torch.randn(B, n_out, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with model.probing(ProbeRequest()) as passes:
-        loss = model.loss_fn(model(batch["x"].double()), y)
+    if one_leaf:
+        probes = model.make_probes(B, T)
+        loss = model.loss_fn(model(batch["x"].double(), None, probes), y)
+        leaves = dict(zip(state_keys(model.cell.state_names), ([p] for p in probes)))
+    else:
+        with model.probing(ProbeRequest()) as passes:
+            loss = model.loss_fn(model(batch["x"].double()), y)
+        leaves = {key: probes.leaves for key, (probes,) in passes[0].states.items()}
     loss.backward()
     grads = {"loss": loss.detach()}
     with model.trajectory(batch["x"].double()) as (_, previous):
         grads["trajectory"] = torch.stack([torch.cat(s, 1) for s in previous])
-    for key, (probes,) in passes[0].states.items():
-        grads[key] = probes.leaves[0].grad
+    for key, chunks in leaves.items():
+        grads[key] = torch.cat([c.grad for c in chunks])
+        grads[f"norms {key}"] = (grads[key].flatten(1).norm(dim=1) if one_leaf else
+                                 torch.from_numpy(passes[0].states[key][0].norms()))
     grads.update({n: p.grad for n, p in model.named_parameters()})
     return grads
 
@@ -262,6 +272,21 @@ def test_probed_pass_from_the_input_projection_equals_stepping(cell, checkpoint_
         assert torch.count_nonzero(stepped[name]) > 0, name
         torch.testing.assert_close(projected[name], stepped[name], rtol=1e-12, atol=1e-15,
                                    msg=name)
+
+
+@pytest.mark.parametrize("cell", ["gru", "mingru", "indrnn", "cornn"])
+@pytest.mark.parametrize("checkpoint_steps", [0, 4])
+def test_a_probe_leaf_per_chunk_gives_one_leafs_gradients(cell, checkpoint_steps, monkeypatch):
+    """The monitor's probes, a leaf per chunk of 4 steps (4, 4, 3), get the gradients one
+    (T, B, H) leaf gets, chunk by chunk; projected and probed in chunks (GRU, minGRU), projected
+    and stepped (IndRNN), stepped (coRNN)."""
+    monkeypatch.setattr("rnnlab.model.PROJECTION_STEPS", 4)
+    one = probe_gradients(cell, checkpoint_steps, project=True, n_out=6, one_leaf=True)
+    chunked = probe_gradients(cell, checkpoint_steps, project=True, n_out=6)
+    assert one.keys() == chunked.keys()
+    for name in one:
+        assert torch.count_nonzero(one[name]) > 0, name
+        torch.testing.assert_close(chunked[name], one[name], rtol=1e-12, atol=1e-15, msg=name)
 
 
 def probed_function_inputs(cell: str, zero_probes: bool) -> tuple:

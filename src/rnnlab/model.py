@@ -163,17 +163,26 @@ class RecurrentModel(pl.LightningModule):
         few parameters); the cell's contributions are streamed after the backward pass
         (`cell_contributions`), in memory that does not grow with T."""
         B, T = x.shape[:2]
-        probes = self.make_probes(B, T)
+        probes = self.make_probes(B, T, chunk=self.hparams.checkpoint_steps or PROJECTION_STEPS)
         param_probes = (self.make_param_probes(T, ("encoder", "decoder"))
                         if request.contributions else None)
         keys = state_keys(self.cell.state_names)
-        states = {key: [StateProbes([p], [1] * T)] for key, p in zip(keys, probes)}
+        states = {key: [StateProbes(p, [1] * T)] for key, p in zip(keys, probes)}
         return ProbedPass(states, params=param_probes), probes, param_probes
 
     # --- the unrolled network ------------------------------------------------------------------
-    def make_probes(self, batch_size: int, seq_len: int) -> State:
-        """Zero probes, one (T, B, hidden) tensor per state, to be added as z_t ← z_t + p_t."""
-        return tuple(zero_probe((seq_len, *s.shape), s) for s in self.cell.init_state(batch_size))
+    def make_probes(self, batch_size: int, seq_len: int, chunk: int | None = None
+                    ) -> State | tuple[list[Tensor], ...]:
+        """Zero probes to be added as z_t ← z_t + p_t: one (T, B, hidden) leaf per state, or with
+        ``chunk`` a list of leaves of ``chunk`` steps each (the last shorter), the chunks the
+        loop runs (`unroll`). Each chunk's gradient is then its own: one (T, B, hidden) leaf
+        would hold every chunk's gradient and their concatenation at once at the end of the
+        backward pass (twice the probes' gradients)."""
+        states = self.cell.init_state(batch_size)
+        if chunk is None:
+            return tuple(zero_probe((seq_len, *s.shape), s) for s in states)
+        return tuple([zero_probe((min(chunk, seq_len - t0), *s.shape), s)
+                      for t0 in range(0, seq_len, chunk)] for s in states)
 
     def make_param_probes(self, seq_len: int, modules: tuple[str, ...] = MODULES) -> ParamProbes:
         """Zero parameter probes q_t: a (T, *shape) tensor per parameter of ``modules``.
@@ -218,7 +227,8 @@ class RecurrentModel(pl.LightningModule):
         chunk = self.contribution_chunk_steps(u.shape[0])
         inputs = u.detach().unbind(1)
         dts = dt.unbind(1) if dt is not None else (None,) * T
-        cotangents = [(p.grad if p.grad is not None else torch.zeros_like(p)) for p in probes]
+        cotangents = [torch.cat([c.grad if c.grad is not None else torch.zeros_like(c)
+                                 for c in ([p] if isinstance(p, Tensor) else p)]) for p in probes]
         counters = integer_attributes(self.cell)
         try:
             for t0 in range(0, T, chunk):
@@ -301,8 +311,9 @@ class RecurrentModel(pl.LightningModule):
         span = K or PROJECTION_STEPS
         # time-major chunks (C, B, ·): each step's g_t is contiguous, and so is a chunk's g
         inputs = u.transpose(0, 1).split(span, 0) if project else u.unbind(1)
-        probe_chunks = (list(zip(*(p.split(span, 0) for p in probes))) if chunked else None)
-        state_probes = (list(zip(*(p.unbind(0) for p in probes)))
+        probe_chunks = (list(zip(*(chunks_of(p, span) for p in probes))) if chunked else None)
+        state_probes = (list(zip(*([p_t for c in chunks_of(p, span) for p_t in c.unbind(0)]
+                                   for p in probes)))
                         if probes is not None and not chunked else None)
 
         def advance(t: int, state: State, stepper, x_t: Tensor, outputs: list[Tensor]) -> State:
@@ -482,6 +493,16 @@ class RecurrentModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "name"}
         return OPTIMIZERS[self.optimizer_cfg["name"]](self.parameters(), **kwargs)
+
+
+def chunks_of(probe: Tensor | list[Tensor], span: int) -> list[Tensor]:
+    """A state's probe as chunks of ``span`` steps: a (T, B, ·) leaf split once, or the leaves of
+    `RecurrentModel.make_probes` as they are when they are of that length."""
+    if isinstance(probe, Tensor):
+        return list(probe.split(span, 0))
+    if all(c.shape[0] == span for c in probe[:-1]) and probe[-1].shape[0] <= span:
+        return list(probe)
+    return list(torch.cat(probe).split(span, 0))
 
 
 def check_optimizer_keys(optimizer: dict[str, Any]) -> None:

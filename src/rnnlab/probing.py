@@ -77,8 +77,9 @@ class StateProbes:
     """The probes of one state (one layer and direction of a torch.nn module): zero leaves whose
     rows, concatenated along dim 0, are T blocks of ``sizes[t]`` rows, block t added to z_t.
 
-    Three layouts fit: one (T, B, H) leaf with sizes (1, …, 1); one (Σ n_t, H) leaf of a packed
-    batch with sizes n_t; or T leaves (B, H), one per step, with sizes (B, …, B).
+    Four layouts fit: one (T, B, H) leaf with sizes (1, …, 1), or its chunks (C_i, B, H) with
+    Σ C_i = T; one (Σ n_t, H) leaf of a packed batch with sizes n_t; or T leaves (B, H), one per
+    step, with sizes (B, …, B).
     """
 
     leaves: list[Tensor]
@@ -95,9 +96,10 @@ class StateProbes:
         T = len(self.sizes)
         grads = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
                  for leaf in self.leaves]
-        if len(grads) == 1 and T > 1 and all(n == 1 for n in self.sizes):
-            # one (T, B, H) leaf, row t of it step t: the norms without an index
-            norms = row_norms(grads[0].reshape(T, -1))
+        if all(n == 1 for n in self.sizes) and sum(g.shape[0] for g in grads) == T:
+            # one (T, B, H) leaf, or its chunks (C, B, H): row t of them step t, the norms
+            # without an index
+            norms = torch.cat([row_norms(g.reshape(g.shape[0], -1)) for g in grads])
         else:
             # A leaf per timestep holds that step's rows (one row if it has no batch
             # dimension); a single leaf holds them all. Each row's norm, then per step the
