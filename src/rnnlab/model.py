@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MODULES = ("encoder", "cell", "decoder")
 # module → parameter name → (T, *parameter shape): the zero probe q_t of every step t
 ParamProbes = dict[str, dict[str, Tensor]]
+# per state, a zero probe (T, B, hidden), or its chunks of steps (`RecurrentModel.make_probes`)
+Probes = tuple[Tensor | list[Tensor], ...]
 # Values of the cell's per-step parameter copies per chunk of `cell_contributions` (× a few for
 # their gradients and the graph): 2**22 float32 values are 16 MiB.
 CONTRIBUTION_CHUNK_VALUES = 2**22
@@ -156,7 +158,7 @@ class RecurrentModel(pl.LightningModule):
         finally:
             self.train(was_training)
 
-    def probed_pass(self, x: Tensor, request: ProbeRequest) -> tuple[ProbedPass, State,
+    def probed_pass(self, x: Tensor, request: ProbeRequest) -> tuple[ProbedPass, Probes,
                                                                     ParamProbes | None]:
         """Fresh probes for a forward pass over x (B, T, …), and the pass that reads them. With
         ``request.contributions`` the encoder's and decoder's parameter probes (T times their
@@ -171,8 +173,7 @@ class RecurrentModel(pl.LightningModule):
         return ProbedPass(states, params=param_probes), probes, param_probes
 
     # --- the unrolled network ------------------------------------------------------------------
-    def make_probes(self, batch_size: int, seq_len: int, chunk: int | None = None
-                    ) -> State | tuple[list[Tensor], ...]:
+    def make_probes(self, batch_size: int, seq_len: int, chunk: int | None = None) -> Probes:
         """Zero probes to be added as z_t ← z_t + p_t: one (T, B, hidden) leaf per state, or with
         ``chunk`` a list of leaves of ``chunk`` steps each (the last shorter), the chunks the
         loop runs (`unroll`). Each chunk's gradient is then its own: one (T, B, hidden) leaf
@@ -206,7 +207,7 @@ class RecurrentModel(pl.LightningModule):
                           CONTRIBUTION_ACTIVATION_VALUES // width))
 
     def cell_contributions(self, u: Tensor, dt: Tensor | None, previous: list[State],
-                           probes: State) -> Iterator[list[Tensor]]:
+                           probes: Probes) -> Iterator[list[Tensor]]:
         """dL/dW⁽ᵗ⁾ of the cell's parameters after a probed pass's backward, in chunks of steps:
         per chunk of C steps one (C, *shape) gradient per parameter, in `named_parameters` order.
 
@@ -271,14 +272,15 @@ class RecurrentModel(pl.LightningModule):
                                         allow_unused=True)
         return [g if g is not None else torch.zeros_like(q_) for g, q_ in zip(grads, q.values())]
 
-    def unroll(self, u: Tensor, dt: Tensor | None = None, probes: State | None = None,
+    def unroll(self, u: Tensor, dt: Tensor | None = None, probes: Probes | None = None,
                cell_probes: dict[str, Tensor] | None = None,
                previous_states: list[State] | None = None) -> Tensor:
         """Run the cell over u: (B, T, encoder_size); return z[0] on the last n_out steps.
 
-        ``probes``: per state, (T, B, hidden), added as z_t ← z_t + p_t. ``cell_probes``: per cell
-        parameter, (T, *shape); step t runs the cell with W + q_t. ``previous_states``: a list
-        that receives z_{t−1} (detached) before every step t, for the transition Jacobians.
+        ``probes``: per state, (T, B, hidden) or its chunks (`make_probes`), added as
+        z_t ← z_t + p_t. ``cell_probes``: per cell parameter, (T, *shape); step t runs the cell
+        with W + q_t. ``previous_states``: a list that receives z_{t−1} (detached) before every
+        step t, for the transition Jacobians.
 
         Steps are split once with `unbind` — indexing u[:, t] inside the loop would make the
         backward quadratic in T (docs/architecture.md, "Speed"). A cell with an input projection
@@ -368,7 +370,7 @@ class RecurrentModel(pl.LightningModule):
             self._compiled_step = CompiledStep(self.cell)
         return self._compiled_step
 
-    def forward(self, x: Tensor, dt: Tensor | None = None, probes: State | None = None,
+    def forward(self, x: Tensor, dt: Tensor | None = None, probes: Probes | None = None,
                 param_probes: ParamProbes | None = None) -> Tensor:
         """x (B, T, input_size) → y_hat. Inside `probing`, the probes are made here and the pass
         recorded; ``probes`` / ``param_probes`` given directly run the probed path with them."""
@@ -392,7 +394,7 @@ class RecurrentModel(pl.LightningModule):
         read = {name: q[T - self.n_out:] for name, q in param_probes["decoder"].items()}
         return map_over_time(self.decoder, read, z)
 
-    def streamed_forward(self, x: Tensor, dt: Tensor | None, probes: State,
+    def streamed_forward(self, x: Tensor, dt: Tensor | None, probes: Probes,
                          param_probes: ParamProbes, probed: ProbedPass) -> Tensor:
         """The probed forward pass with the encoder's and decoder's parameter probes, keeping what
         `cell_contributions` needs after the backward pass (the states z_{t−1}, the inputs)."""
