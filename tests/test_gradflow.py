@@ -40,10 +40,15 @@ def test_linear_orthogonal_rnn_gradient_scales_as_gain_power(gain):
     np.testing.assert_allclose(dL_dz / dL_dz[-1], expected, rtol=1e-8)
 
 
-def test_probe_profile_equals_retain_grad_profile_for_tanh():
+@pytest.mark.parametrize("chunk", [64, 4])  # the probed loop's chunk of steps: one, or seven
+@pytest.mark.parametrize("project", [True, False])  # one node per chunk, or stepped
+def test_probe_profile_equals_retain_grad_profile_for_tanh(chunk, project, monkeypatch):
+    monkeypatch.setattr("rnnlab.model.PROJECTION_STEPS", chunk)
     torch.manual_seed(1)
     T = 25
     model = rnn_model(nonlinearity="tanh", init="normal", gain=1.3)
+    if not project:
+        model.cell.input_projection = None
     batch = adding_batch(T)
     profile = gradflow.grad_flow(model, batch).profiles["dL_dz"]
 
