@@ -258,7 +258,7 @@ def run_probed(cell: str, T: int, repeats: int, device: str) -> dict:
     def once(probed: bool) -> float:
         sync(torch.device(device))
         start = time.perf_counter()
-        probes = model.make_probes(B, T) if probed else None
+        probes = model.make_probes(B, T, model.probe_chunk()) if probed else None
         model.loss_fn(model(x, None, probes), y).backward()
         sync(torch.device(device))
         return time.perf_counter() - start
@@ -296,7 +296,8 @@ def timed(work, device: str) -> float:
 
 def probed_step(model, x: torch.Tensor, y: torch.Tensor) -> None:
     """One probed forward + backward of ``model`` over the batch."""
-    model.loss_fn(model(x, None, model.make_probes(B, x.shape[1])), y).backward()
+    probes = model.make_probes(B, x.shape[1], model.probe_chunk())  # as the monitor's
+    model.loss_fn(model(x, None, probes), y).backward()
 
 
 def lyapunov_cost(cell: str, T: int, k: int, ons_every: int, repeats: int, device: str) -> None:

@@ -165,7 +165,7 @@ class RecurrentModel(pl.LightningModule):
         few parameters); the cell's contributions are streamed after the backward pass
         (`cell_contributions`), in memory that does not grow with T."""
         B, T = x.shape[:2]
-        probes = self.make_probes(B, T, chunk=self.hparams.checkpoint_steps or PROJECTION_STEPS)
+        probes = self.make_probes(B, T, chunk=self.probe_chunk())
         param_probes = (self.make_param_probes(T, ("encoder", "decoder"))
                         if request.contributions else None)
         keys = state_keys(self.cell.state_names)
@@ -173,6 +173,10 @@ class RecurrentModel(pl.LightningModule):
         return ProbedPass(states, params=param_probes), probes, param_probes
 
     # --- the unrolled network ------------------------------------------------------------------
+    def probe_chunk(self) -> int:
+        """Steps per probe leaf of a probed pass: the chunk of steps the loop runs at once."""
+        return self.hparams.checkpoint_steps or PROJECTION_STEPS
+
     def make_probes(self, batch_size: int, seq_len: int, chunk: int | None = None) -> Probes:
         """Zero probes to be added as z_t ← z_t + p_t: one (T, B, hidden) leaf per state, or with
         ``chunk`` a list of leaves of ``chunk`` steps each (the last shorter), the chunks the
