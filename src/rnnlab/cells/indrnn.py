@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
+from rnnlab.cells.recurrences import incoming_gradients, record_previous_chunk
+from rnnlab.cells.scan import steps_adjoint, sum_over_steps
 from rnnlab.config import is_int, is_number, require
 
 
@@ -60,9 +63,52 @@ class IndRNN(Cell):
     def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
         return (torch.relu(g_t + self.recurrent_weights() * state[0]),)
 
+    def probed_sequence(self, g: Tensor, state: State, probes: State,
+                        previous: list[State] | None) -> tuple[Tensor, State]:
+        """A chunk of probed steps as one node (`ProbedIndRNN`): ``g`` (C, B, H) from
+        `input_projection`, time-major, as ``probes[0]``; returns h_t at every step and the
+        last state."""
+        hs, last = ProbedIndRNN.apply(g, state[0], self.recurrent_weights(), probes[0])
+        record_previous_chunk(previous, state[0], hs)
+        return hs, (last,)
+
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
         """max_i |w_i|·1[pre_i > 0] per row: J = diag(w ⊙ relu'(pre)), relu'(0) = 0 as in torch."""
         (h,) = state
         w = self.recurrent_weights()
         pre = self.input(u_t) + w * h
         return (w.abs() * (pre > 0)).amax(dim=-1)
+
+
+class ProbedIndRNN(torch.autograd.Function):
+    """A probed chunk h_t = relu(g_t + w ⊙ h_{t−1}) + p_t from its projection g (C, B, H),
+    time-major, the state before it h0 (B, H), the weights w (H,) as the step uses them and the
+    probes p (C, B, H). Keeps the states and the units' activations relu(pre_t). With
+    m_t = 1[pre_t > 0] (relu'(0) = 0, as torch's), the step's Jacobian is diag(w ⊙ m_t), so the
+    backward is the diagonal scan of `rnnlab.cells.scan`: the adjoint g_t = ∂L/∂h_t +
+    w ⊙ m_{t+1} ⊙ g_{t+1} is the probes' gradient, ∂L/∂pre_t = m_t ⊙ g_t is g's, and
+    ∂L/∂w = Σ_t ∂L/∂pre_t ⊙ h_{t−1}. Returns h_t at every step and the last state (a copy)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, h0: Tensor, w: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        hs = torch.empty_like(g)
+        acts = torch.empty_like(g)  # relu(pre_t), before the probe
+        h = h0
+        for t in range(g.shape[0]):
+            torch.addcmul(g[t], w, h, out=acts[t]).clamp_min_(0)
+            h = torch.add(acts[t], p[t], out=hs[t])
+        ctx.save_for_backward(acts, hs, h0, w)
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_hs: Tensor | None, d_last: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        acts, hs, h0, w = ctx.saved_tensors
+        on = torch.sign(acts)  # m_t: 1 where relu(pre_t) > 0, else 0
+        adjoint = torch.empty_like(hs)
+        zero = torch.zeros_like(h0)
+        steps_adjoint(on * w, incoming_gradients(d_hs, d_last, hs), zero, zero, adjoint)
+        d_pre = on.mul_(adjoint)
+        d_w = sum_over_steps(hs[:-1], d_pre[1:]) + sum_over_steps(h0[None], d_pre[:1])
+        return d_pre, w * d_pre[0], d_w, adjoint
