@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.cells.recurrences import incoming_gradients, record_previous_chunk
-from rnnlab.cells.scan import steps_adjoint, sum_over_steps
+from rnnlab.cells.scan import chunk_adjoint, sum_over_steps
 from rnnlab.config import is_int, is_number, require
 
 
@@ -106,9 +106,7 @@ class ProbedIndRNN(torch.autograd.Function):
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         acts, hs, h0, w = ctx.saved_tensors
         on = torch.sign(acts)  # m_t: 1 where relu(pre_t) > 0, else 0
-        adjoint = torch.empty_like(hs)
-        zero = torch.zeros_like(h0)
-        steps_adjoint(on * w, incoming_gradients(d_hs, d_last, hs), zero, zero, adjoint)
+        adjoint = chunk_adjoint(on * w, incoming_gradients(d_hs, d_last, hs))
         d_pre = on.mul_(adjoint)
         d_w = sum_over_steps(hs[:-1], d_pre[1:]) + sum_over_steps(h0[None], d_pre[:1])
         return d_pre, w * d_pre[0], d_w, adjoint

@@ -9,7 +9,13 @@ from torch.autograd.function import once_differentiable
 
 from rnnlab.cells.base import Cell, State
 from rnnlab.cells.recurrences import incoming_gradients, record_previous_chunk
-from rnnlab.cells.scan import block_length, steps_adjoint, steps_forward, time_major
+from rnnlab.cells.scan import (
+    block_length,
+    chunk_adjoint,
+    steps_adjoint,
+    steps_forward,
+    time_major,
+)
 
 
 def g(x: Tensor) -> Tensor:
@@ -192,9 +198,7 @@ class ProbedMinGRU(torch.autograd.Function):
         z, a, c, sigma_c = activations(*split_projection(g_))
         slope = candidate_slope(c, sigma_c)
         candidate = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c)
-        adjoint = torch.empty_like(hs)  # g_t = ∂L/∂h_t, the probes' gradient
-        zero = torch.zeros_like(h0)  # nothing after the chunk but what d_last brings
-        steps_adjoint(a, incoming_gradients(d_hs, d_last, hs), zero, zero, adjoint)
+        adjoint = chunk_adjoint(a, incoming_gradients(d_hs, d_last, hs))  # ∂L/∂h_t, the probes'
         before = torch.cat([h0[None], hs[:-1]])
         shared = adjoint * z  # g_t ⊙ z_t, for both gates
         d_k = candidate.sub_(before).mul_(a).mul_(shared)

@@ -66,6 +66,15 @@ def steps_adjoint(a: Tensor, grad: Tensor, g: Tensor, a_after: Tensor, out: Tens
     return g
 
 
+def chunk_adjoint(a: Tensor, grad: Tensor) -> Tensor:
+    """`steps_adjoint` over a whole chunk with nothing after it: g_t = grad_t + a_{t+1} ⊙ g_{t+1},
+    g_{L−1} = grad_{L−1}, time-major, a fresh (L, B, H) tensor (a as in `steps_adjoint`)."""
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)  # each step contiguous
+    zero = grad.new_zeros(grad.shape[1:])
+    steps_adjoint(a, grad, zero, zero, out)
+    return out
+
+
 def sum_over_steps(x: Tensor, y: Tensor) -> Tensor:
     """Σ over steps and sequences of conj(x) ⊙ y: x, y (L, B, H) of any layout → (H,)."""
     return torch.linalg.vecdot(x, y, dim=1).sum(0)
@@ -95,10 +104,8 @@ class LinearScan(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, h, h0 = ctx.saved_tensors  # h time-major
         a_tm = (a if a.dim() == 1 else time_major(a)).conj()
-        g = torch.empty_like(h)
-        zero = torch.zeros_like(h0)
-        g_first = steps_adjoint(a_tm, time_major(grad), zero, zero, g)
-        grad_h0 = (a_tm if a.dim() == 1 else a_tm[0]) * g_first
+        g = chunk_adjoint(a_tm, time_major(grad))
+        grad_h0 = (a_tm if a.dim() == 1 else a_tm[0]) * g[0]
         if a.dim() == 1:  # the same a every step: summed over steps and sequences
             grad_a = sum_over_steps(h[:-1], g[1:]) + sum_over_steps(h0[None], g[:1])
         else:
