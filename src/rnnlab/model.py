@@ -317,19 +317,19 @@ class RecurrentModel(pl.LightningModule):
         span = K or PROJECTION_STEPS
         # time-major chunks (C, B, ·): each step's g_t is contiguous, and so is a chunk's g
         inputs = u.transpose(0, 1).split(span, 0) if project else u.unbind(1)
-        probe_chunks = (list(zip(*(chunks_of(p, span) for p in probes))) if chunked else None)
-        # Stepped probes: each chunk split into its steps when the loop reaches it, so that in
-        # the backward pass the split's node runs right after the chunk's steps (autograd runs
-        # later-made nodes first) and hands the chunk's gradients to its leaf, instead of
-        # holding every step's until the end of the pass.
-        probe_leaves = ([chunks_of(p, span) for p in probes]
-                        if probes is not None and not chunked else None)
+        # chunk c → its probe of every state
+        probe_chunks = (list(zip(*(chunks_of(p, span) for p in probes)))
+                        if probes is not None else None)
         probe_steps: dict[int, list[tuple[Tensor, ...]]] = {}
 
         def state_probes(t: int) -> tuple[Tensor, ...]:
+            """Step t's probes. A stepped chunk's are split into steps when the loop reaches it,
+            so that in the backward pass the split's node runs right after the chunk's steps
+            (autograd runs later-made nodes first) and hands the chunk's gradients to its
+            leaves, instead of holding every step's until the end of the pass."""
             c = t // span
             if c not in probe_steps:
-                probe_steps[c] = list(zip(*(chunks[c].unbind(0) for chunks in probe_leaves)))
+                probe_steps[c] = list(zip(*(p.unbind(0) for p in probe_chunks[c])))
             return probe_steps[c][t - c * span]
 
         def advance(t: int, state: State, stepper, x_t: Tensor, outputs: list[Tensor]) -> State:
@@ -338,7 +338,7 @@ class RecurrentModel(pl.LightningModule):
             if previous_states is not None and len(previous_states) < T:
                 previous_states.append(tuple(s.detach() for s in state))
             state = stepper(x_t, state, dts[t], t)
-            if probe_leaves is not None:
+            if probe_chunks is not None:
                 state = tuple(s + p for s, p in zip(state, state_probes(t)))
             if t >= T - self.n_out:
                 outputs.append(state[0])
