@@ -136,7 +136,7 @@ class MinGRUScan(torch.autograd.Function):
         for t0 in range(0, T, L):
             t1 = min(t0 + L, T)
             z, a, c, sigma_c = gates(u[t0:t1], weights)
-            b = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c).mul_(z)  # z_t ⊙ g(c_t)
+            b = candidate(c, sigma_c).mul_(z)  # z_t ⊙ g(c_t)
             state = steps_forward(a, b, state, h[t0:t1])
         ctx.save_for_backward(u, weights, h0, h)
         return time_major(h)
@@ -155,7 +155,7 @@ class MinGRUScan(torch.autograd.Function):
             t1 = min(t0 + L, T)
             z, a, c, sigma_c = gates(u[t0:t1], weights)
             slope = candidate_slope(c, sigma_c)
-            candidate = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c)
+            g_c = candidate(c, sigma_c)
             grad_gates = torch.empty(2, *z.shape, dtype=h.dtype, device=h.device)
             grad_k, grad_c = grad_gates
             adjoint = torch.empty_like(z)
@@ -163,7 +163,7 @@ class MinGRUScan(torch.autograd.Function):
             a_after = a[0]
             before = h[t0 - 1:t1 - 1] if t0 else torch.cat([h0[None], h[:t1 - 1]])
             adjoint.mul_(z)  # g_t ⊙ z_t, shared by both gates
-            torch.sub(candidate, before, out=grad_k).mul_(a).mul_(adjoint)
+            torch.sub(g_c, before, out=grad_k).mul_(a).mul_(adjoint)
             torch.mul(adjoint, slope, out=grad_c)
             rows = grad_gates.flatten(1, 2)  # (2, L·B, H)
             out = torch.mm(rows[0], weights[0, :, :inputs], out=grad_u[t0:t1].flatten(0, 1))
@@ -184,7 +184,7 @@ class ProbedMinGRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g_: Tensor, h0: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
         z, a, c, sigma_c = activations(*split_projection(g_))
-        b = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c).mul_(z).add_(p)
+        b = candidate(c, sigma_c).mul_(z).add_(p)
         hs = torch.empty_like(b)
         steps_forward(a, b, h0, hs)
         ctx.save_for_backward(g_, h0, hs)
@@ -197,11 +197,11 @@ class ProbedMinGRU(torch.autograd.Function):
         g_, h0, hs = ctx.saved_tensors
         z, a, c, sigma_c = activations(*split_projection(g_))
         slope = candidate_slope(c, sigma_c)
-        candidate = torch.maximum(c.add_(0.5), sigma_c, out=sigma_c)
+        g_c = candidate(c, sigma_c)
         adjoint = chunk_adjoint(a, incoming_gradients(d_hs, d_last, hs))  # ∂L/∂h_t, the probes'
         before = torch.cat([h0[None], hs[:-1]])
         shared = adjoint * z  # g_t ⊙ z_t, for both gates
-        d_k = candidate.sub_(before).mul_(a).mul_(shared)
+        d_k = g_c.sub_(before).mul_(a).mul_(shared)
         return torch.cat([d_k, shared.mul_(slope)], -1), a[0] * adjoint[0], adjoint
 
 
@@ -243,6 +243,11 @@ def pre_activations(u: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     fresh, to be changed in place."""
     out = torch.bmm(u.flatten(0, 1).expand(2, -1, -1), weights.transpose(1, 2))
     return tuple(out.unflatten(1, u.shape[:2]))
+
+
+def candidate(c: Tensor, sigma_c: Tensor) -> Tensor:
+    """g(c) = max(c + 1/2, σ(c)) from c and σ(c), into σ(c)'s memory (c changed too)."""
+    return torch.maximum(c.add_(0.5), sigma_c, out=sigma_c)
 
 
 def candidate_slope(c: Tensor, sigma_c: Tensor) -> Tensor:
