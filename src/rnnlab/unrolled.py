@@ -89,8 +89,9 @@ def unrolled_forward(module: nn.RNNBase, input: Tensor | PackedSequence,
         for direction in range(D):
             k = layer * D + direction
             name = row_names(module)[k]
-            probe = LayerProbes(name, zeros(layer_input, sum(sizes), H_out),
-                                zeros(layer_input, sum(sizes), H) if lstm else None, sizes)
+            rows = sum(sizes)
+            probe = LayerProbes(name, zero_probe((rows, H_out), layer_input),
+                                zero_probe((rows, H), layer_input) if lstm else None, sizes)
             probes.append(probe)
             out, h_last, c_last = run_direction(module, name, layer_input, sizes, h0[k],
                                                 c0[k] if lstm else None, probe, reverse=direction)
@@ -116,10 +117,6 @@ def unrolled_forward(module: nn.RNNBase, input: Tensor | PackedSequence,
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if lstm else None
     return (output, (h_n, c_n)) if lstm else (output, h_n)
-
-
-def zeros(like: Tensor, rows: int, size: int) -> Tensor:
-    return zero_probe((rows, size), like)
 
 
 def initial_states(module: nn.RNNBase, hx, B: int, like: Tensor, unbatched: bool,
