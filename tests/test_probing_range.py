@@ -29,6 +29,22 @@ def test_row_norms_keep_non_finite_rows_non_finite():
     assert math.isinf(norms[0]) and math.isnan(norms[1])
 
 
+@pytest.mark.parametrize("block_values", [7, 2**20])
+def test_row_norms_of_float32_rows_are_float64_sums_in_any_blocks(monkeypatch, block_values):
+    # float32 squares underflow below ~1e-19 and overflow above ~1e19; float64's do not. Rows
+    # of 5 values, blocks of 1 row (7 values) or all of them: the same float64 norms.
+    monkeypatch.setattr("rnnlab.probing.ROW_NORM_BLOCK_VALUES", block_values)
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-30, 1e-20, 1.0, 1e20, 1e30, 0.0])
+    rows = (torch.randn(6, 5, generator=generator) * scales[:, None]).float()
+    expected = [math.sqrt(math.fsum(float(v) ** 2 for v in row.double())) for row in rows]
+    norms = row_norms(rows)
+    assert norms.dtype == torch.float64 and norms.shape == (6,)
+    np.testing.assert_allclose(norms.numpy(), expected, rtol=1e-15)
+    assert norms[0] > 0 and math.isfinite(norms[4])  # a float32 accumulation gives 0 and inf
+    assert row_norms(rows[:0]).shape == (0,)
+
+
 @pytest.mark.parametrize("layout", ["one leaf", "a leaf per step"])
 def test_state_norms_of_tiny_float64_gradients_in_both_layouts(layout):
     T, B, H = 4, 3, 2
