@@ -69,6 +69,30 @@ def test_a_cell_without_a_raw_loop_is_measured_against_its_own_unmonitored_run()
     _, (row,) = bench.cell_table(["lru"], results, "t")
     assert row["raw_steps_per_s"] is None and row["off_over_raw"] is None
     assert row["monitor_over_off"] == 0.9 and row["monitor_memory_over_off"] == 1.2
+    # Paired with its reference loop: each mode over the reference steps beside it.
+    results[0]["over_raw"], results[1]["over_raw"] = 0.96, 0.84
+    _, (row,) = bench.cell_table(["lru"], results, "t")
+    assert row["paired"] and row["off_over_raw"] is None and row["monitor_over_raw"] is None
+    assert row["monitor_over_off"] == pytest.approx(0.84 / 0.96)
+
+
+def test_a_cell_without_a_raw_loop_is_paired_with_its_own_model_in_a_bare_loop(monkeypatch):
+    loops = []
+    init = bench.RawLoop.__init__
+    monkeypatch.setattr(bench.RawLoop, "__init__",
+                        lambda self, *a, **k: (loops.append(self), init(self, *a, **k))[1])
+    steps = []
+    step = bench.RawLoop.step
+    monkeypatch.setattr(bench.RawLoop, "step", lambda self: (steps.append(1), step(self)))
+    case = {"cell": "lru", "T": 5, "mode": "monitor", "every": 2, "warmup": 1, "steps": 3,
+            "device": "cpu", "threads": 1, "paired": True}
+    result = bench.run_case(case)
+    assert result["over_raw"] == pytest.approx(result["steps_per_s"] / result["raw_steps_per_s"])
+    (loop,) = loops
+    model = loop.recurrent
+    assert type(model).__name__ == "RecurrentModel" and type(model.cell).__name__ == "LRU"
+    assert len(steps) == 1 + 2  # its warm-up, then between the three timed steps
+    assert all(p.grad is not None for p in model.parameters())  # it trained
 
 
 @pytest.mark.parametrize("cell", ["lru", "cornn"])

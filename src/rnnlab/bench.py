@@ -69,15 +69,21 @@ class StepTimer(pl.Callback):
     rnnlab's time: the two alternate step by step in one process, so a drift in machine speed
     (tens of percent within a minute on a shared CPU) hits both alike; the raw loop's steps/s
     goes into ``out`` as ``raw_steps_per_s``. Its model is small and its graph freed before
-    rnnlab's next step, but the process's peak memory is no longer rnnlab's alone."""
+    rnnlab's next step, but the process's peak memory is no longer rnnlab's alone. A cell
+    without a hand-written raw loop is paired with its own rnnlab model trained by a bare
+    PyTorch loop (`RawLoop.reference`), which its unmonitored and monitored runs are both
+    measured against."""
 
     def __init__(self, out: str, warmup: int, steps: int, paired: dict | None = None):
         self.out, self.warmup, self.steps = Path(out), warmup, steps
         self.start = self.raw_s = 0.0
-        self.raw = RawLoop(**paired) if paired else None
+        self.paired = paired
+        self.raw: RawLoop | None = None
         self.raw_steps = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.paired:
+            self.raw = RawLoop(**self.paired, like=pl_module)
         for _ in range(self.warmup if self.raw else 0):
             self.raw.step()
 
@@ -158,12 +164,26 @@ class RawNODE(nn.Module):
 
 
 class RawLoop:
-    """The raw loop's model, optimizer and batches; `step` runs one training step."""
+    """The raw loop's model, optimizer and batches; `step` runs one training step. For a cell
+    without a hand-written loop (not in `RAW`), the reference loop instead: rnnlab's model of
+    the cell (``like``'s class and hyperparameters, its whole-sequence path where it has one)
+    trained by the same bare loop."""
 
-    def __init__(self, cell: str, T: int, device: str):
+    def __init__(self, cell: str, T: int, device: str, like: nn.Module | None = None):
         with torch.random.fork_rng(devices=[]):  # a run it is paired with keeps its RNG stream
             torch.manual_seed(0)
-            self.build(cell, T, device)
+            if cell in RAW:
+                self.build(cell, T, device)
+            else:
+                self.reference(like, T, device)
+
+    def reference(self, like: nn.Module | None, T: int, device: str) -> None:
+        if like is None:
+            raise ValueError("a cell without a raw loop is paired with its own model: pass like")
+        model = type(like)(**like.hparams).to(device)
+        self.recurrent = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+        self.data = adding_batches(T, device)
 
     def build(self, cell: str, T: int, device: str) -> None:
         self.encoder = nn.Linear(2, ENCODER)
@@ -176,6 +196,12 @@ class RawLoop:
 
     def step(self) -> None:
         x, y = next(self.data)
+        if not hasattr(self, "encoder"):  # the reference loop of a cell without a raw one
+            loss = self.recurrent.loss_fn(self.recurrent(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            return
         outputs, last = self.recurrent(self.encoder(x))
         z = outputs[:, -1] if outputs is not None else last
         loss = nn.functional.mse_loss(self.decoder(z).unsqueeze(1), y)
@@ -541,7 +567,7 @@ def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False
             long = ["monitor.param_contributions=false", "model.checkpoint_steps=100",
                     f"monitor.jacobian_every_n_steps={every}",
                     f"monitor.lyapunov_every_n_steps={every}"]
-            pair = {"paired": True} if paired and cell in RAW else {}
+            pair = {"paired": True} if paired else {}  # without a raw loop: `RawLoop.reference`
             for mode in ("raw", "off", "monitor") if cell in RAW else ("off", "monitor"):
                 cases.append({"cell": cell, "T": T, "mode": mode, "warmup": warmup,
                               "steps": steps, "every": every,
@@ -675,10 +701,11 @@ def cell_table(cells: list[str], results: list[dict], title: str):
                 continue
             # Paired: each mode's speed over the raw loop it alternated with, and modes
             # compared through those ratios; else each over the raw case's speed.
-            # A cell without a raw loop (`RAW`): its modes against its own unmonitored run.
+            # A cell without a raw loop (`RAW`): its modes against its own unmonitored run
+            # (paired: each over the reference loop it alternated with, `RawLoop.reference`).
             speed = {m: r.get("over_raw", r.get("steps_per_s")) for m, r in by.items()}
-            raw = (1.0 if "over_raw" in by["off"] else
-                   by["raw"]["steps_per_s"] if "raw" in by else None)
+            raw = (None if "raw" not in by else
+                   1.0 if "over_raw" in by["off"] else by["raw"]["steps_per_s"])
             row = {"cell": cell, "T": T,
                    "raw_steps_per_s": by["raw"]["steps_per_s"] if "raw" in by else None,
                    "paired": "over_raw" in by["off"],
