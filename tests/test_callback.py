@@ -291,3 +291,41 @@ def test_the_tensorboard_logger_saves_at_most_every_save_every_s_and_always_at_t
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [e.value for e in events.Scalars("train/loss")] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_the_tensorboard_logger_writes_a_calls_scalars_as_one_event(tmp_path):
+    """Every scalar of a `log_metrics` call at its step and float32 value, as Lightning's
+    add_scalar writes it, in one event; a 0-d tensor is read as its number, a dict goes through
+    Lightning's add_scalars, and what is not a number is refused naming its tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    from rnnlab.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    metrics = {"grad_norm/cell": 0.1, "grad_norm/total": torch.tensor(2.5, dtype=torch.float64),
+               "train/loss": 1 / 3}
+    logger.log_metrics(metrics, 7)
+    logger.log_metrics({"train/loss": 0.25, "pair": {"a": 1.0, "b": 2.0}}, 8)
+    with pytest.raises(ValueError, match="grad_norm/bad: 'x' is not a number"):
+        logger.log_metrics({"grad_norm/bad": "x"}, 9)
+    logger.finalize("success")
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    for tag, value in metrics.items():
+        scalar = events.Scalars(tag)[0]
+        assert scalar.step == 7 and scalar.value == float(np.float32(float(value)))
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (7, float(np.float32(1 / 3))), (8, 0.25)]
+    with_values = []
+    for path in tmp_path.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):  # TFRecord: length (8), its crc (4), the event, its crc (4)
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.summary.value:
+                with_values.append((event.step, len(event.summary.value)))
+    assert with_values == [(7, 3), (8, 1)]
+    assert (tmp_path / "pair_a").is_dir() and (tmp_path / "pair_b").is_dir()  # add_scalars'
