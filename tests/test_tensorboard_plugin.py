@@ -385,3 +385,15 @@ def test_a_watched_models_rows_and_its_run_info_reach_the_tab(tmp_path):
                                tag=f"lstm/{key}/{row}")
                     assert body["steps"] == [0, 1, 2] and body["T"] == 7
                     assert body["values"] == [as_json(records[s][key][i]) for s in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("array", [
+    np.float64(0.25), np.array(-0.0), np.array(math.nan), np.array([math.inf]), np.zeros(0),
+    np.array([1e-300, -2.5, math.nan, -math.inf, 0.0]), np.arange(12.0).reshape(3, 4),
+    np.arange(12.0).reshape(4, 3).T,  # not C-contiguous
+], ids=lambda a: str(np.shape(a)))
+def test_the_float64_tensor_proto_is_tensorboards_own(array):
+    array = np.asarray(array, dtype=np.float64)
+    made = summary.float64_tensor(array)
+    assert made == tensor_util.make_tensor_proto(array)
+    np.testing.assert_array_equal(tensor_util.make_ndarray(made), array)

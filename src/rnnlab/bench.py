@@ -1080,7 +1080,8 @@ def main(argv: list[str] | None = None) -> None:
         table, summary = ode_table(results, f"neural ODE solver paths, rnnlab training steps "
                                             f"({setting}, g 2×{H} tanh, δt 0.1)")
     else:
-        pairing = ", paired step by step with the raw loop" if args.paired else ""
+        pairing = (", paired step by step with the raw loop (a cell without one: with its own "
+                   "model in a bare loop)" if args.paired else "")
         table, summary = cell_table(cells, results,
                                     f"rnnlab vs raw PyTorch ({setting}{pairing})")
     Console(width=150).print(table)
