@@ -89,7 +89,7 @@ def test_a_cell_without_a_raw_loop_is_paired_with_its_own_model_in_a_bare_loop(m
     result = bench.run_case(case)
     assert result["over_raw"] == pytest.approx(result["steps_per_s"] / result["raw_steps_per_s"])
     (loop,) = loops
-    model = loop.recurrent
+    model = loop.model
     assert type(model).__name__ == "RecurrentModel" and type(model.cell).__name__ == "LRU"
     assert len(steps) == 1 + 2  # its warm-up, then between the three timed steps
     assert all(p.grad is not None for p in model.parameters())  # it trained

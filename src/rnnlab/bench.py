@@ -180,8 +180,8 @@ class RawLoop:
     def reference(self, like: nn.Module | None, T: int, device: str) -> None:
         if like is None:
             raise ValueError("a cell without a raw loop is paired with its own model: pass like")
-        model = type(like)(**like.hparams).to(device)
-        self.recurrent = model
+        self.model = model = type(like)(**like.hparams).to(device)
+        self.loss = lambda x, y: model.loss_fn(model(x), y)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=LR)
         self.data = adding_batches(T, device)
 
@@ -193,18 +193,16 @@ class RawLoop:
         modules = nn.ModuleList([self.encoder, self.recurrent, self.decoder]).to(device)
         self.optimizer = torch.optim.Adam(modules.parameters(), lr=LR)
         self.data = adding_batches(T, device)
+        self.loss = self.raw_loss
+
+    def raw_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        outputs, last = self.recurrent(self.encoder(x))
+        z = outputs[:, -1] if outputs is not None else last
+        return nn.functional.mse_loss(self.decoder(z).unsqueeze(1), y)
 
     def step(self) -> None:
         x, y = next(self.data)
-        if not hasattr(self, "encoder"):  # the reference loop of a cell without a raw one
-            loss = self.recurrent.loss_fn(self.recurrent(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            return
-        outputs, last = self.recurrent(self.encoder(x))
-        z = outputs[:, -1] if outputs is not None else last
-        loss = nn.functional.mse_loss(self.decoder(z).unsqueeze(1), y)
+        loss = self.loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

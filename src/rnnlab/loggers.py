@@ -76,7 +76,7 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
         if grouped:
             super().log_metrics(grouped, step)
         if scalars:  # as add_scalar writes each: float32 simple_value, the writer's wall time
-            self.experiment._get_file_writer().add_summary(Summary(value=scalars), step)
+            summary.write(self.experiment, step, Summary(value=scalars))
 
     def save(self) -> None:
         now = time.monotonic()
