@@ -397,3 +397,22 @@ def test_the_float64_tensor_proto_is_tensorboards_own(array):
     made = summary.float64_tensor(array)
     assert made == tensor_util.make_tensor_proto(array)
     np.testing.assert_array_equal(tensor_util.make_ndarray(made), array)
+
+
+def test_event_checksums_are_tensorboards_own_in_c():
+    """The C CRC-32C rnnlab hands TensorBoard gives its pure-Python checksums (kept in
+    `crc_update`/`crc_finalize`), masked and unmasked, so event files read back."""
+    import random
+
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as stub
+
+    assert summary.FAST_CRC32C and stub.crc32c.__module__ == summary.__name__
+    generator = random.Random(0)
+    for size in (0, 1, 7, 100, 4096):
+        data = bytes(generator.randrange(256) for _ in range(size))
+        python = stub.crc_finalize(stub.crc_update(stub.CRC_INIT, data))
+        assert stub.crc32c(data) == python
+        assert stub.masked_crc32c(data) == stub.u32(((python >> 15) | stub.u32(python << 17))
+                                                    + 0xA282EAD8)
+    assert stub.crc32c(bytearray(b"abc")) == stub.crc_finalize(stub.crc_update(stub.CRC_INIT,
+                                                                                b"abc"))
