@@ -139,23 +139,36 @@ def lanczos_norms(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | Non
         alphas, betas = [], []  # the tridiagonal's diagonal and off-diagonal, (N, 1) each
         for j in range(min(iterations, D)):
             r = products(q)  # JᵀJ q
-            alpha = (r * q).sum(1, keepdim=True)
+            alpha = torch.linalg.vecdot(r, q).unsqueeze(1)
             alphas.append(alpha)
             if j == min(iterations, D) - 1:
                 break
-            r = r - alpha * q - beta * previous
-            norm = r.norm(dim=1, keepdim=True)
+            if shares_memory(r, q, previous):  # a cell's product may hand back its argument
+                r = r.clone()
+            # r − α q − β q_prev and its normalisation in place: a third of the passes over
+            # the (N, D) rows that out-of-place arithmetic and a masked division made
+            r.addcmul_(alpha, q, value=-1).addcmul_(beta, previous, value=-1)
+            norm = torch.linalg.vector_norm(r, dim=1, keepdim=True)
             # Breakdown: what is left is rounding noise, which normalising would turn into a
             # wrong direction; the row continues with 0.
             done = norm <= eps ** 0.5 * alpha.abs()
             beta = torch.where(done, torch.zeros_like(norm), norm)
             betas.append(beta)
-            previous, q = q, torch.where(done, torch.zeros_like(r), r / norm.clamp_min(tiny))
+            scale = torch.where(done, torch.zeros_like(norm), 1 / norm.clamp_min(tiny))
+            previous, q = q, r.mul_(scale)
     diagonal = torch.cat(alphas, 1).double().cpu().numpy()
     off = (torch.cat(betas, 1).double().cpu().numpy() if betas
            else np.zeros((diagonal.shape[0], 0)))
-    top = top_tridiagonal_eigenvalue(diagonal, off)
+    # The norms are returned in q's dtype: the eigenvalue to 2⁻³⁰ of itself is exact to
+    # rounding there for float32 and narrower (half a float32 ulp is 2⁻²⁴), in fewer bisections.
+    rtol = None if q.dtype == torch.float64 else 2.0 ** -30
+    top = top_tridiagonal_eigenvalue(diagonal, off, rtol)
     return torch.from_numpy(np.sqrt(np.clip(top, 0, None))).to(device=q.device, dtype=q.dtype)
+
+
+def shares_memory(r: Tensor, *others: Tensor) -> bool:
+    storage = r.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == storage for o in others)
 
 
 def normal_products(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | None):
@@ -191,30 +204,38 @@ def normal_products(cell: Cell, u: Tensor, z: tuple[Tensor, ...], dt: Tensor | N
     return products
 
 
-def top_tridiagonal_eigenvalue(diagonal: np.ndarray, off: np.ndarray) -> np.ndarray:
+def top_tridiagonal_eigenvalue(diagonal: np.ndarray, off: np.ndarray,
+                               rtol: float | None = None) -> np.ndarray:
     """The largest eigenvalue of each symmetric tridiagonal matrix, (N, m) diagonal and (N, m−1)
-    off-diagonal → (N,), by bisection on Sturm counts, to float64's rounding.
+    off-diagonal → (N,), by bisection on Sturm counts, to float64's rounding (or to ``rtol`` of
+    itself).
 
     x is below the top eigenvalue exactly when some pivot of the LDLᵀ factorisation of T − xI
     is ≥ 0 (Sylvester's law of inertia). The bracket starts from the largest diagonal entry (a
     Rayleigh quotient, below the top) and Gershgorin's bound (above it). Vectorised over the N
-    matrices, this is several times faster than a batched dense eigensolver on them.
+    matrices, this is several times faster than a batched dense eigensolver on them; the
+    pivots are made column by column into preallocated (m, N) rows, each column contiguous.
     """
-    squared = off * off
-    radius = np.zeros_like(diagonal)
-    radius[:, :-1] += np.abs(off)
-    radius[:, 1:] += np.abs(off)
-    low, high = diagonal.max(1), (diagonal + radius).max(1)
+    rtol = 4 * np.finfo(np.float64).eps if rtol is None else rtol
+    d = np.ascontiguousarray(diagonal.T)  # (m, N)
+    squared = np.ascontiguousarray((off * off).T)  # (m − 1, N)
+    radius = np.zeros_like(d)
+    radius[:-1] += np.abs(off.T)
+    radius[1:] += np.abs(off.T)
+    low, high = d.max(0), (d + radius).max(0)
     tiny = np.finfo(np.float64).tiny
+    pivots, shifted, safe = np.empty_like(d), np.empty(d.shape[1]), np.empty(d.shape[1])
     for _ in range(200):  # each halves the bracket; it stops long before
-        if np.all(high - low <= 4 * np.finfo(np.float64).eps * np.abs(high)):
+        if np.all(high - low <= rtol * np.abs(high)):
             break
         x = (low + high) / 2
-        pivot = diagonal[:, 0] - x
-        above = pivot >= 0
-        for i in range(1, diagonal.shape[1]):
-            pivot = diagonal[:, i] - x - squared[:, i - 1] / np.where(pivot == 0, tiny, pivot)
-            above |= pivot >= 0
+        np.subtract(d[0], x, out=pivots[0])
+        for i in range(1, d.shape[0]):
+            np.copyto(safe, pivots[i - 1])
+            safe[safe == 0] = tiny
+            np.divide(squared[i - 1], safe, out=safe)
+            np.subtract(np.subtract(d[i], x, out=shifted), safe, out=pivots[i])
+        above = (pivots >= 0).any(0)
         low, high = np.where(above, x, low), np.where(above, high, x)
     return high
 

@@ -103,7 +103,7 @@ class Cell(nn.Module):
       concatenated, ``u_t`` and ``state`` (N, ·): ``matvec(v) = J v`` and ``rmatvec(w) = Jᵀ w``
       per row, written out from the step's own derivatives (called without gradient). The
       Lanczos iteration of the Jacobian norms then needs no autograd graph: two matmuls with
-      the recurrent weight and a few elementwise products per iteration (docs/cells.md: 1.16–1.30×
+      the recurrent weight and a few elementwise products per iteration (docs/cells.md: 1.19–1.54×
       faster than autograd for the Elman RNN, GRU and LSTM). The base has none (``None``):
       autograd on `forward_mode_step` serves every cell.
     - optional `input_projection(u)` and `projected_step(g_t, state, dt)`, together: the part of

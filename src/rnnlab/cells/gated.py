@@ -80,19 +80,26 @@ class GRU(GatedCell):
 
         Jv = z ⊙ v + Σ_g α_g ⊙ (W_hg v); Jᵀw = z ⊙ w + Σ_g W_hgᵀ (α_g ⊙ w): one matmul each."""
         (h,) = state
-        H, W = self.hidden_size, self.weight_hh
+        H, W = self.hidden_size, self.weight_hh.detach()  # measured, never differentiated
         x_r, x_z, x_n = F.linear(u_t, self.weight_ih, self.bias_ih).split(H, 1)
         a_r, a_z, a_n = F.linear(h, W, self.bias_hh).split(H, 1)
         r, z = torch.sigmoid(x_r + a_r), torch.sigmoid(x_z + a_z)
         n = torch.tanh(x_n + r * a_n)
         through_n = (1 - z) * (1 - n * n)
-        alpha = torch.cat([through_n * a_n * r * (1 - r), (h - n) * z * (1 - z), through_n * r], 1)
+        alpha = (through_n * a_n * r * (1 - r), (h - n) * z * (1 - z), through_n * r)
 
+        # Fused multiply–adds into the output, no (N, 3H) products or repeated rows.
         def matvec(v: Tensor) -> Tensor:
-            return z * v + (alpha * (v @ W.T)).unflatten(1, (3, H)).sum(1)
+            out = z * v
+            for a, p in zip(alpha, (v @ W.T).split(H, 1)):
+                out.addcmul_(a, p)
+            return out
 
         def rmatvec(w: Tensor) -> Tensor:
-            return torch.addmm(z * w, alpha * w.repeat(1, 3), W)
+            delta = torch.empty(w.shape[0], 3 * H, dtype=w.dtype, device=w.device)
+            for k, a in enumerate(alpha):
+                torch.mul(a, w, out=delta[:, k * H:(k + 1) * H])
+            return torch.addmm(z * w, delta, W)
 
         return matvec, rmatvec
 
@@ -155,25 +162,37 @@ class LSTM(GatedCell):
 
         (α the three coefficients of dc, β = tanh(c_t) o(1 − o)): one matmul each."""
         h, c = state
-        H, W = self.hidden_size, self.weight_hh
+        H, W = self.hidden_size, self.weight_hh.detach()  # measured, never differentiated
         gates = torch.addmm(F.linear(u_t, self.weight_ih, self.bias_ih + self.bias_hh), h, W.T)
         i, f, o = (torch.sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
         g = torch.tanh(gates[:, 2 * H:3 * H])
         tau = torch.tanh(f * c + i * g)
         kappa, beta = o * (1 - tau * tau), tau * o * (1 - o)
-        alpha = torch.cat([g * i * (1 - i), c * f * (1 - f), i * (1 - g * g)], 1)  # (N, 3H)
+        alpha = (g * i * (1 - i), c * f * (1 - f), i * (1 - g * g))  # dc's coefficients
 
+        # Each product written into its output's halves by fused multiply–adds, without the
+        # concatenated and repeated copies of the rows (a third of a Lanczos step's time).
         def matvec(v: Tensor) -> Tensor:
             v_h, v_c = v.split(H, 1)
-            P = v_h @ W.T
-            dc = f * v_c + (alpha * P[:, :3 * H]).unflatten(1, (3, H)).sum(1)
-            return torch.cat([kappa * dc + beta * P[:, 3 * H:], dc], 1)
+            P = (v_h @ W.T).split(H, 1)  # blocks i, f, g, o
+            out = torch.empty_like(v)
+            dc = torch.mul(f, v_c, out=out[:, H:])
+            for a, p in zip(alpha, P):
+                dc.addcmul_(a, p)
+            torch.mul(kappa, dc, out=out[:, :H]).addcmul_(beta, P[3])
+            return out
 
         def rmatvec(w: Tensor) -> Tensor:
             w_h, w_c = w.split(H, 1)
-            e = w_c + kappa * w_h
-            delta = torch.cat([alpha * e.repeat(1, 3), beta * w_h], 1)
-            return torch.cat([delta @ W, f * e], 1)
+            e = torch.addcmul(w_c, kappa, w_h)
+            delta = torch.empty(w.shape[0], 4 * H, dtype=w.dtype, device=w.device)
+            for k, a in enumerate(alpha):
+                torch.mul(a, e, out=delta[:, k * H:(k + 1) * H])
+            torch.mul(beta, w_h, out=delta[:, 3 * H:])
+            out = torch.empty_like(w)
+            torch.mm(delta, W, out=out[:, :H])
+            torch.mul(f, e, out=out[:, H:])
+            return out
 
         return matvec, rmatvec
 
