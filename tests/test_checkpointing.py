@@ -69,6 +69,28 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
     assert not orphan.exists() and path.read_bytes() == b"whole"
 
 
+def test_a_directory_is_listed_once_for_its_orphans_however_many_files_are_written(
+        tmp_path, monkeypatch):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    orphans = [tmp_path / f".step_{i:07d}.npz.{dead}.tmp" for i in range(3)]
+    for orphan in orphans:
+        orphan.write_bytes(b"half")
+    alive = tmp_path / f".step_0000002.npz.{os.getppid()}.tmp"  # a running writer's: kept
+    alive.write_bytes(b"in flight")
+    listings = []
+    real_scandir = rundir.os.scandir
+    monkeypatch.setattr(rundir.os, "scandir", lambda d: listings.append(d) or real_scandir(d))
+    for i in range(5):
+        atomic_write(tmp_path / f"step_{i:07d}.npz", lambda f: f.write(b"whole"))
+        if i == 0:
+            assert not orphans[0].exists() and orphans[1].exists()  # each file's, at its write
+    assert len(listings) == 1  # not once a write: quadratic in a run's records
+    assert not any(o.exists() for o in orphans) and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        f"step_{i:07d}.npz" for i in range(5)]
+
+
 def test_the_temporary_file_lies_beside_the_target_whatever_tmpdir_says(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))
     seen = []

@@ -79,12 +79,38 @@ def temp_path(path: Path) -> Path:
 
 def remove_orphans(path: Path) -> None:
     """Remove temporary files of ``path`` left by writers that no longer run (killed by SIGKILL
-    mid-write: nothing else can leave one)."""
-    for orphan in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
-        pid = orphan.name[len(path.name) + 2:-len(TEMP_SUFFIX)]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+    mid-write: nothing else can leave one).
+
+    A process lists each directory it writes into once (`temp_files`), on its first write there,
+    and each later write of a file removes that file's dead writers' temporary files from the
+    list: listing a records directory on every write made a run's writes quadratic in its
+    records (1.2 ms a write with 2,200 records, on the writer's thread, holding the GIL). A
+    writer killed after that first listing leaves its file to the next process that writes
+    there (a resumed run)."""
+    key = (os.getpid(), str(path.parent))
+    if key not in _TEMP_FILES:
+        _TEMP_FILES[key] = temp_files(path.parent)
+    for orphan in _TEMP_FILES[key].pop(path.name, ()):
+        pid = int(orphan.name[len(path.name) + 2:-len(TEMP_SUFFIX)])
+        if pid != os.getpid() and not process_alive(pid):
             with contextlib.suppress(OSError):
                 orphan.unlink()
+
+
+# (process, directory) → target name → the temporary files of it found in the directory
+_TEMP_FILES: dict[tuple[int, str], dict[str, list[Path]]] = {}
+
+
+def temp_files(directory: Path) -> dict[str, list[Path]]:
+    """The temporary files in ``directory`` (`temp_path`'s ``.<name>.<pid>.tmp``), by name."""
+    found: dict[str, list[Path]] = {}
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+                name, _, pid = entry.name[1:-len(TEMP_SUFFIX)].rpartition(".")
+                if name and pid.isdigit():
+                    found.setdefault(name, []).append(Path(entry.path))
+    return found
 
 
 def process_alive(pid: int) -> bool:
@@ -103,8 +129,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
 
     Until the rename the previous ``path`` is untouched, so a kill, an exception or a full disk
     leaves the old file readable; the temporary file is removed on any error (a SIGKILL can
-    still leave one, named ``.<name>.<pid>.tmp``: the next write into the directory removes
-    it). A full disk raises `DiskFullError` naming ``path``.
+    still leave one, named ``.<name>.<pid>.tmp``: the next process to write ``path`` removes it,
+    `remove_orphans`). A full disk raises `DiskFullError` naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
