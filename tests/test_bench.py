@@ -40,6 +40,68 @@ def test_a_paired_case_times_raw_steps_between_its_own(monkeypatch):
     assert result["over_raw"] == pytest.approx(result["steps_per_s"] / result["raw_steps_per_s"])
 
 
+def test_each_timed_step_is_kept_and_they_add_up_to_the_rate():
+    """``step_ms``: each timed step from the end of the one before (the raw step beside it left
+    out), so the window's rate is their count over their sum; ``raw_step_ms``: the raw steps."""
+    case = {"cell": "gru", "T": 5, "mode": "off", "warmup": 1, "steps": 3, "device": "cpu",
+            "threads": 1, "paired": True}
+    result = bench.run_case(case)
+    assert len(result["step_ms"]) == 3 and len(result["raw_step_ms"]) == 2
+    assert all(ms > 0 for ms in result["step_ms"] + result["raw_step_ms"])
+    assert result["steps_per_s"] == pytest.approx(3000 / sum(result["step_ms"]), rel=1e-9)
+    assert result["raw_steps_per_s"] == pytest.approx(2000 / sum(result["raw_step_ms"]),
+                                                      rel=1e-9)
+
+
+def test_a_long_runs_monitored_rate_is_composed_for_the_default_period():
+    """Window steps 1..4 at every 2, Jacobians every 4: unmonitored, monitored, unmonitored,
+    Jacobian. A period of 500 steps every 50: 490 unmonitored, 9 monitored, 1 Jacobian step."""
+    case = {"warmup": 1, "steps": 4, "every": 2, "jacobian_every": 4,
+            "compose": {"every": 50, "period": 500}}
+    result = {"steps_per_s": 30.0, "over_raw": 0.5, "step_ms": [10.0, 30.0, 12.0, 100.0],
+              "raw_step_ms": [8.0, 9.0, 10.0]}
+    composed = bench.compose_period(case, result)
+    total_ms = 490 * 11.0 + 9 * 30.0 + 100.0  # 5760
+    assert composed["steps_per_s"] == pytest.approx(500_000 / 5760)
+    assert composed["over_raw"] == pytest.approx(500 * 9.0 / 5760)
+    assert composed["over_raw"] == pytest.approx(500 * 9.0 / total_ms)
+    assert composed["window_steps_per_s"] == 30.0 and composed["window_over_raw"] == 0.5
+    assert (composed["unmonitored_step_ms"], composed["monitored_step_ms"],
+            composed["jacobian_step_ms"]) == (11.0, 30.0, 100.0)
+    unpaired = bench.compose_period(case, {"steps_per_s": 30.0, "step_ms": result["step_ms"]})
+    assert unpaired["steps_per_s"] == pytest.approx(500_000 / 5760) and "over_raw" not in unpaired
+    with pytest.raises(ValueError, match="no jacobian step"):
+        bench.compose_period({**case, "steps": 3}, {**result, "step_ms": [10.0, 30.0, 12.0]})
+
+
+def test_the_long_plan_holds_each_kind_of_step_once_per_window_and_runs():
+    cases = bench.plan(False, ["lstm"], [10_000], paired=True)
+    assert [(c["T"], c["mode"]) for c in cases] == [(10_000, m) for m in
+                                                    ("raw", "off", "monitor", "probed")]
+    monitor = cases[2]
+    steps = range(monitor["warmup"], monitor["warmup"] + monitor["steps"])
+    kinds = ["jacobian" if s % monitor["jacobian_every"] == 0 else
+             "monitored" if s % monitor["every"] == 0 else "unmonitored" for s in steps]
+    assert sorted(set(kinds)) == ["jacobian", "monitored", "unmonitored"]
+    assert (f"monitor.jacobian_every_n_steps={monitor['jacobian_every']}"
+            in monitor["monitor_overrides"])
+    # the same window at small T, in-process: a rate composed from its own steps
+    small = {**monitor, "T": 5, "device": "cpu", "threads": 1,
+             "monitor_overrides": [o for o in monitor["monitor_overrides"]
+                                   if "checkpoint" not in o]}
+    result = bench.run_case(small)
+    assert result["over_raw"] == pytest.approx(bench.compose_period(small, result)["over_raw"])
+    assert result["window_over_raw"] == pytest.approx(
+        result["window_steps_per_s"] / result["raw_steps_per_s"])
+    _, (row,) = bench.cell_table(["lstm"], [
+        {"cell": "lstm", "T": 5, "mode": "off", "steps_per_s": 9.0, "over_raw": 0.9,
+         "peak_mb": 1.0},
+        {**small, **result, "mode": "monitor", "cell": "lstm", "peak_mb": 1.0},
+        {"cell": "lstm", "T": 5, "mode": "probed", "plain_s": 1.0, "probed_s": 1.0}], "t")
+    assert row["composed"] == {"every": 50, "period": 500}
+    assert row["monitor_over_off"] == pytest.approx(result["over_raw"] / 0.9)
+
+
 def test_paired_ratios_come_from_each_modes_own_raw_steps():
     def case(mode, steps_per_s, over_raw=None, **more):
         paired = {} if over_raw is None else {"over_raw": over_raw}

@@ -56,30 +56,34 @@ from torch import nn
 
 B, H, ENCODER = 64, 128, 32
 LR = 3e-3  # conf/model/default.yaml's: the same training dynamics, so the same subnormals
+LONG_EVERY = 2  # beyond T = 1000: monitored every 2nd step, the Jacobians every 4th (`plan`)
 FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 RAW = (*FUSED, "node")  # the cells with a raw loop written by hand (`RawLoop`); the others are
 # measured against their own unmonitored rnnlab run
 
 
 class StepTimer(pl.Callback):
-    """Times training steps ``warmup … warmup + steps − 1`` and writes steps/s to ``out``.
+    """Times training steps ``warmup … warmup + steps − 1`` and writes steps/s to ``out``, with
+    each timed step's milliseconds (``step_ms``: from the end of the step before, so the loop's
+    work between steps is in it).
 
     ``paired``: after each timed step but the last, one step of the raw loop (`RawLoop`, the
     same cell and T, warmed up by as many steps before the window), timed apart and left out of
     rnnlab's time: the two alternate step by step in one process, so a drift in machine speed
     (tens of percent within a minute on a shared CPU) hits both alike; the raw loop's steps/s
-    goes into ``out`` as ``raw_steps_per_s``. Its model is small and its graph freed before
-    rnnlab's next step, but the process's peak memory is no longer rnnlab's alone. A cell
-    without a hand-written raw loop is paired with its own rnnlab model trained by a bare
-    PyTorch loop (`RawLoop.reference`), which its unmonitored and monitored runs are both
-    measured against."""
+    and its steps' milliseconds (``raw_step_ms``) go into ``out``. Its model is small and its
+    graph freed before rnnlab's next step, but the process's peak memory is no longer rnnlab's
+    alone. A cell without a hand-written raw loop is paired with its own rnnlab model trained
+    by a bare PyTorch loop (`RawLoop.reference`), which its unmonitored and monitored runs are
+    both measured against."""
 
     def __init__(self, out: str, warmup: int, steps: int, paired: dict | None = None):
         self.out, self.warmup, self.steps = Path(out), warmup, steps
-        self.start = self.raw_s = 0.0
+        self.start = self.last = self.raw_s = 0.0
         self.paired = paired
         self.raw: RawLoop | None = None
-        self.raw_steps = 0
+        self.step_ms: list[float] = []
+        self.raw_step_ms: list[float] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.paired:
@@ -87,27 +91,38 @@ class StepTimer(pl.Callback):
         for _ in range(self.warmup if self.raw else 0):
             self.raw.step()
 
+    def begin(self, pl_module) -> None:
+        sync(pl_module.device)
+        self.start = self.last = time.perf_counter()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
-            sync(pl_module.device)
-            self.start = time.perf_counter()
+        if trainer.global_step == self.warmup == 0:
+            self.begin(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # counts finished steps
+        if step == self.warmup > 0:  # the window starts where the last warm-up step ended
+            self.begin(pl_module)
+        if not self.warmup < step <= self.warmup + self.steps:
+            return
+        sync(pl_module.device)
+        now = time.perf_counter()
+        self.step_ms.append(1000 * (now - self.last))
         if step == self.warmup + self.steps:
-            sync(pl_module.device)
-            elapsed = time.perf_counter() - self.start - self.raw_s
-            timing = {"steps_per_s": self.steps / elapsed}
+            timing = {"steps_per_s": self.steps / (now - self.start - self.raw_s),
+                      "step_ms": self.step_ms}
             if self.raw:
-                timing["raw_steps_per_s"] = self.raw_steps / self.raw_s
+                timing["raw_steps_per_s"] = len(self.raw_step_ms) / self.raw_s
+                timing["raw_step_ms"] = self.raw_step_ms
             self.out.write_text(json.dumps(timing))
-        elif self.raw and self.warmup < step < self.warmup + self.steps:
-            sync(pl_module.device)
-            begin = time.perf_counter()
+        elif self.raw:
             self.raw.step()
             sync(pl_module.device)
-            self.raw_s += time.perf_counter() - begin
-            self.raw_steps += 1
+            self.last = time.perf_counter()
+            self.raw_s += self.last - now
+            self.raw_step_ms.append(1000 * (self.last - now))
+        else:
+            self.last = now
 
 
 class JobClock(pl.Callback):
@@ -494,6 +509,8 @@ def run_case(case: dict) -> dict:
                             paired=case.get("paired", False))
         if "raw_steps_per_s" in result:  # per round: both from the same stretch of time
             result["over_raw"] = result["steps_per_s"] / result["raw_steps_per_s"]
+        if "compose" in case:
+            result |= compose_period(case, result)
     if device == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -541,44 +558,86 @@ def combine_rounds(rounds: list[tuple[dict, dict]]) -> list[dict]:
 
 
 # The numbers a case measures (what `combine_rounds` takes the median of).
-MEASURED = ("steps_per_s", "raw_steps_per_s", "over_raw", "plain_s", "probed_s", "peak_mb")
+MEASURED = ("steps_per_s", "raw_steps_per_s", "over_raw", "plain_s", "probed_s", "peak_mb",
+            "window_steps_per_s", "window_over_raw", "unmonitored_step_ms", "monitored_step_ms",
+            "jacobian_step_ms", "raw_step_ms_median")
 
 
 def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False) -> list[dict]:
     """Each mode of each (cell, T) times the same window of training steps after a warm-up:
     at T ≤ 1000 one whole period of the default monitor (`callbacks.INSTRUMENT_STEPS`: ten
     monitored steps every 50, one of them with the Jacobians and the Lyapunov spectrum), so
-    every instrument's cost is in it at its default frequency. ``every_step``: monitoring every
-    step without the parameter contributions (the full-resolution heatmap's setting).
+    every instrument's cost is in it at its default frequency; beyond T = 1000 a window of each
+    kind of step, the monitored rate composed from them for the same period (`compose_period`).
+    ``every_step``: monitoring every step without the parameter contributions (the
+    full-resolution heatmap's setting).
     ``paired``: rnnlab's modes alternate step by step with the raw loop (`StepTimer`)."""
     from rnnlab.callbacks import INSTRUMENT_STEPS
 
     cases = []
     for cell in cells:
-        for T in lengths + ([10_000] if cell == "lstm" and not quick else []):
-            every = 50 if T <= 1000 else 3
-            warmup = 3 if T <= 1000 else 1
-            steps = INSTRUMENT_STEPS if T <= 1000 else every
-            # Long T: per-step parameter probes would need T × parameters (GiB); the monitored
-            # step keeps every 100th state and recomputes the rest; the window of 3 steps holds
-            # one monitored step, with its Jacobians and spectrum.
-            long = ["monitor.param_contributions=false", "model.checkpoint_steps=100",
-                    f"monitor.jacobian_every_n_steps={every}",
-                    f"monitor.lyapunov_every_n_steps={every}"]
+        extra = [10_000] if cell == "lstm" and not quick else []
+        for T in sorted(set(lengths) | set(extra)):
+            long = T > 1000
+            # Long T: a period of 500 steps would take an hour, so the window holds one step of
+            # each kind (unmonitored, monitored, monitored with the Jacobians and the spectrum),
+            # and the monitored run's rate is composed from them for the default period
+            # (`compose_period`). Per-step parameter probes would need T × parameters (GiB); the
+            # monitored step keeps every 100th state and recomputes the rest.
+            every, jacobian_every = (LONG_EVERY, 2 * LONG_EVERY) if long else (50, None)
+            warmup = 1 if long else 3
+            steps = 2 * LONG_EVERY if long else INSTRUMENT_STEPS
+            overrides = ["monitor.param_contributions=false", "model.checkpoint_steps=100",
+                         f"monitor.jacobian_every_n_steps={jacobian_every}",
+                         f"monitor.lyapunov_every_n_steps={jacobian_every}"] if long else []
             pair = {"paired": True} if paired else {}  # without a raw loop: `RawLoop.reference`
             for mode in ("raw", "off", "monitor") if cell in RAW else ("off", "monitor"):
+                composed = ({"jacobian_every": jacobian_every,
+                             "compose": {"every": 50, "period": INSTRUMENT_STEPS}}
+                            if long and mode == "monitor" else {})
                 cases.append({"cell": cell, "T": T, "mode": mode, "warmup": warmup,
-                              "steps": steps, "every": every,
-                              "monitor_overrides": long if T > 1000 else [],
-                              **(pair if mode != "raw" else {})})
-            if T <= 1000:
+                              "steps": steps, "every": every, "monitor_overrides": overrides,
+                              **composed, **(pair if mode != "raw" else {})})
+            if not long:
                 cases.append({"cell": cell, "T": T, "mode": "every_step", "warmup": warmup,
                               "steps": steps, "every": 1,
                               "monitor_overrides": ["monitor.param_contributions=false"],
                               **pair})
-            cases.append({"cell": cell, "T": T, "mode": "probed",
-                          "steps": 5 if T <= 1000 else 2})
+            cases.append({"cell": cell, "T": T, "mode": "probed", "steps": 2 if long else 5})
     return cases
+
+
+def compose_period(case: dict, result: dict) -> dict:
+    """A monitored run's rate over the default monitor's period, from a window holding each kind
+    of step (`plan` at long T): ``compose`` = {every, period}: in ``period`` steps, period/every
+    monitored ones, one of them with the Jacobians and the spectrum (``case["jacobian_every"]``
+    marks it in the window), the rest unmonitored. Each kind's median step time (``step_ms``,
+    step ``warmup + i`` at i) over the median raw step beside them (``raw_step_ms``; unpaired:
+    in milliseconds) is summed over the period. The window's own rates stay as ``window_*``."""
+    every, jacobian_every = case["every"], case["jacobian_every"]
+    kinds: dict[str, list[float]] = {"unmonitored": [], "monitored": [], "jacobian": []}
+    for step, ms in enumerate(result["step_ms"], start=case["warmup"]):
+        kind = ("jacobian" if step % jacobian_every == 0 else
+                "monitored" if step % every == 0 else "unmonitored")
+        kinds[kind].append(ms)
+    missing = [kind for kind, times in kinds.items() if not times]
+    if missing:
+        raise ValueError(f"the window holds no {', no '.join(missing)} step to compose a period "
+                         f"from (warmup {case['warmup']}, steps {case['steps']}, every {every}, "
+                         f"jacobian_every {jacobian_every})")
+    period = case["compose"]["period"]
+    monitored = period // case["compose"]["every"]
+    counts = {"unmonitored": period - monitored, "monitored": monitored - 1, "jacobian": 1}
+    medians = {kind: statistics.median(times) for kind, times in kinds.items()}
+    total_ms = sum(counts[kind] * medians[kind] for kind in kinds)
+    composed = {"window_steps_per_s": result["steps_per_s"],
+                "steps_per_s": 1000 * period / total_ms,
+                **{f"{kind}_step_ms": medians[kind] for kind in kinds}}
+    if "raw_step_ms" in result:
+        raw = statistics.median(result["raw_step_ms"])
+        composed |= {"window_over_raw": result["over_raw"],
+                     "over_raw": period * raw / total_ms, "raw_step_ms_median": raw}
+    return composed
 
 
 def memory_plan(cells: list[str], lengths: list[int]) -> list[dict]:
@@ -714,21 +773,30 @@ def cell_table(cells: list[str], results: list[dict], title: str):
                        speed["off"] / speed["every_step"] if "every_step" in by else None),
                    "monitor_every": by["monitor"]["every"],
                    "steps_timed": by["monitor"].get("steps"),
+                   # a long T's monitored rate: composed for the default period from its window
+                   "composed": by["monitor"].get("compose"),
                    "probed_over_plain": by["probed"]["probed_s"] / by["probed"]["plain_s"],
                    "peak_mb": {m: by[m]["peak_mb"] for m in ("raw", "off", "monitor")
                                if m in by}}
             row["monitor_memory_over_off"] = row["peak_mb"]["monitor"] / row["peak_mb"]["off"]
             summary.append(row)
             every_step = row["every_step_over_off"]
+            mark = "*" if row["composed"] else ""
             table.add_row(cell, str(T), *(f"{row[k]:.2f}" if row[k] is not None else "—"
-                                          for k in ("raw_steps_per_s", "off_over_raw",
-                                                    "monitor_over_raw")),
-                          f"{row['monitor_over_off']:.2f}",
+                                          for k in ("raw_steps_per_s", "off_over_raw")),
+                          *(f"{row[k]:.2f}{mark}" if row[k] is not None else "—"
+                            for k in ("monitor_over_raw", "monitor_over_off")),
                           f"{every_step:.2f}" if every_step is not None else "",
                           f"{row['probed_over_plain']:.2f}",
                           *(f"{row['peak_mb'][m]:.0f}" if m in row["peak_mb"] else "—"
                             for m in ("raw", "off", "monitor")),
                           f"{row['monitor_memory_over_off']:.2f}")
+    composed = [row["composed"] for row in summary if row.get("composed")]
+    if composed:
+        table.caption = (f"* composed for the default monitor's period of "
+                         f"{composed[0]['period']} steps (every {composed[0]['every']}, one "
+                         f"with the Jacobians and the spectrum) from a window of each kind of "
+                         f"step: long T, where a whole period would take an hour")
     return table, summary
 
 
