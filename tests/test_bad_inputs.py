@@ -47,7 +47,7 @@ BAD = [
     (["cell=node", "cell.dt=0"], "cell.dt must be a finite number > 0, got 0"),
     (["cell=node", "cell.solver=scipy_solver"], "cell.adjoint must be true with cell.solver="),
     (["model.encoder_size=abc"], "model.encoder_size must be an integer >= 1"),
-    (["model.fast_path=maybe"], "model.fast_path must be true or false"),
+    (["model.fast_path=maybe"], "model.fast_path must be auto, true or false"),
     (["model.checkpoint_steps=-1"], "model.checkpoint_steps must be 0 (keep every step's"),
     (["model.optimizer.lr=-1"], "model.optimizer.lr must be a finite number > 0, got -1"),
     (["model.optimizer=null"], "model.optimizer.lr must be a finite number > 0, got None"),

@@ -38,7 +38,8 @@ def train_parameters(make_cfg, overrides: list[str], every: int) -> dict[str, to
                    f"monitor.every_n_steps={every}", "monitor.jacobian_every_n_steps=0",
                    "task.seq_len=12", "task.train_batches=8", "+trainer.limit_val_batches=0",
                    "callbacks.model_checkpoint=null", "+trainer.enable_checkpointing=false",
-                   "cell.hidden_size=6", "model.encoder_size=4")
+                   "cell.hidden_size=6", "model.encoder_size=4",
+                   "model.fast_path=true")  # each cell's whole-sequence path, whatever its speed
     torch.manual_seed(cfg.seed)
     task = build(cfg.task)
     model = build_model(cfg, task)
@@ -158,6 +159,40 @@ def test_compiled_loop_matches_the_plain_loop(cell):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6,
                                    msg=name)
+
+
+CELL_CONFIGS = {"rnn": {"_target_": "rnnlab.cells.ElmanRNN", "hidden_size": 6},
+                "gru": {"_target_": "rnnlab.cells.GRU", "hidden_size": 6},
+                "lstm": {"_target_": "rnnlab.cells.LSTM", "hidden_size": 6}}
+
+
+@pytest.mark.parametrize("cell, T, fused", [("rnn", 9, False), ("rnn", 2000, False),
+                                            ("gru", 9, True), ("gru", 299, True),
+                                            ("gru", 300, False), ("lstm", 9, True),
+                                            ("lstm", 2000, True)])
+def test_auto_fast_path_takes_the_whole_sequence_where_it_is_faster(cell, T, fused,
+                                                                      monkeypatch):
+    """``model.fast_path=auto`` on a CPU: the LSTM's oneDNN kernel, the GRU's ATen loop below
+    300 steps, never the tanh RNN's ATen loop; true takes it everywhere, false nowhere; on a GPU
+    (cuDNN) every one. The output is the same function either way."""
+    torch.manual_seed(0)
+    models = {path: RecurrentModel(CELL_CONFIGS[cell], input_size=2, output_size=1,
+                                   encoder_size=4, fast_path=path).double()
+              for path in ("auto", True, False)}
+    for model in models.values():
+        model.load_state_dict(models["auto"].state_dict())
+    x = torch.randn(3, T, 2, dtype=torch.float64)
+    assert models["auto"].takes_fast_path(x) is fused
+    assert models[True].takes_fast_path(x) and not models[False].takes_fast_path(x)
+    assert models["auto"].cell.sequence_pays(T, torch.device("cuda"))
+    calls = []
+    sequence = type(models["auto"].cell).sequence
+    monkeypatch.setattr(type(models["auto"].cell), "sequence",
+                        lambda self, *a: (calls.append(1), sequence(self, *a))[1])
+    outputs = {path: model(x) for path, model in models.items()}
+    assert len(calls) == (2 if fused else 1)  # auto's (if fused) and true's
+    torch.testing.assert_close(outputs["auto"], outputs[False], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-12, atol=1e-12)
 
 
 def test_compile_must_be_a_boolean():

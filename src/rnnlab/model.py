@@ -75,7 +75,9 @@ class RecurrentModel(pl.LightningModule):
         input_size, output_size, n_out, loss: from the task (`Task.describe`).
         encoder_size: width of the linear encoder h(t) = Enc(x(t)).
         optimizer: ``{"name": adam|adamw|sgd|rmsprop, "lr": …}``; other keys go to the optimizer.
-        fast_path: train on the cell's `sequence` path on unmonitored steps when it has one.
+        fast_path: on unmonitored steps, train on the cell's `sequence` path: ``auto`` where
+            the cell says it is faster than stepping at this T on this device
+            (`Cell.sequence_pays`), ``True`` wherever it has one, ``False`` never.
         compile: on unprobed passes of a cell without a `sequence` path, loop over a
             `torch.compile`d ``cell.step`` (compiled on first use, again per new input shape).
         checkpoint_steps: K > 0 recomputes the step-by-step loop (probed passes, cells without
@@ -89,7 +91,7 @@ class RecurrentModel(pl.LightningModule):
 
     def __init__(self, cell: dict[str, Any], input_size: int, output_size: int, n_out: int = 1,
                  loss: str = "mse", encoder_size: int = 32,
-                 optimizer: dict[str, Any] | None = None, fast_path: bool = True,
+                 optimizer: dict[str, Any] | None = None, fast_path: bool | str = "auto",
                  compile: bool = False, checkpoint_steps: int = 0,
                  flossing: dict[str, Any] | None = None):
         super().__init__()
@@ -103,7 +105,8 @@ class RecurrentModel(pl.LightningModule):
         self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-3})
         require_choice("model.optimizer.name", self.optimizer_cfg.get("name"), tuple(OPTIMIZERS))
         check_optimizer_keys(self.optimizer_cfg)
-        require(isinstance(fast_path, bool), "model.fast_path", fast_path, "true or false")
+        require(isinstance(fast_path, bool) or fast_path == "auto", "model.fast_path", fast_path,
+                "auto, true or false")
         self.flossing = Flossing.from_config(flossing)
         self.encoder = nn.Linear(input_size, encoder_size)
         self.cell: Cell = instantiate(cell, input_size=encoder_size, _convert_="all")
@@ -297,7 +300,7 @@ class RecurrentModel(pl.LightningModule):
         B, T = u.shape[:2]
         state = self.cell.init_state(B)
         plain = probes is None and cell_probes is None and previous_states is None
-        if plain and dt is None and self.hparams.fast_path:
+        if plain and dt is None and self.takes_fast_path(u):
             fast = self.cell.sequence(u, state)
             if fast is not None:
                 return fast[0][:, T - self.n_out:]
@@ -384,6 +387,13 @@ class RecurrentModel(pl.LightningModule):
             self._compiled_step = CompiledStep(self.cell)
         return self._compiled_step
 
+    def takes_fast_path(self, inputs: Tensor) -> bool:
+        """Whether an unprobed pass over ``inputs`` (B, T, ·) takes the cell's whole-sequence
+        path (``model.fast_path``)."""
+        if self.hparams.fast_path == "auto":
+            return self.cell.sequence_pays(inputs.shape[1], inputs.device)
+        return self.hparams.fast_path
+
     def forward(self, x: Tensor, dt: Tensor | None = None, probes: Probes | None = None,
                 param_probes: ParamProbes | None = None) -> Tensor:
         """x (B, T, input_size) → y_hat. Inside `probing`, the probes are made here and the pass
@@ -395,7 +405,7 @@ class RecurrentModel(pl.LightningModule):
             if param_probes is not None:
                 return self.streamed_forward(x, dt, probes, param_probes, probed)
         if param_probes is None:
-            if probes is None and dt is None and self.hparams.fast_path:
+            if probes is None and dt is None and self.takes_fast_path(x):
                 state = self.cell.init_state(x.shape[0])
                 z = self.cell.sequence_from_inputs(x, self.encoder, state, self.n_out)
                 if z is not None:

@@ -180,6 +180,13 @@ class Cell(nn.Module):
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
         return None
 
+    def sequence_pays(self, seq_len: int, device: torch.device) -> bool:
+        """Whether `sequence` trains faster than stepping at ``seq_len`` steps on ``device``:
+        what ``model.fast_path=auto`` (the default) asks before taking it on an unmonitored
+        step. Both compute the same function; by default a cell's `sequence` is taken wherever
+        it has one."""
+        return True
+
     def sequence_from_inputs(self, x: Tensor, encoder: nn.Module, state: State,
                              n_out: int) -> Tensor | None:
         """Optional, before `sequence` on unmonitored steps: z[0] on the last ``n_out`` steps,
