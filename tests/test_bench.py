@@ -54,24 +54,30 @@ def test_each_timed_step_is_kept_and_they_add_up_to_the_rate():
 
 
 def test_a_long_runs_monitored_rate_is_composed_for_the_default_period():
-    """Window steps 1..4 at every 2, Jacobians every 4: unmonitored, monitored, unmonitored,
-    Jacobian. A period of 500 steps every 50: 490 unmonitored, 9 monitored, 1 Jacobian step."""
-    case = {"warmup": 1, "steps": 4, "every": 2, "jacobian_every": 4,
+    """Window steps 1..8 at every 4, Jacobians every 8 (step 0, in the warm-up, had them): after
+    the Jacobian step, two unmonitored, monitored, after it, two unmonitored, Jacobian. A period
+    of 500 steps every 50: 480 unmonitored, 9 monitored and 9 after them, 1 Jacobian step and 1
+    after it."""
+    case = {"warmup": 1, "steps": 8, "every": 4, "jacobian_every": 8,
             "compose": {"every": 50, "period": 500}}
-    result = {"steps_per_s": 30.0, "over_raw": 0.5, "step_ms": [10.0, 30.0, 12.0, 100.0],
-              "raw_step_ms": [8.0, 9.0, 10.0]}
+    assert [bench.step_kind(s, 4, 8) for s in range(1, 9)] == [
+        "after_jacobian", "unmonitored", "unmonitored", "monitored", "after_monitored",
+        "unmonitored", "unmonitored", "jacobian"]
+    result = {"steps_per_s": 30.0, "over_raw": 0.5,
+              "step_ms": [40.0, 10.0, 12.0, 30.0, 15.0, 11.0, 13.0, 100.0],
+              "raw_step_ms": [8.0, 9.0, 10.0, 9.0, 9.0, 8.0, 10.0]}
     composed = bench.compose_period(case, result)
-    total_ms = 490 * 11.0 + 9 * 30.0 + 100.0  # 5760
-    assert composed["steps_per_s"] == pytest.approx(500_000 / 5760)
-    assert composed["over_raw"] == pytest.approx(500 * 9.0 / 5760)
+    total_ms = 480 * 11.5 + 9 * 30.0 + 9 * 15.0 + 100.0 + 40.0  # 6065
+    assert composed["steps_per_s"] == pytest.approx(500_000 / 6065)
     assert composed["over_raw"] == pytest.approx(500 * 9.0 / total_ms)
     assert composed["window_steps_per_s"] == 30.0 and composed["window_over_raw"] == 0.5
-    assert (composed["unmonitored_step_ms"], composed["monitored_step_ms"],
-            composed["jacobian_step_ms"]) == (11.0, 30.0, 100.0)
+    assert {kind: composed[f"{kind}_step_ms"] for kind in bench.STEP_KINDS} == {
+        "unmonitored": 11.5, "monitored": 30.0, "after_monitored": 15.0, "jacobian": 100.0,
+        "after_jacobian": 40.0}
     unpaired = bench.compose_period(case, {"steps_per_s": 30.0, "step_ms": result["step_ms"]})
-    assert unpaired["steps_per_s"] == pytest.approx(500_000 / 5760) and "over_raw" not in unpaired
+    assert unpaired["steps_per_s"] == pytest.approx(500_000 / 6065) and "over_raw" not in unpaired
     with pytest.raises(ValueError, match="no jacobian step"):
-        bench.compose_period({**case, "steps": 3}, {**result, "step_ms": [10.0, 30.0, 12.0]})
+        bench.compose_period({**case, "steps": 7}, {**result, "step_ms": result["step_ms"][:7]})
 
 
 def test_the_long_plan_holds_each_kind_of_step_once_per_window_and_runs():
@@ -80,9 +86,8 @@ def test_the_long_plan_holds_each_kind_of_step_once_per_window_and_runs():
                                                     ("raw", "off", "monitor", "probed")]
     monitor = cases[2]
     steps = range(monitor["warmup"], monitor["warmup"] + monitor["steps"])
-    kinds = ["jacobian" if s % monitor["jacobian_every"] == 0 else
-             "monitored" if s % monitor["every"] == 0 else "unmonitored" for s in steps]
-    assert sorted(set(kinds)) == ["jacobian", "monitored", "unmonitored"]
+    kinds = {bench.step_kind(s, monitor["every"], monitor["jacobian_every"]) for s in steps}
+    assert kinds == set(bench.STEP_KINDS)
     assert (f"monitor.jacobian_every_n_steps={monitor['jacobian_every']}"
             in monitor["monitor_overrides"])
     # the same window at small T, in-process: a rate composed from its own steps

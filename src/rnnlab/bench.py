@@ -56,7 +56,8 @@ from torch import nn
 
 B, H, ENCODER = 64, 128, 32
 LR = 3e-3  # conf/model/default.yaml's: the same training dynamics, so the same subnormals
-LONG_EVERY = 2  # beyond T = 1000: monitored every 2nd step, the Jacobians every 4th (`plan`)
+LONG_EVERY = 4  # beyond T = 1000: monitored every 4th step, the Jacobians every 8th (`plan`)
+STEP_KINDS = ("unmonitored", "monitored", "after_monitored", "jacobian", "after_jacobian")
 FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 RAW = (*FUSED, "node")  # the cells with a raw loop written by hand (`RawLoop`); the others are
 # measured against their own unmonitored rnnlab run
@@ -559,8 +560,8 @@ def combine_rounds(rounds: list[tuple[dict, dict]]) -> list[dict]:
 
 # The numbers a case measures (what `combine_rounds` takes the median of).
 MEASURED = ("steps_per_s", "raw_steps_per_s", "over_raw", "plain_s", "probed_s", "peak_mb",
-            "window_steps_per_s", "window_over_raw", "unmonitored_step_ms", "monitored_step_ms",
-            "jacobian_step_ms", "raw_step_ms_median")
+            "window_steps_per_s", "window_over_raw", "raw_step_ms_median",
+            *(f"{kind}_step_ms" for kind in STEP_KINDS))
 
 
 def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False) -> list[dict]:
@@ -579,8 +580,9 @@ def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False
         extra = [10_000] if cell == "lstm" and not quick else []
         for T in sorted(set(lengths) | set(extra)):
             long = T > 1000
-            # Long T: a period of 500 steps would take an hour, so the window holds one step of
-            # each kind (unmonitored, monitored, monitored with the Jacobians and the spectrum),
+            # Long T: a period of 500 steps would take an hour, so the window holds each kind of
+            # step (`step_kind`: four unmonitored, one monitored, one with the Jacobians and the
+            # spectrum, and the step after each of these two, which pays for what it left),
             # and the monitored run's rate is composed from them for the default period
             # (`compose_period`). Per-step parameter probes would need T × parameters (GiB); the
             # monitored step keeps every 100th state and recomputes the rest.
@@ -607,19 +609,31 @@ def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False
     return cases
 
 
+def step_kind(step: int, every: int, jacobian_every: int) -> str:
+    """What training step ``step`` (0-based) is under a monitor every ``every`` steps with the
+    Jacobians every ``jacobian_every``: one of `STEP_KINDS` (the step after a monitored step
+    pays for what it left: freed memory handed back, a record written)."""
+    if step % jacobian_every == 0:
+        return "jacobian"
+    if step % every == 0:
+        return "monitored"
+    if (step - 1) % jacobian_every == 0:
+        return "after_jacobian"
+    return "after_monitored" if (step - 1) % every == 0 else "unmonitored"
+
+
 def compose_period(case: dict, result: dict) -> dict:
     """A monitored run's rate over the default monitor's period, from a window holding each kind
-    of step (`plan` at long T): ``compose`` = {every, period}: in ``period`` steps, period/every
-    monitored ones, one of them with the Jacobians and the spectrum (``case["jacobian_every"]``
-    marks it in the window), the rest unmonitored. Each kind's median step time (``step_ms``,
-    step ``warmup + i`` at i) over the median raw step beside them (``raw_step_ms``; unpaired:
-    in milliseconds) is summed over the period. The window's own rates stay as ``window_*``."""
+    of step (`plan` at long T, `step_kind`): ``compose`` = {every, period}: in ``period``
+    steps, n = period/every monitored ones, one of them with the Jacobians and the spectrum,
+    each followed by its after-step, the rest unmonitored. Each kind's median step time
+    (``step_ms``, step ``warmup + i`` at i) over the median raw step beside them
+    (``raw_step_ms``; unpaired: in milliseconds) is summed over the period. The window's own
+    rates stay as ``window_*``."""
     every, jacobian_every = case["every"], case["jacobian_every"]
-    kinds: dict[str, list[float]] = {"unmonitored": [], "monitored": [], "jacobian": []}
+    kinds: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
     for step, ms in enumerate(result["step_ms"], start=case["warmup"]):
-        kind = ("jacobian" if step % jacobian_every == 0 else
-                "monitored" if step % every == 0 else "unmonitored")
-        kinds[kind].append(ms)
+        kinds[step_kind(step, every, jacobian_every)].append(ms)
     missing = [kind for kind, times in kinds.items() if not times]
     if missing:
         raise ValueError(f"the window holds no {', no '.join(missing)} step to compose a period "
@@ -627,7 +641,8 @@ def compose_period(case: dict, result: dict) -> dict:
                          f"jacobian_every {jacobian_every})")
     period = case["compose"]["period"]
     monitored = period // case["compose"]["every"]
-    counts = {"unmonitored": period - monitored, "monitored": monitored - 1, "jacobian": 1}
+    counts = {"unmonitored": period - 2 * monitored, "monitored": monitored - 1,
+              "after_monitored": monitored - 1, "jacobian": 1, "after_jacobian": 1}
     medians = {kind: statistics.median(times) for kind, times in kinds.items()}
     total_ms = sum(counts[kind] * medians[kind] for kind in kinds)
     composed = {"window_steps_per_s": result["steps_per_s"],
