@@ -166,33 +166,54 @@ CELL_CONFIGS = {"rnn": {"_target_": "rnnlab.cells.ElmanRNN", "hidden_size": 6},
                 "lstm": {"_target_": "rnnlab.cells.LSTM", "hidden_size": 6}}
 
 
-@pytest.mark.parametrize("cell, T, fused", [("rnn", 9, False), ("rnn", 2000, False),
-                                            ("gru", 9, True), ("gru", 299, True),
-                                            ("gru", 300, False), ("lstm", 9, True),
-                                            ("lstm", 2000, True)])
-def test_auto_fast_path_takes_the_whole_sequence_where_it_is_faster(cell, T, fused,
-                                                                      monkeypatch):
-    """``model.fast_path=auto`` on a CPU: the LSTM's oneDNN kernel, the GRU's ATen loop below
-    300 steps, never the tanh RNN's ATen loop; true takes it everywhere, false nowhere; on a GPU
-    (cuDNN) every one. The output is the same function either way."""
+@pytest.mark.parametrize("cell, T, path", [("rnn", 9, "steps"), ("rnn", 130, "steps"),
+                                           ("gru", 9, "chunks"), ("gru", 130, "chunks"),
+                                           ("lstm", 9, "sequence"), ("lstm", 130, "sequence")])
+@pytest.mark.parametrize("checkpoint_steps", [0, 50])
+def test_auto_fast_path_takes_the_path_the_cell_says_is_fastest(cell, T, path, checkpoint_steps,
+                                                                monkeypatch):
+    """``model.fast_path=auto`` on a CPU: the LSTM's oneDNN kernel, the GRU's probed chunks
+    with zero probes, the tanh RNN's steps; true takes the cell's `sequence`, false steps; on a
+    GPU (cuDNN) every one its `sequence`. The output and the gradients are the same function's
+    (T = 130: chunks of 64 steps, or checkpointed segments of 50 run again in the backward)."""
     torch.manual_seed(0)
-    models = {path: RecurrentModel(CELL_CONFIGS[cell], input_size=2, output_size=1,
-                                   encoder_size=4, fast_path=path).double()
-              for path in ("auto", True, False)}
+    models = {fast: RecurrentModel(CELL_CONFIGS[cell], input_size=2, output_size=1, n_out=3,
+                                   encoder_size=4, fast_path=fast,
+                                   checkpoint_steps=checkpoint_steps).double()
+              for fast in ("auto", True, False)}
     for model in models.values():
         model.load_state_dict(models["auto"].state_dict())
     x = torch.randn(3, T, 2, dtype=torch.float64)
-    assert models["auto"].takes_fast_path(x) is fused
-    assert models[True].takes_fast_path(x) and not models[False].takes_fast_path(x)
-    assert models["auto"].cell.sequence_pays(T, torch.device("cuda"))
-    calls = []
-    sequence = type(models["auto"].cell).sequence
-    monkeypatch.setattr(type(models["auto"].cell), "sequence",
-                        lambda self, *a: (calls.append(1), sequence(self, *a))[1])
-    outputs = {path: model(x) for path, model in models.items()}
-    assert len(calls) == (2 if fused else 1)  # auto's (if fused) and true's
-    torch.testing.assert_close(outputs["auto"], outputs[False], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-12, atol=1e-12)
+    y = torch.randn(3, 3, 1, dtype=torch.float64)
+    assert models["auto"].plain_path(x) == path
+    assert models[True].plain_path(x) == "sequence" and models[False].plain_path(x) == "steps"
+    assert models["auto"].cell.plain_path(T, torch.device("cuda")) == "sequence"
+    calls = {"sequence": 0, "chunks": 0}
+    cell_type = type(models["auto"].cell)
+    for name, key in (("sequence", "sequence"), ("probed_sequence", "chunks")):
+        original = getattr(cell_type, name)
+        monkeypatch.setattr(cell_type, name, lambda self, *a, _f=original, _k=key: (
+            calls.__setitem__(_k, calls[_k] + 1), _f(self, *a))[1])
+    outputs, grads = {}, {}
+    for fast, model in models.items():
+        outputs[fast] = model(x)
+        model.loss_fn(outputs[fast], y).backward()
+        grads[fast] = {n: p.grad for n, p in model.named_parameters()}
+    chunks = -(-T // (checkpoint_steps or 64)) * (2 if checkpoint_steps else 1)  # recomputed
+    assert calls == {"sequence": 1 + (path == "sequence"),
+                     "chunks": chunks if path == "chunks" else 0}
+    for fast in ("auto", True):
+        torch.testing.assert_close(outputs[fast], outputs[False], rtol=1e-12, atol=1e-12)
+        for name in grads[False]:
+            torch.testing.assert_close(grads[fast][name], grads[False][name], rtol=1e-10,
+                                       atol=1e-12, msg=f"{fast} {name}")
+
+
+def test_a_cells_unknown_plain_path_is_refused(monkeypatch):
+    model = RecurrentModel(CELL_CONFIGS["gru"], input_size=2, output_size=1, encoder_size=4)
+    monkeypatch.setattr(type(model.cell), "plain_path", lambda self, T, device: "fused")
+    with pytest.raises(ConfigError, match=r"GRU\.plain_path.*sequence, chunks, steps"):
+        model(torch.randn(2, 5, 2))
 
 
 def test_compile_must_be_a_boolean():

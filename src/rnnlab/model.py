@@ -62,6 +62,7 @@ CONTRIBUTION_ACTIVATION_VALUES = 2**20
 # when it does not checkpoint segments (then a segment's): one matmul per chunk, and at most
 # a chunk's projection alive beside the graph.
 PROJECTION_STEPS = 64
+PLAIN_PATHS = ("sequence", "chunks", "steps")  # how an unprobed pass may run (`Cell.plain_path`)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "rmsprop": torch.optim.RMSprop}
 
@@ -75,9 +76,10 @@ class RecurrentModel(pl.LightningModule):
         input_size, output_size, n_out, loss: from the task (`Task.describe`).
         encoder_size: width of the linear encoder h(t) = Enc(x(t)).
         optimizer: ``{"name": adam|adamw|sgd|rmsprop, "lr": …}``; other keys go to the optimizer.
-        fast_path: on unmonitored steps, train on the cell's `sequence` path: ``auto`` where
-            the cell says it is faster than stepping at this T on this device
-            (`Cell.sequence_pays`), ``True`` wherever it has one, ``False`` never.
+        fast_path: how unmonitored steps train: ``auto`` as the cell says is fastest at this T
+            on this device (`Cell.plain_path`: its `sequence`, its probed chunks with zero
+            probes, or stepping), ``True`` its `sequence` wherever it has one, ``False``
+            stepping.
         compile: on unprobed passes of a cell without a `sequence` path, loop over a
             `torch.compile`d ``cell.step`` (compiled on first use, again per new input shape).
         checkpoint_steps: K > 0 recomputes the step-by-step loop (probed passes, cells without
@@ -300,7 +302,8 @@ class RecurrentModel(pl.LightningModule):
         B, T = u.shape[:2]
         state = self.cell.init_state(B)
         plain = probes is None and cell_probes is None and previous_states is None
-        if plain and dt is None and self.takes_fast_path(u):
+        path = self.plain_path(u) if plain and dt is None else "steps"
+        if path == "sequence":
             fast = self.cell.sequence(u, state)
             if fast is not None:
                 return fast[0][:, T - self.n_out:]
@@ -315,14 +318,14 @@ class RecurrentModel(pl.LightningModule):
         # chunk runs as one node where the cell offers `probed_sequence`. u and the probes are
         # split once, as the steps are (the backward of one split, not of T slices).
         project = cell_probes is None and not compiled and self.cell.input_projection is not None
-        chunked = (project and probes is not None and self.cell.probed_sequence is not None
-                   and not torch.is_autocast_enabled())
+        chunked = (project and (probes is not None or path == "chunks")
+                   and self.cell.probed_sequence is not None and not torch.is_autocast_enabled())
         span = K or PROJECTION_STEPS
         # time-major chunks (C, B, ·): each step's g_t is contiguous, and so is a chunk's g
         inputs = u.transpose(0, 1).split(span, 0) if project else u.unbind(1)
-        # chunk c → its probe of every state
-        probe_chunks = (list(zip(*(chunks_of(p, span) for p in probes)))
-                        if probes is not None else None)
+        # chunk c → its probe of every state; an unprobed pass in chunks: zeros, stored once
+        probe_chunks = (list(zip(*(chunks_of(p, span) for p in probes))) if probes is not None
+                        else zero_probe_chunks(state, inputs) if chunked else None)
         probe_steps: dict[int, list[tuple[Tensor, ...]]] = {}
 
         def state_probes(t: int) -> tuple[Tensor, ...]:
@@ -387,12 +390,15 @@ class RecurrentModel(pl.LightningModule):
             self._compiled_step = CompiledStep(self.cell)
         return self._compiled_step
 
-    def takes_fast_path(self, inputs: Tensor) -> bool:
-        """Whether an unprobed pass over ``inputs`` (B, T, ·) takes the cell's whole-sequence
-        path (``model.fast_path``)."""
+    def plain_path(self, inputs: Tensor) -> str:
+        """How an unprobed pass over ``inputs`` (B, T, ·) runs (``model.fast_path``):
+        ``"sequence"``, ``"chunks"`` or ``"steps"`` (`Cell.plain_path`)."""
         if self.hparams.fast_path == "auto":
-            return self.cell.sequence_pays(inputs.shape[1], inputs.device)
-        return self.hparams.fast_path
+            path = self.cell.plain_path(inputs.shape[1], inputs.device)
+            require(path in PLAIN_PATHS, f"{type(self.cell).__name__}.plain_path", path,
+                    f"one of {', '.join(PLAIN_PATHS)}")
+            return path
+        return "sequence" if self.hparams.fast_path else "steps"
 
     def forward(self, x: Tensor, dt: Tensor | None = None, probes: Probes | None = None,
                 param_probes: ParamProbes | None = None) -> Tensor:
@@ -405,7 +411,7 @@ class RecurrentModel(pl.LightningModule):
             if param_probes is not None:
                 return self.streamed_forward(x, dt, probes, param_probes, probed)
         if param_probes is None:
-            if probes is None and dt is None and self.takes_fast_path(x):
+            if probes is None and dt is None and self.plain_path(x) == "sequence":
                 state = self.cell.init_state(x.shape[0])
                 z = self.cell.sequence_from_inputs(x, self.encoder, state, self.n_out)
                 if z is not None:
@@ -548,6 +554,14 @@ def chunks_of(probe: Tensor | list[Tensor], span: int) -> list[Tensor]:
     if all(c.shape[0] == span for c in probe[:-1]) and probe[-1].shape[0] <= span:
         return list(probe)
     return list(torch.cat(probe).split(span, 0))
+
+
+def zero_probe_chunks(state: State, chunks: list[Tensor]) -> list[tuple[Tensor, ...]]:
+    """For an unprobed pass through the cell's probed chunks (`Cell.plain_path` "chunks"): per
+    chunk of steps, a zero per state, (C, B, ·), one stored zero expanded and asking for no
+    gradient."""
+    zero = state[0].new_zeros(())
+    return [tuple(zero.expand(chunk.shape[0], *s.shape) for s in state) for chunk in chunks]
 
 
 def check_optimizer_keys(optimizer: dict[str, Any]) -> None:

@@ -180,12 +180,13 @@ class Cell(nn.Module):
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
         return None
 
-    def sequence_pays(self, seq_len: int, device: torch.device) -> bool:
-        """Whether `sequence` trains faster than stepping at ``seq_len`` steps on ``device``:
-        what ``model.fast_path=auto`` (the default) asks before taking it on an unmonitored
-        step. Both compute the same function; by default a cell's `sequence` is taken wherever
-        it has one."""
-        return True
+    def plain_path(self, seq_len: int, device: torch.device) -> str:
+        """How an unprobed pass of ``seq_len`` steps on ``device`` trains fastest, which
+        ``model.fast_path=auto`` (the default) takes: ``"sequence"`` (`sequence`, where it
+        returns one), ``"chunks"`` (`probed_sequence` over the chunks of `input_projection`,
+        with zero probes) or ``"steps"`` (`projected_step` / `step`). All compute the same
+        function. Default: the cell's `sequence` wherever it has one."""
+        return "sequence"
 
     def sequence_from_inputs(self, x: Tensor, encoder: nn.Module, state: State,
                              n_out: int) -> Tensor | None:

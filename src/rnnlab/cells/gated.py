@@ -18,7 +18,6 @@ from rnnlab.cells.recurrences import ProbedGRU, ProbedLSTM
 from rnnlab.config import is_number, require, require_choice
 
 INITS = ("default", "orthogonal")
-GRU_STEPPING_FROM = 300  # on a CPU the GRU steps from this T on (`GRU.sequence_pays`)
 
 
 class GatedCell(Cell):
@@ -115,12 +114,13 @@ class GRU(GatedCell):
         hs, h = ProbedGRU.apply(g, state[0], self.weight_hh, self.bias_hh, probes[0], previous)
         return hs, (h,)
 
-    def sequence_pays(self, seq_len: int, device: torch.device) -> bool:
+    def plain_path(self, seq_len: int, device: torch.device) -> str:
         # On a CPU ATen's torch.gru is a loop of per-step operations (the LSTM's is oneDNN's
-        # fused kernel): measured with `scripts/bench.py`'s model (B = 64, H = 128, 2 threads,
-        # paired with the raw loop) it trained 4% faster than stepping at T = 100 and 12% slower
-        # at T = 1000; the two are even near T = 300. On a GPU the fused path is cuDNN's.
-        return device.type != "cpu" or seq_len < GRU_STEPPING_FROM
+        # fused kernel), and `ProbedGRU`'s chunks, whose backward makes every gate's factor
+        # for 64 steps at once, beat it: forward + backward + Adam of `scripts/bench.py`'s
+        # model (B = 64, H = 128, 2 threads, medians of 30 and 5 interleaved steps) 33.9 ms
+        # against 40.8 (T = 100), 393 against 585 (T = 1000). On a GPU: cuDNN's.
+        return "sequence" if device.type != "cpu" else "chunks"
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         # Positional flags: has_biases, num_layers, dropout, train, bidirectional, batch_first.
