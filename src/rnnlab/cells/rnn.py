@@ -137,8 +137,9 @@ class ElmanRNN(Cell):
         # On a CPU, ATen's rnn_tanh / rnn_relu are no fused kernel but a loop of the same
         # per-step operations as `projected_step`'s, which adds each step's input projection
         # into its matmul (addmm): measured with `scripts/bench.py`'s model (B = 64, H = 128,
-        # 2 threads, paired with the raw loop), stepping trained 13% faster at T = 100 and 30%
-        # at T = 1000 (the chunks of `ProbedElman`: no faster than ATen's). On a GPU: cuDNN's.
+        # 2 threads, paired with the raw loop), stepping trained 13% faster at T = 100 and
+        # 14–30% at T = 1000 (the chunks of `ProbedElman`: no faster than ATen's). On a GPU:
+        # cuDNN's.
         return "sequence" if device.type != "cpu" else "steps"
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State] | None:
