@@ -80,6 +80,14 @@ def test_a_long_runs_monitored_rate_is_composed_for_the_default_period():
         bench.compose_period({**case, "steps": 7}, {**result, "step_ms": result["step_ms"][:7]})
 
 
+def test_the_full_plan_times_the_fused_three_at_ten_thousand_steps_and_quick_does_not():
+    lengths = {cell: sorted({c["T"] for c in bench.plan(False, [cell], [100, 1000])})
+               for cell in ("rnn", "gru", "lstm", "node", "mingru")}
+    assert lengths == {"rnn": [100, 1000, 10_000], "gru": [100, 1000, 10_000],
+                       "lstm": [100, 1000, 10_000], "node": [100, 1000], "mingru": [100, 1000]}
+    assert {c["T"] for c in bench.plan(True, ["rnn", "gru", "lstm"], [100])} == {100}
+
+
 def test_the_long_plan_holds_each_kind_of_step_once_per_window_and_runs():
     cases = bench.plan(False, ["lstm"], [10_000], paired=True)
     assert [(c["T"], c["mode"]) for c in cases] == [(10_000, m) for m in

@@ -577,7 +577,7 @@ def plan(quick: bool, cells: list[str], lengths: list[int], paired: bool = False
 
     cases = []
     for cell in cells:
-        extra = [10_000] if cell == "lstm" and not quick else []
+        extra = [10_000] if cell in FUSED and not quick else []  # the fused three at 10,000 too
         for T in sorted(set(lengths) | set(extra)):
             long = T > 1000
             # Long T: a period of 500 steps would take an hour, so the window holds each kind of
