@@ -173,9 +173,12 @@ CELL_CONFIGS = {"rnn": {"_target_": "rnnlab.cells.ElmanRNN", "hidden_size": 6},
 def test_auto_fast_path_takes_the_path_the_cell_says_is_fastest(cell, T, path, checkpoint_steps,
                                                                 monkeypatch):
     """``model.fast_path=auto`` on a CPU: the LSTM's oneDNN kernel, the GRU's probed chunks
-    with zero probes, the tanh RNN's steps; true takes the cell's `sequence`, false steps; on a
-    GPU (cuDNN) every one its `sequence`. The output and the gradients are the same function's
-    (T = 130: chunks of 64 steps, or checkpointed segments of 50 run again in the backward)."""
+    with zero probes, the tanh RNN's steps, or its chunks when segments are checkpointed; true
+    takes the cell's `sequence`, false steps; on a GPU (cuDNN) every one its `sequence`. The
+    output and the gradients are the same function's (T = 130: chunks of 64 steps, or
+    checkpointed segments of 50 run again in the backward)."""
+    if path == "steps" and checkpoint_steps:
+        path = "chunks"
     torch.manual_seed(0)
     models = {fast: RecurrentModel(CELL_CONFIGS[cell], input_size=2, output_size=1, n_out=3,
                                    encoder_size=4, fast_path=fast,
