@@ -307,6 +307,8 @@ class RecurrentModel(pl.LightningModule):
             fast = self.cell.sequence(u, state)
             if fast is not None:
                 return fast[0][:, T - self.n_out:]
+            if self.hparams.fast_path == "auto":  # no sequence path here: the loop steps
+                path = self.stepping_path()
         dts = dt.unbind(1) if dt is not None else (None,) * T
         compiled = plain and self.hparams.compile
         cell_step = self.compiled_step() if compiled else self.cell.step
@@ -397,17 +399,23 @@ class RecurrentModel(pl.LightningModule):
             path = self.cell.plain_path(inputs.shape[1], inputs.device)
             require(path in PLAIN_PATHS, f"{type(self.cell).__name__}.plain_path", path,
                     f"one of {', '.join(PLAIN_PATHS)}")
-            if (path == "steps" and self.hparams.checkpoint_steps and not self.hparams.compile
-                    and self.cell.probed_sequence is not None
-                    and self.cell.input_projection is not None):
-                # Checkpointed segments: torch.utils.checkpoint hooks every tensor a step saves,
-                # forward and backward, where a chunk node saves a few per segment. The tanh
-                # RNN's steps against its chunks, segments of 100 (B = 64, H = 128, CPU, medians
-                # of 3–30 interleaved steps): 220 against 177 ms at T = 1000, 2.57 against
-                # 1.81 s at T = 10,000 (ATen's loop: 2.18 s; stepping without segments 1.44 s).
-                return "chunks"
-            return path
+            return self.stepping_path() if path == "steps" else path
         return "sequence" if self.hparams.fast_path else "steps"
+
+    def stepping_path(self) -> str:
+        """How an unprobed pass steps under ``model.fast_path=auto``: ``"steps"``, or with
+        checkpointed segments (``checkpoint_steps``) the cell's probed chunks with zero probes,
+        where it has them. torch.utils.checkpoint hooks every tensor a step saves, forward and
+        backward, where a chunk node saves a few per segment. Segments of 100 (B = 64, H = 128,
+        CPU, forward + backward + Adam, medians of 3–30 interleaved steps): the tanh RNN's steps
+        against its chunks 220 against 177 ms at T = 1000, 2.57 against 1.81 s at T = 10,000
+        (ATen's loop: 2.18 s; stepping without segments 1.44 s); IndRNN's 118 against 92 ms at
+        T = 1000 (63 without segments)."""
+        if (self.hparams.checkpoint_steps and not self.hparams.compile
+                and self.cell.probed_sequence is not None
+                and self.cell.input_projection is not None):
+            return "chunks"
+        return "steps"
 
     def forward(self, x: Tensor, dt: Tensor | None = None, probes: Probes | None = None,
                 param_probes: ParamProbes | None = None) -> Tensor:
