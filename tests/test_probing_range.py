@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -10,7 +11,13 @@ import torch
 from omegaconf import OmegaConf
 
 from rnnlab import gradflow
-from rnnlab.probing import ProbedPass, StateProbes, norms_over_processes, row_norms
+from rnnlab.probing import (
+    ProbedPass,
+    StateProbes,
+    float64_copy,
+    norms_over_processes,
+    row_norms,
+)
 from rnnlab.tasks import Adding
 
 from .conftest import CONF, float64_model
@@ -43,6 +50,33 @@ def test_row_norms_of_float32_rows_are_float64_sums_in_any_blocks(monkeypatch, b
     np.testing.assert_allclose(norms.numpy(), expected, rtol=1e-15)
     assert norms[0] > 0 and math.isfinite(norms[4])  # a float32 accumulation gives 0 and inf
     assert row_norms(rows[:0]).shape == (0,)
+
+
+def test_float64_copies_of_row_blocks_reuse_one_buffer_per_thread(monkeypatch):
+    # A fresh float64 copy per block grew the resident memory by its size at every block
+    # (glibc served the allocations in between from the freed copy): one buffer, reused, grown
+    # only for a larger block, and copies equal to .double().
+    monkeypatch.setattr("rnnlab.probing.SCRATCH", threading.local())
+    monkeypatch.setattr("rnnlab.probing.ROW_NORM_BLOCK_VALUES", 16)
+    generator = torch.Generator().manual_seed(0)
+    small, large = torch.randn(3, 5, generator=generator), torch.randn(4, 9, generator=generator)
+    first = float64_copy(small)
+    torch.testing.assert_close(first, small.double(), rtol=0, atol=0)
+    again = float64_copy(small.t())  # strided: copied as it reads
+    torch.testing.assert_close(again, small.t().double(), rtol=0, atol=0)
+    assert again.data_ptr() == first.data_ptr()
+    grown = float64_copy(large)  # 36 values > 16: a larger buffer, kept for what follows
+    torch.testing.assert_close(grown, large.double(), rtol=0, atol=0)
+    assert float64_copy(small).data_ptr() == grown.data_ptr()
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(float64_copy(small).data_ptr()))
+    thread.start()
+    thread.join()
+    assert seen[0] != grown.data_ptr()  # another thread's own buffer
+    # row_norms through it: every block's norms as vector_norm in float64 gives them
+    rows = torch.randn(50, 7, generator=generator)
+    np.testing.assert_allclose(row_norms(rows).numpy(), torch.linalg.vector_norm(
+        rows, dim=1, dtype=torch.float64).numpy(), rtol=1e-15)
 
 
 @pytest.mark.parametrize("layout", ["one leaf", "a leaf per step"])

@@ -18,6 +18,7 @@ step) and q_t.grad = dL/dW⁽ᵗ⁾, whose sum over t is dL/dW (docs/architectur
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ SQUARE_SAFE = (1e-140, 1e140)
 
 # Rows of a narrower dtype are copied to float64 a block of at most this many values at a time.
 ROW_NORM_BLOCK_VALUES = 2**20
+# On the CPU, into one buffer per thread, reused (`float64_copy`).
+SCRATCH = threading.local()
 
 
 def row_norms(rows: Tensor) -> Tensor:
@@ -53,7 +56,8 @@ def row_norms(rows: Tensor) -> Tensor:
     rows of 64 × 128)."""
     if rows.dtype != torch.float64:
         span = max(1, ROW_NORM_BLOCK_VALUES // max(1, rows.shape[1]))
-        blocks = [torch.linalg.vector_norm(block.double(), dim=1) for block in rows.split(span)]
+        blocks = [torch.linalg.vector_norm(float64_copy(block), dim=1)
+                  for block in rows.split(span)]
         return torch.cat(blocks) if blocks else rows.new_zeros(0, dtype=torch.float64)
     norms = torch.linalg.vector_norm(rows, dim=1)
     outside = (norms < SQUARE_SAFE[0]) | (norms > SQUARE_SAFE[1])
@@ -65,6 +69,21 @@ def row_norms(rows: Tensor) -> Tensor:
         scaled = torch.linalg.vector_norm(sub / unit[:, None], dim=1) * unit
         norms[outside] = torch.where(usable, scaled, norms[outside])
     return norms
+
+
+def float64_copy(block: Tensor) -> Tensor:
+    """``block.double()``, on the CPU into a buffer of this thread reused from call to call (the
+    result is valid until the next call). A fresh 8 MB copy per block grew the resident memory by
+    its size at every call: glibc served the small allocations in between from the freed copy,
+    so the next copy no longer fitted there and came from the top of the heap (a profile of
+    T = 10,000 in 100 chunk leaves: +556 MB during its norms; measured with /proc/self/statm)."""
+    if block.device.type != "cpu":
+        return block.double()
+    buffer = getattr(SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < block.numel():
+        buffer = SCRATCH.buffer = torch.empty(max(block.numel(), ROW_NORM_BLOCK_VALUES),
+                                              dtype=torch.float64)
+    return buffer[:block.numel()].view(block.shape).copy_(block)
 
 
 def norms_over_processes(norms: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
