@@ -222,6 +222,29 @@ def test_jacobian_norms_in_small_batches_of_timesteps_equal_those_in_one(cell, m
     np.testing.assert_allclose(batched, whole, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "node", "antisymmetric"])
+def test_jacobian_norms_over_segments_of_the_trajectory_equal_those_over_the_whole(cell,
+                                                                                monkeypatch):
+    # The Jacobians hold one segment of the trajectory at a time: segments of 2 timesteps
+    # (batches of 2) continue each other's states and start vectors, and give the norms that
+    # the whole trajectory in one pass gives (to rounding: a segment's input projection is a
+    # matmul over its own steps).
+    model, batch = make_model(cell), adding_batch(7, B=3)
+    monkeypatch.setattr(gradflow, "JACOBIAN_ROWS", 2 * 3)
+    with model.trajectory(batch["x"]) as (u, previous):
+        whole = gradflow.transition_jacobian_norms(model.cell, u, previous, None, 3)
+        states = [torch.cat(s) for s in previous]
+    monkeypatch.setattr(gradflow, "JACOBIAN_SEGMENTS", 1)
+    segmented = gradflow.jacobians(model, batch, iterations=3).jacobian_norm  # 3 < the state:
+    np.testing.assert_allclose(segmented, whole.amax(1).double().numpy(), rtol=1e-12)  # starts
+    pieces = [(t0, [torch.cat(s) for s in p]) for t0, _, _, p
+              in model.trajectory_segments(batch["x"], None, 3)]
+    assert [t0 for t0, _ in pieces] == [0, 3, 6]
+    for a, b in zip([s for _, p in pieces for s in p], states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert model.training  # restored
+
+
 def test_linear_orthogonal_rnn_jacobians_are_the_gain_and_their_product_is_the_profile():
     gain, T = 0.9, 20
     model = make_model("rnn", nonlinearity="identity", init="orthogonal", gain=gain)

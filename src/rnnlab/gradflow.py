@@ -37,6 +37,9 @@ __all__ = ["grad_flow", "jacobians", "load", "module_grad_norms", "recurrent_spe
 # (16,384 took 2.4× the memory and more time, the batch no longer in the cache; README).
 JACOBIAN_ROWS = 4096
 JACOBIAN_SEED = 0  # Lanczos starts from the same vector on every call
+# Batches of rows per segment of the trajectory the Jacobians hold at once (`jacobians`): at
+# B = 64, 1024 timesteps (a GRU's states: 34 MB, not 328 MB at T = 10,000).
+JACOBIAN_SEGMENTS = 16
 
 
 def module_grad_norms(model: torch.nn.Module, grads: dict[str, Tensor] | None = None) -> dict:
@@ -74,7 +77,8 @@ def total_grad_norm(model: torch.nn.Module) -> Tensor:
 
 
 def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State],
-                              dt: Tensor | None, iterations: int) -> Tensor:
+                              dt: Tensor | None, iterations: int,
+                              generator: torch.Generator | None = None) -> Tensor:
     """Spectral norm of J_t = ∂z_t/∂z_{t−1} for every step and sequence: (T, B).
 
     ``u``: (B, T, input) the cell's inputs, ``previous_states[t]``: z_{t−1} (z_{−1} the initial
@@ -97,7 +101,9 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     B, T = u.shape[:2]
     steps = max(1, JACOBIAN_ROWS // B)  # timesteps per batch
     # one stream of start vectors, drawn step by step: the same for any batching of the steps
-    generator = torch.Generator().manual_seed(JACOBIAN_SEED)
+    # (a later segment of the same sequence continues the stream it is given)
+    if generator is None:
+        generator = torch.Generator().manual_seed(JACOBIAN_SEED)
     norms = []
     for t0 in range(0, T, steps):  # row (t − t0)·B + b of a batch
         t1 = min(t0 + steps, T)
@@ -261,13 +267,17 @@ def jacobians(model, batch: dict[str, Tensor], iterations: int) -> Jacobians:
     - ``jacobian_rate``: mean log10 jacobian_norm[t] over t = 1 … T−1, the per-step rate that
       bound allows: log10_first_last ≤ (T−1)·jacobian_rate when the loss is read at T−1 only.
 
-    The states come from one more pass of the model's loop (`RecurrentModel.trajectory`, in
-    eval mode).
+    The states come from one more pass of the model's loop in eval mode, a segment of
+    `JACOBIAN_SEGMENTS` batches of timesteps at a time (`RecurrentModel.trajectory_segments`),
+    so that one segment's states are held, not T: the same norms as from the whole trajectory.
     """
     dt = batch.get("dt")
-    with model.trajectory(batch["x"], dt) as (u, previous):
-        norms = transition_jacobian_norms(model.cell, u, previous, dt, iterations)
-    return jacobian_summary(norms.amax(1).double().cpu().numpy())
+    x = batch["x"]
+    length = max(1, JACOBIAN_ROWS // x.shape[0]) * JACOBIAN_SEGMENTS  # whole batches of rows
+    generator = torch.Generator().manual_seed(JACOBIAN_SEED)
+    norms = [transition_jacobian_norms(model.cell, u, previous, part, iterations, generator)
+             for _, u, part, previous in model.trajectory_segments(x, dt, length)]
+    return jacobian_summary(torch.cat(norms).amax(1).double().cpu().numpy())
 
 
 def jacobian_summary(jacobian_norm: np.ndarray) -> Jacobians:

@@ -163,6 +163,31 @@ class RecurrentModel(pl.LightningModule):
         finally:
             self.train(was_training)
 
+    def trajectory_segments(self, x: Tensor, dt: Tensor | None, length: int
+                            ) -> Iterator[tuple[int, Tensor, Tensor | None, list[State]]]:
+        """`trajectory` a segment of ``length`` steps at a time, so that only one segment's
+        states are held: yields (t0, u[:, t0:t1], dt[:, t0:t1], previous[t0:t1]) for
+        consecutive segments, each pass continuing from the state the one before ended in (the
+        same steps as one pass: the same numbers). In eval mode, without gradient, as
+        `trajectory`."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                u = self.encoder(x)
+                T, state = u.shape[1], None
+                for t0 in range(0, T, length):
+                    t1 = min(t0 + length, T)
+                    previous: list[State] = []
+                    last: list[State] = []
+                    part = dt[:, t0:t1] if dt is not None else None
+                    self.unroll(u[:, t0:t1], part, previous_states=previous,
+                                initial_state=state, last_state=last)
+                    state = last[0]
+                    yield t0, u[:, t0:t1], part, previous
+        finally:
+            self.train(was_training)
+
     def probed_pass(self, x: Tensor, request: ProbeRequest) -> tuple[ProbedPass, Probes,
                                                                     ParamProbes | None]:
         """Fresh probes for a forward pass over x (B, T, …), and the pass that reads them. With
@@ -283,13 +308,16 @@ class RecurrentModel(pl.LightningModule):
 
     def unroll(self, u: Tensor, dt: Tensor | None = None, probes: Probes | None = None,
                cell_probes: dict[str, Tensor] | None = None,
-               previous_states: list[State] | None = None) -> Tensor:
+               previous_states: list[State] | None = None,
+               initial_state: State | None = None,
+               last_state: list[State] | None = None) -> Tensor:
         """Run the cell over u: (B, T, encoder_size); return z[0] on the last n_out steps.
 
         ``probes``: per state, (T, B, hidden) or its chunks (`make_probes`), added as
         z_t ← z_t + p_t. ``cell_probes``: per cell parameter, (T, *shape); step t runs the cell
         with W + q_t. ``previous_states``: a list that receives z_{t−1} (detached) before every
-        step t, for the transition Jacobians.
+        step t, for the transition Jacobians. ``initial_state``: z_{−1} (default: the cell's
+        `init_state`) and ``last_state``, a list that receives z_{T−1}: to continue a pass.
 
         Steps are split once with `unbind` — indexing u[:, t] inside the loop would make the
         backward quadratic in T (docs/architecture.md, "Speed"). A cell with an input projection
@@ -300,8 +328,9 @@ class RecurrentModel(pl.LightningModule):
         memory of T/K states plus one segment's graph instead of all T steps'.
         """
         B, T = u.shape[:2]
-        state = self.cell.init_state(B)
-        plain = probes is None and cell_probes is None and previous_states is None
+        state = self.cell.init_state(B) if initial_state is None else initial_state
+        plain = (probes is None and cell_probes is None and previous_states is None
+                 and initial_state is None and last_state is None)
         path = self.plain_path(u) if plain and dt is None else "steps"
         if path == "sequence":
             fast = self.cell.sequence(u, state)
@@ -383,6 +412,8 @@ class RecurrentModel(pl.LightningModule):
                 outputs += read
         else:
             state, outputs = run(0, T, *state)
+        if last_state is not None:
+            last_state.append(state)
         return torch.stack(outputs, dim=1)
 
     def compiled_step(self) -> CompiledStep:
