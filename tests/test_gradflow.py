@@ -66,17 +66,27 @@ def test_probe_profile_equals_retain_grad_profile_for_tanh(chunk, project, monke
 
 def test_a_passs_zero_probes_store_one_zero_each_and_get_dense_gradients():
     """The probes read as (T, B, H) zeros from a single stored one; after the backward pass
-    their gradients are whole (T, B, H) tensors, the profile's rows."""
+    their gradients are whole (T, B, H) tensors, the profile's rows, kept where the per-step
+    contributions read them; without contributions only their rows' norms are kept, taken as
+    the gradient arrived (`StateProbes.stream`)."""
     model = rnn_model()
     batch = adding_batch(12)
-    with model.probing(ProbeRequest()) as passes:
-        loss = model.loss_fn(model(batch["x"]), batch["y"])
-    (probe,) = passes[0].leaves()
-    assert probe.shape == (12, 8, 16) and probe.is_leaf
-    assert probe.untyped_storage().nbytes() == probe.element_size()
-    loss.backward(inputs=[probe])
-    assert probe.grad.shape == probe.shape and probe.grad.is_contiguous()
-    assert (probe.grad[:-1] != 0).any(dim=(1, 2)).all()  # every step upstream of the read
+    kept = {}
+    for contributions in (True, False):
+        with model.probing(ProbeRequest(contributions=contributions)) as passes:
+            loss = model.loss_fn(model(batch["x"]), batch["y"])
+        (probes,) = passes[0].states["dL_dz"]
+        (probe,) = probes.leaves
+        assert probe.shape == (12, 8, 16) and probe.is_leaf
+        assert probe.untyped_storage().nbytes() == probe.element_size()
+        loss.backward(inputs=[probe])
+        if contributions:
+            assert probe.grad.shape == probe.shape and probe.grad.is_contiguous()
+            assert (probe.grad[:-1] != 0).any(dim=(1, 2)).all()  # every step upstream of the read
+            kept = probe.grad.flatten(1).norm(dim=1).double()
+        else:
+            assert probe.grad is None and probes.streamed is not None
+            np.testing.assert_allclose(probes.norms(), kept.numpy(), rtol=1e-6)
 
 
 def test_grad_flow_leaves_parameter_grads_untouched():

@@ -79,6 +79,48 @@ def test_float64_copies_of_row_blocks_reuse_one_buffer_per_thread(monkeypatch):
         rows, dim=1, dtype=torch.float64).numpy(), rtol=1e-15)
 
 
+def test_streamed_probes_give_the_kept_gradients_norms_and_keep_no_gradient():
+    # The probes' norms taken as each chunk's gradient arrives (and the gradient dropped) equal
+    # the norms of the gradients kept to the end; a leaf the loss does not reach reads 0.
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(7, 3, 2, generator=generator, dtype=torch.float64)
+    weights[6] = 0
+    passes = []
+    for streamed in (False, True):
+        leaves = [torch.zeros(n, 3, 2, dtype=torch.float64, requires_grad=True) for n in (3, 3, 1)]
+        probes = StateProbes(leaves, [1] * 7)
+        if streamed:
+            probes.stream()
+        used = torch.cat(leaves[:2])  # the last leaf takes no part: no gradient
+        (((used + 1) ** 3) * weights[:6] * 1e-200).sum().backward()
+        passes.append((probes, leaves))
+    (kept, kept_leaves), (streamed, streamed_leaves) = passes
+    assert all(leaf.grad is None for leaf in streamed_leaves)
+    assert kept_leaves[0].grad is not None
+    np.testing.assert_array_equal(streamed.norms(), kept.norms())
+    assert streamed.norms()[6] == 0 and (streamed.norms()[:6] > 0).all()  # 1e-200: float64 rows
+    # gradients given by autograd.grad run no hook: the norms are those of the .grad set
+    leaves = [torch.zeros(n, 3, 2, dtype=torch.float64, requires_grad=True) for n in (3, 3, 1)]
+    probes = StateProbes(leaves, [1] * 7)
+    probes.stream()
+    grads = torch.autograd.grad((((torch.cat(leaves[:2]) + 1) ** 3) * weights[:6] * 1e-200).sum(),
+                                leaves[:2])
+    for leaf, g in zip(leaves, grads):
+        leaf.grad = g
+    np.testing.assert_array_equal(probes.norms(), kept.norms())
+
+
+def test_streamed_probes_refuse_a_second_gradient_and_other_layouts():
+    leaf = torch.zeros(2, 3, requires_grad=True)
+    probes = StateProbes([leaf], [1, 1])
+    probes.stream()
+    (leaf * 2).sum().backward()
+    with pytest.raises(RuntimeError, match="second gradient"):
+        (leaf * 3).sum().backward()
+    with pytest.raises(ValueError, match="chunk layout"):
+        StateProbes([torch.zeros(5, 3, requires_grad=True)], [2, 3]).stream()
+
+
 @pytest.mark.parametrize("layout", ["one leaf", "a leaf per step"])
 def test_state_norms_of_tiny_float64_gradients_in_both_layouts(layout):
     T, B, H = 4, 3, 2

@@ -327,7 +327,7 @@ def probe_gradients(cell: str, checkpoint_steps: int, project: bool,
         loss = model.loss_fn(model(batch["x"].double(), None, probes), y)
         leaves = dict(zip(state_keys(model.cell.state_names), ([p] for p in probes)))
     else:
-        with model.probing(ProbeRequest()) as passes:
+        with model.probing(ProbeRequest(stream=False)) as passes:  # the gradients themselves
             loss = model.loss_fn(model(batch["x"].double()), y)
         leaves = {key: probes.leaves for key, (probes,) in passes[0].states.items()}
     loss.backward()

@@ -200,6 +200,9 @@ class RecurrentModel(pl.LightningModule):
                         if request.contributions else None)
         keys = state_keys(self.cell.state_names)
         states = {key: [StateProbes(p, [1] * T)] for key, p in zip(keys, probes)}
+        if request.stream and not request.contributions:  # nothing else reads their gradients
+            for group in states.values():
+                group[0].stream()
         return ProbedPass(states, params=param_probes), probes, param_probes
 
     # --- the unrolled network ------------------------------------------------------------------

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -98,9 +99,12 @@ def norms_over_processes(norms: Tensor, reduce: Callable[[Tensor], Tensor]) -> T
 
 @dataclass(frozen=True)
 class ProbeRequest:
-    """What a probed pass measures: state profiles, and with ``contributions`` also dL/dW⁽ᵗ⁾."""
+    """What a probed pass measures: state profiles, and with ``contributions`` also dL/dW⁽ᵗ⁾.
+    ``stream``: where no contributions read the state probes' gradients, keep only their norms,
+    taken as each arrives (`StateProbes.stream`); False keeps the gradients."""
 
     contributions: bool = False
+    stream: bool = True
 
 
 @dataclass
@@ -115,6 +119,30 @@ class StateProbes:
 
     leaves: list[Tensor]
     sizes: list[int]
+    # with `stream`: leaf index → its rows' norms, taken when its gradient arrived
+    streamed: dict[int, Tensor] | None = None
+
+    def stream(self) -> None:
+        """Take each leaf's rows' norms as soon as the backward pass accumulates its gradient,
+        and drop the gradient: the probes' gradients (T × B × state values) are then never all
+        held at once. For the chunk layout (sizes all 1), where nothing else reads them (no
+        per-step contributions). A leaf's gradient arriving twice (a second backward pass
+        through the same probes) is refused: its norms would be of the second part alone."""
+        if self.sizes != [1] * len(self.sizes) or sum(
+                leaf.shape[0] for leaf in self.leaves) != len(self.sizes):
+            raise ValueError("streamed probes need the chunk layout: leaves (C_i, …) with "
+                             "Σ C_i = T, sizes all 1")
+        self.streamed = {}
+        for i, leaf in enumerate(self.leaves):
+            leaf.register_post_accumulate_grad_hook(partial(self.take, i))
+
+    def take(self, index: int, leaf: Tensor) -> None:
+        if index in self.streamed:
+            raise RuntimeError("a streamed probe received a second gradient; its profile would "
+                               "be of the last backward pass alone (stream probes only for "
+                               "one backward pass)")
+        self.streamed[index] = row_norms(leaf.grad.detach().reshape(leaf.shape[0], -1))
+        leaf.grad = None
 
     def norms(self, reduce: Reduce = None, world_size: int = 1) -> np.ndarray:
         """||∂L/∂z_t|| for t = 0 … T−1, (T,) float64, from the leaves' gradients (none: 0).
@@ -125,6 +153,18 @@ class StateProbes:
         Exact at any magnitude float64 holds (`row_norms`).
         """
         T = len(self.sizes)
+        if self.streamed is not None:
+            # a leaf whose gradient was set otherwise (autograd.grad gives it, no hook runs):
+            # its gradient's; a leaf the loss does not reach: zeros
+            norms = torch.cat([
+                self.streamed[i] if i in self.streamed
+                else row_norms(leaf.grad.detach().reshape(leaf.shape[0], -1))
+                if leaf.grad is not None
+                else torch.zeros(leaf.shape[0], dtype=torch.float64, device=leaf.device)
+                for i, leaf in enumerate(self.leaves)])
+            if reduce is not None:
+                norms = norms_over_processes(norms, reduce)
+            return (norms / world_size).cpu().numpy()
         grads = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
                  for leaf in self.leaves]
         if all(n == 1 for n in self.sizes) and sum(g.shape[0] for g in grads) == T:
