@@ -152,16 +152,12 @@ class RecurrentModel(pl.LightningModule):
         The model is in eval mode inside, as analysis is, so it neither counts as training work
         (an ODE cell's NFE) nor draws training randomness; its mode is restored after.
         """
-        was_training = self.training
-        self.eval()
+        segments = self.trajectory_segments(x, dt, max(1, x.shape[1]))
         try:
-            previous: list[State] = []
-            with torch.no_grad():
-                u = self.encoder(x)
-                self.unroll(u, dt, previous_states=previous)
+            _, u, _, previous = next(segments)
             yield u, previous
         finally:
-            self.train(was_training)
+            segments.close()  # its mode restored
 
     def trajectory_segments(self, x: Tensor, dt: Tensor | None, length: int
                             ) -> Iterator[tuple[int, Tensor, Tensor | None, list[State]]]:
@@ -175,16 +171,17 @@ class RecurrentModel(pl.LightningModule):
         try:
             with torch.no_grad():
                 u = self.encoder(x)
-                T, state = u.shape[1], None
-                for t0 in range(0, T, length):
-                    t1 = min(t0 + length, T)
-                    previous: list[State] = []
-                    last: list[State] = []
-                    part = dt[:, t0:t1] if dt is not None else None
+            T, state = u.shape[1], None
+            for t0 in range(0, T, length):
+                t1 = min(t0 + length, T)
+                previous: list[State] = []
+                last: list[State] = []
+                part = dt[:, t0:t1] if dt is not None else None
+                with torch.no_grad():  # (not around the yield: the caller keeps its grad mode)
                     self.unroll(u[:, t0:t1], part, previous_states=previous,
                                 initial_state=state, last_state=last)
-                    state = last[0]
-                    yield t0, u[:, t0:t1], part, previous
+                state = last[0]
+                yield t0, u[:, t0:t1], part, previous
         finally:
             self.train(was_training)
 

@@ -153,21 +153,16 @@ class StateProbes:
         Exact at any magnitude float64 holds (`row_norms`).
         """
         T = len(self.sizes)
+        streamed = self.streamed or {}
+        grads = [None if i in streamed else
+                 (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
+                 for i, leaf in enumerate(self.leaves)]
         if self.streamed is not None:
-            # a leaf whose gradient was set otherwise (autograd.grad gives it, no hook runs):
-            # its gradient's; a leaf the loss does not reach: zeros
-            norms = torch.cat([
-                self.streamed[i] if i in self.streamed
-                else row_norms(leaf.grad.detach().reshape(leaf.shape[0], -1))
-                if leaf.grad is not None
-                else torch.zeros(leaf.shape[0], dtype=torch.float64, device=leaf.device)
-                for i, leaf in enumerate(self.leaves)])
-            if reduce is not None:
-                norms = norms_over_processes(norms, reduce)
-            return (norms / world_size).cpu().numpy()
-        grads = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
-                 for leaf in self.leaves]
-        if all(n == 1 for n in self.sizes) and sum(g.shape[0] for g in grads) == T:
+            # a leaf whose gradient was set otherwise (autograd.grad gives it and runs no
+            # hook): its gradient's norms; a leaf the loss does not reach: zeros
+            norms = torch.cat([streamed[i] if g is None else row_norms(g.reshape(g.shape[0], -1))
+                               for i, g in enumerate(grads)])
+        elif all(n == 1 for n in self.sizes) and sum(g.shape[0] for g in grads) == T:
             # one (T, B, H) leaf, or its chunks (C, B, H): row t of them step t, the norms
             # without an index
             norms = torch.cat([row_norms(g.reshape(g.shape[0], -1)) for g in grads])
