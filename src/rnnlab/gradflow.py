@@ -76,6 +76,11 @@ def total_grad_norm(model: torch.nn.Module) -> Tensor:
             else torch.zeros((), dtype=torch.float64))
 
 
+def jacobian_batch_steps(batch_size: int) -> int:
+    """Timesteps per batch of `JACOBIAN_ROWS` (timestep, sequence) rows, at least 1."""
+    return max(1, JACOBIAN_ROWS // batch_size)
+
+
 def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State],
                               dt: Tensor | None, iterations: int,
                               generator: torch.Generator | None = None) -> Tensor:
@@ -99,7 +104,7 @@ def transition_jacobian_norms(cell: Cell, u: Tensor, previous_states: list[State
     the exact norms itself, and ``iterations`` is not used.
     """
     B, T = u.shape[:2]
-    steps = max(1, JACOBIAN_ROWS // B)  # timesteps per batch
+    steps = jacobian_batch_steps(B)
     # one stream of start vectors, drawn step by step: the same for any batching of the steps
     # (a later segment of the same sequence continues the stream it is given)
     if generator is None:
@@ -273,7 +278,7 @@ def jacobians(model, batch: dict[str, Tensor], iterations: int) -> Jacobians:
     """
     dt = batch.get("dt")
     x = batch["x"]
-    length = max(1, JACOBIAN_ROWS // x.shape[0]) * JACOBIAN_SEGMENTS  # whole batches of rows
+    length = jacobian_batch_steps(x.shape[0]) * JACOBIAN_SEGMENTS  # whole batches of rows
     generator = torch.Generator().manual_seed(JACOBIAN_SEED)
     norms = [transition_jacobian_norms(model.cell, u, previous, part, iterations, generator)
              for _, u, part, previous in model.trajectory_segments(x, dt, length)]

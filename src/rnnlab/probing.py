@@ -157,15 +157,13 @@ class StateProbes:
         grads = [None if i in streamed else
                  (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach()
                  for i, leaf in enumerate(self.leaves)]
-        if self.streamed is not None:
-            # a leaf whose gradient was set otherwise (autograd.grad gives it and runs no
-            # hook): its gradient's norms; a leaf the loss does not reach: zeros
+        if self.streamed is not None or (all(n == 1 for n in self.sizes)
+                                         and sum(g.shape[0] for g in grads) == T):
+            # one (T, B, H) leaf, or its chunks (C, B, H): row t of them step t, the norms
+            # without an index; streamed, a leaf's norms as they were taken (one whose
+            # gradient autograd.grad set ran no hook: its gradient's)
             norms = torch.cat([streamed[i] if g is None else row_norms(g.reshape(g.shape[0], -1))
                                for i, g in enumerate(grads)])
-        elif all(n == 1 for n in self.sizes) and sum(g.shape[0] for g in grads) == T:
-            # one (T, B, H) leaf, or its chunks (C, B, H): row t of them step t, the norms
-            # without an index
-            norms = torch.cat([row_norms(g.reshape(g.shape[0], -1)) for g in grads])
         else:
             # A leaf per timestep holds that step's rows (one row if it has no batch
             # dimension); a single leaf holds them all. Each row's norm, then per step the
