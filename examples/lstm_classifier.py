@@ -56,6 +56,7 @@ def first_sign_data(size: int, seq_len: int, features: int, seed: int = 0) -> Te
 def main(out: str | Path = "outputs/lstm_classifier", seq_len: int = 100, steps: int = 300,
          hidden: int = 64, batch_size: int = 32, every_n_steps: int = 25) -> Path:
     """Train and return the directory of the records."""
+    rnnlab.tune_malloc()  # a step's large buffers reused, not mapped anew (glibc; else a no-op)
     pl.seed_everything(0)
     out = Path(out)
     data = DataLoader(first_sign_data(64 * batch_size, seq_len, 8), batch_size=batch_size,

@@ -11,14 +11,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["GradFlowCallback", "Watch", "watch"]
+__all__ = ["GradFlowCallback", "Watch", "tune_malloc", "watch"]
 
 # Imported on first use, so that `import rnnlab.config` (the scripts' start-up) stays light.
 _LAZY = {"GradFlowCallback": "rnnlab.callbacks", "Watch": "rnnlab.watching",
-         "watch": "rnnlab.watching"}
+         "watch": "rnnlab.watching", "tune_malloc": "rnnlab.malloc"}
 
 if TYPE_CHECKING:
     from rnnlab.callbacks import GradFlowCallback
+    from rnnlab.malloc import tune_malloc
     from rnnlab.watching import Watch, watch
 
 

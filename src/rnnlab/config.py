@@ -288,6 +288,8 @@ def validate(cfg: DictConfig) -> None:
     validate_threads(cfg.get("threads", "auto"))
     flush = cfg.get("flush_denormal", False)
     require(isinstance(flush, bool), "flush_denormal", flush, "true or false")
+    tune = cfg.get("tune_malloc", True)
+    require(isinstance(tune, bool), "tune_malloc", tune, "true or false")
     validate_trainer(cfg.trainer, cfg.task)
     if cfg.get("monitor") is not None:
         require_int("monitor.every_n_steps", cfg.monitor.get("every_n_steps"), minimum=1)

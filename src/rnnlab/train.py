@@ -23,6 +23,7 @@ from rnnlab.checkpointing import RunInterrupted
 from rnnlab.config import ConfigError, check_writable, validate, validate_timesteps
 from rnnlab.cost import RunCost
 from rnnlab.loggers import adapters
+from rnnlab.malloc import tune_malloc
 from rnnlab.model import RecurrentModel
 from rnnlab.resume import (
     Checkpoint,
@@ -59,7 +60,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, seed, build task → model → callbacks → trainer, fit, write ``metrics.json``.
 
     Returns the final validation metrics (``val/loss``, ``val/baseline``, the task's metrics).
-    ``flush_denormal`` holds for the run only (PyTorch's default, off, is restored after).
+    ``flush_denormal`` holds for the run only (PyTorch's default, off, is restored after);
+    ``tune_malloc`` sets glibc's malloc thresholds for the rest of the process (`tune_malloc`).
     How a run ends is written into its directory (`rnnlab.rundir`): ``metrics.json``,
     ``failed.json`` (an error during training; its traceback) or ``interrupted.json`` (a
     signal; the checkpoint that resumes it). A ConfigError is raised before anything is built.
@@ -67,6 +69,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     run = RunDir(cfg.paths.output_dir)
     checkpoint = checkpoint_to_resume(cfg, run)
+    if cfg.get("tune_malloc", True):
+        tune_malloc()
     torch.set_flush_denormal(cfg.get("flush_denormal", False))
     try:
         return fit(cfg, checkpoint)
