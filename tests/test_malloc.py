@@ -1,6 +1,6 @@
-"""`rnnlab.malloc.tune_malloc`: glibc's malloc thresholds set for the process, so that the large
-buffers a probed step allocates and frees every step come back from the heap instead of as fresh
-pages from the kernel (a page fault each on first write); and `train` sets them from its config."""
+"""`rnnlab.malloc.tune_malloc`: glibc's malloc set for the process, so that the large buffers a
+training step allocates and frees every step come back from the heap instead of as fresh pages
+from the kernel (a page fault each on first write); and `train` sets it from its config."""
 
 from __future__ import annotations
 
@@ -17,47 +17,61 @@ from rnnlab.train import train
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# Page faults over 20 probed IndRNN steps (forward, backward, profile) after 5 of warm-up.
+# Page faults over 10 passes after a few of warm-up, in a fresh process with the given mode:
+# four blocks of 8 MB from malloc written and freed together (glibc's defaults: the first block
+# mapped and freed raises its mapping threshold to 8 MB and its trim threshold to 16 MB, so the
+# 32 MB freed at the heap's top go back to the kernel every pass), or a fused LSTM's forward and
+# backward (oneDNN's workspace, ~50 MB at T = 100, B = 64, H = 128: above any mapping threshold).
 FAULTS = """
-import resource, sys, warnings
-warnings.filterwarnings("ignore")
-from rnnlab import bench
+import ctypes, resource, sys
 from rnnlab.malloc import tune_malloc
-from rnnlab.probing import ProbeRequest
-tuned = tune_malloc() if sys.argv[1] == "tuned" else False
-model, x, y = bench.instrument_case("indrnn", 100, "cpu")
-model.hparams.fast_path = "auto"
-def step():
-    model.zero_grad(set_to_none=True)
-    with model.probing(ProbeRequest()) as passes:
-        loss = model.loss_fn(model(x), y)
-    loss.backward()
-    passes[0].profiles()
+mode, case = sys.argv[1:]
+holds = tune_malloc(mode)
+if case == "blocks":
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    def step():
+        blocks = [libc.malloc(8 << 20) for _ in range(4)]
+        for block in blocks:
+            ctypes.memset(block, 1, 8 << 20)
+        for block in blocks:
+            libc.free(block)
+else:
+    import torch
+    lstm, x = torch.nn.LSTM(32, 128), torch.randn(100, 64, 32)
+    def step():
+        lstm(x)[0].sum().backward()
 for _ in range(5):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+for _ in range(10):
     step()
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(holds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults(mode: str) -> tuple[str, int]:
-    done = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
-                          check=True)
-    tuned, faults = done.stdout.split()[-2:]
-    return tuned, int(faults)
+def page_faults(mode: str, case: str) -> int:
+    done = subprocess.run([sys.executable, "-c", FAULTS, mode, case], capture_output=True,
+                          text=True, check=True)
+    holds, faults = done.stdout.split()[-2:]
+    assert holds == "True"
+    return int(faults)
 
 
 @glibc
-def test_tuned_thresholds_keep_a_probed_steps_buffers_in_the_heap():
-    default_tuned, default = page_faults("default")
-    tuned, faults = page_faults("tuned")
-    assert (default_tuned, tuned) == ("False", "True")
-    # glibc's defaults: ~1600 faults a step here (its buffers of 1.6 MB returned and mapped
-    # anew); tuned: ~90
-    assert default > 5000
-    assert faults * 4 < default
+def test_tuned_thresholds_keep_freed_blocks_in_the_heap():
+    # glibc's defaults: 32 MB come back as 8192 fresh pages every pass; tuned, from the heap
+    assert page_faults("glibc", "blocks") > 10 * 8000
+    assert page_faults("tuned", "blocks") < 100
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's LSTM")
+@glibc
+def test_heap_keeps_the_fused_lstms_workspace():
+    # mapped anew every pass above 32 MB whatever the thresholds: ~8000 faults a pass
+    assert page_faults("tuned", "fused_lstm") > 10 * 5000
+    assert page_faults("heap", "fused_lstm") < 1000
 
 
 def test_the_package_exports_it():
@@ -65,10 +79,11 @@ def test_the_package_exports_it():
 
 
 def test_elsewhere_than_glibc_nothing_is_set(monkeypatch):
-    monkeypatch.setattr(malloc, "_tuned", False)
+    monkeypatch.setattr(malloc, "_applied", None)
     monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("", ""))
     monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a: pytest.fail("libc loaded"))
     assert malloc.tune_malloc() is False
+    assert malloc.tune_malloc("glibc") is True  # glibc's (the platform's) own, untouched
 
 
 class FakeLibc:
@@ -86,28 +101,48 @@ class FakeLibc:
         self.mallopt = Mallopt()
 
 
-@glibc
-def test_thresholds_are_set_once(monkeypatch):
-    libc = FakeLibc()
-    monkeypatch.setattr(malloc, "_tuned", False)
-    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a: libc)
-    assert malloc.tune_malloc() and malloc.tune_malloc()
-    assert libc.calls == [(malloc.M_MMAP_THRESHOLD, 32 * 2**20),
-                          (malloc.M_TRIM_THRESHOLD, 256 * 2**20)]
+@pytest.fixture
+def libc(monkeypatch) -> FakeLibc:
+    fake = FakeLibc()
+    monkeypatch.setattr(malloc, "_applied", None)
+    monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a: fake)
+    return fake
 
 
-@glibc
-def test_a_refused_threshold_leaves_the_process_untuned(monkeypatch, caplog):
-    libc = FakeLibc(result=0)
-    monkeypatch.setattr(malloc, "_tuned", False)
-    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a: libc)
-    assert malloc.tune_malloc() is False and not malloc._tuned
+TUNED = [(malloc.M_MMAP_THRESHOLD, 32 * 2**20), (malloc.M_TRIM_THRESHOLD, 256 * 2**20)]
+
+
+def test_each_mode_is_set_once_and_heap_stops_mapping(libc):
+    assert malloc.tune_malloc() and malloc.tune_malloc("tuned")
+    assert libc.calls == [*TUNED, (malloc.M_MMAP_MAX, 65536)]
+    assert malloc.tune_malloc("heap")
+    assert libc.calls[3:] == [*TUNED, (malloc.M_MMAP_MAX, 0)]
+    assert malloc.tune_malloc("tuned")  # mapping again, above 32 MB
+    assert libc.calls[6:] == [*TUNED, (malloc.M_MMAP_MAX, 65536)]
+    assert malloc.tune_malloc("glibc") is False  # a fixed threshold stays fixed
+    assert len(libc.calls) == 9
+
+
+def test_glibc_mode_sets_nothing(libc):
+    assert malloc.tune_malloc("glibc") is True and libc.calls == []
+
+
+def test_a_refused_setting_leaves_the_mode_unset(monkeypatch, libc, caplog):
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda *a: FakeLibc(result=0))
+    assert malloc.tune_malloc() is False and malloc._applied is None
     assert "mallopt refused" in caplog.text
 
 
-@pytest.mark.parametrize("tune", [True, False])
-def test_train_sets_the_thresholds_from_its_config(make_cfg, monkeypatch, tune):
+def test_an_unknown_mode_is_refused(libc):
+    with pytest.raises(ValueError, match="one of tuned, heap, glibc"):
+        malloc.tune_malloc("jemalloc")
+    assert libc.calls == []
+
+
+@pytest.mark.parametrize("mode", malloc.MODES)
+def test_train_sets_the_config_mode(make_cfg, monkeypatch, mode):
     calls = []
-    monkeypatch.setattr(rnnlab.train, "tune_malloc", lambda: calls.append(True))
-    train(make_cfg(f"tune_malloc={str(tune).lower()}"))
-    assert calls == ([True] if tune else [])
+    monkeypatch.setattr(rnnlab.train, "tune_malloc", calls.append)
+    train(make_cfg(f"malloc={mode}"))
+    assert calls == [mode]

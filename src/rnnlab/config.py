@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from rnnlab.malloc import MODES as MALLOC_MODES
+
 # The configs are the package rnnlab.conf: the build installs the repository's conf/ under that
 # name, in a wheel and in an editable install alike (docs/packaging.md).
 CONF_MODULE = "rnnlab.conf"
@@ -288,8 +290,7 @@ def validate(cfg: DictConfig) -> None:
     validate_threads(cfg.get("threads", "auto"))
     flush = cfg.get("flush_denormal", False)
     require(isinstance(flush, bool), "flush_denormal", flush, "true or false")
-    tune = cfg.get("tune_malloc", True)
-    require(isinstance(tune, bool), "tune_malloc", tune, "true or false")
+    require_choice("malloc", cfg.get("malloc", "tuned"), MALLOC_MODES)
     validate_trainer(cfg.trainer, cfg.task)
     if cfg.get("monitor") is not None:
         require_int("monitor.every_n_steps", cfg.monitor.get("every_n_steps"), minimum=1)

@@ -61,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Returns the final validation metrics (``val/loss``, ``val/baseline``, the task's metrics).
     ``flush_denormal`` holds for the run only (PyTorch's default, off, is restored after);
-    ``tune_malloc`` sets glibc's malloc thresholds for the rest of the process (`tune_malloc`).
+    ``malloc`` sets glibc's malloc for the rest of the process (`tune_malloc`).
     How a run ends is written into its directory (`rnnlab.rundir`): ``metrics.json``,
     ``failed.json`` (an error during training; its traceback) or ``interrupted.json`` (a
     signal; the checkpoint that resumes it). A ConfigError is raised before anything is built.
@@ -69,8 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     run = RunDir(cfg.paths.output_dir)
     checkpoint = checkpoint_to_resume(cfg, run)
-    if cfg.get("tune_malloc", True):
-        tune_malloc()
+    tune_malloc(cfg.get("malloc", "tuned"))
     torch.set_flush_denormal(cfg.get("flush_denormal", False))
     try:
         return fit(cfg, checkpoint)
