@@ -8,8 +8,8 @@ training step allocates and frees the same large buffers every step (a probed ch
 gates and gradients: C × B × H values, 1.6 MB for 50 steps of B = 64, H = 128), and with the
 defaults many of them come back as fresh pages: measured here, a monitored IndRNN backward pass
 took 1500–2000 page faults, a GRU's 1536, a tanh RNN's 512, and none once blocks up to 32 MiB
-stay in the heap, which keeps 256 MiB free before it shrinks (``tuned``), at the same peak
-memory (`scripts/bench.py --memory`).
+stay in the heap, which keeps 256 MiB free before it shrinks (``tuned``); the peak resident
+memory moved within a run's spread (`scripts/bench.py --memory`, T = 1000 and 10,000).
 
 A block above 32 MiB is always mapped anew unless mapping is turned off altogether (``heap``):
 oneDNN's LSTM kernel takes a workspace of ~50 MB at T = 100 (B = 64, H = 128) every step, 8,000
