@@ -91,14 +91,12 @@ class FakeLibc:
 
     def __init__(self, result: int = 1):
         self.calls: list[tuple[int, int]] = []
-        libc = self
 
-        class Mallopt:  # a function object: ctypes' argtypes/restype can be set on it
-            def __call__(self, option: int, value: int) -> int:
-                libc.calls.append((option, value))
-                return result
+        def mallopt(option: int, value: int) -> int:  # takes ctypes' argtypes/restype too
+            self.calls.append((option, value))
+            return result
 
-        self.mallopt = Mallopt()
+        self.mallopt = mallopt
 
 
 @pytest.fixture

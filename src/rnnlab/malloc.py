@@ -48,8 +48,10 @@ def tune_malloc(mode: str = "tuned") -> bool:
     global _applied
     if mode not in MODES:
         raise ValueError(f"malloc mode {mode!r}: one of {', '.join(MODES)}")
-    if mode == "glibc" or mode == _applied:
-        return mode == _applied or _applied is None
+    if mode == _applied:
+        return True
+    if mode == "glibc":  # holds only where nothing was set
+        return _applied is None
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
