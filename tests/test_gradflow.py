@@ -107,6 +107,41 @@ def test_grad_flow_module_norms_equal_autograd_parameter_gradients():
         assert record.grad_norms[f"grad_norm_{module}"] == pytest.approx(expected, rel=1e-12)
 
 
+def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients():
+    torch.manual_seed(3)
+    model = rnn_model()
+    model.cell.weight_hh.requires_grad_(False)  # a parameter without a gradient
+    batch = adding_batch(10)
+    model.loss_fn(model(batch["x"]), batch["y"]).backward()
+    norms = gradflow.GradNorms(model)
+
+    def expected(*modules: str) -> float:
+        grads = [p.grad.flatten() for m in modules for p in getattr(model, m).parameters()
+                 if p.grad is not None]
+        return torch.cat(grads).norm().item()
+
+    by_module = norms.modules()
+    assert sorted(by_module) == ["grad_norm_cell", "grad_norm_decoder", "grad_norm_encoder"]
+    for module in ("encoder", "cell", "decoder"):
+        assert by_module[f"grad_norm_{module}"].item() == pytest.approx(expected(module),
+                                                                         rel=1e-12)
+        assert by_module[f"grad_norm_{module}"].dtype == torch.float64
+    assert norms.total().item() == pytest.approx(expected("encoder", "cell", "decoder"),
+                                                 rel=1e-12)
+    before = norms.total().item()
+    model.decoder.weight.grad.mul_(3.0)  # written in place after modules(): read again
+    model.encoder.bias.grad = torch.ones_like(model.encoder.bias)  # a new tensor: read again
+    model.cell.bias_ih.grad = None  # gone: left out
+    changed = norms.total().item()
+    assert changed == pytest.approx(expected("encoder", "cell", "decoder"), rel=1e-12)
+    assert changed != pytest.approx(before, rel=1e-6)
+    assert gradflow.total_grad_norm(model).item() == pytest.approx(changed, rel=1e-12)
+    for p in model.parameters():
+        p.grad = None
+    assert norms.total().item() == 0.0
+    assert all(v.item() == 0.0 for v in norms.modules().values())
+
+
 def test_training_record_at_step_zero_equals_grad_flow_on_first_batch(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_steps=1", "task.seq_len=15")
     train(cfg)

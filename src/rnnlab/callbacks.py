@@ -236,6 +236,7 @@ class GradFlowCallback(pl.Callback):
         self.watch: Watch | None = None  # made in setup, from the module
         self.adapters: list[LoggerAdapter] = []
         self.step, self.grad_scalars = 0, {}  # the step in progress and its gradient norms
+        self.norms_of: tuple[pl.LightningModule, gradflow.GradNorms] | None = None
         self.current: MonitoredStep | None = None  # the monitored step under way, (1) to (5)
         self.last_monitored = -1  # its optimizer step (the first micro-batch is probed)
         self.twin: RecurrentModel | None = None  # the float64 copy, made once
@@ -332,8 +333,16 @@ class GradFlowCallback(pl.Callback):
             if history.steps:
                 self.histories[name] = history
 
+    def grad_norms(self, pl_module: pl.LightningModule) -> gradflow.GradNorms:
+        """The model's per-step gradient norms (`gradflow.GradNorms`), made on the first step of
+        a fit: its parameters are those the optimizer holds from then on."""
+        if self.norms_of is None or self.norms_of[0] is not pl_module:
+            self.norms_of = (pl_module, gradflow.GradNorms(pl_module))
+        return self.norms_of[1]
+
     # --- (hooks in the order of the table above) ------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.norms_of = None  # a new fit walks the model's parameters again
         self.adapters = adapters(trainer)
         self.policy.set_run_steps(trainer.estimated_stepping_batches)
         if not trainer.is_global_zero:
@@ -379,7 +388,7 @@ class GradFlowCallback(pl.Callback):
 
     def on_after_backward(self, trainer, pl_module) -> None:
         # Tensors, not floats: no host sync until they are written, at the end of the step.
-        norms = gradflow.module_grad_norm_tensors(pl_module)
+        norms = self.grad_norms(pl_module).modules()
         self.grad_scalars.update({f"grad_norm/{k.removeprefix('grad_norm_')}": v
                                   for k, v in norms.items()})
         current = self.current
@@ -396,7 +405,7 @@ class GradFlowCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
-        total = gradflow.total_grad_norm(pl_module)
+        total = self.grad_norms(pl_module).total()
         self.grad_scalars["grad_norm/total"] = total
         if self.current is not None:
             for record in self.current.records.values():
@@ -406,7 +415,7 @@ class GradFlowCallback(pl.Callback):
         # p.grad still holds the clipped gradient the optimizer used: Lightning zeroes it only
         # in the next step, and torch's optimizers do not write to it.
         if trainer.gradient_clip_val or "grad_norm/total" not in self.grad_scalars:
-            clipped = gradflow.total_grad_norm(pl_module)
+            clipped = self.grad_norms(pl_module).total()
         else:  # nothing clipped them: the same gradients as before the optimizer step
             clipped = self.grad_scalars["grad_norm/total"]
         self.grad_scalars["grad_norm/total_clipped"] = clipped
