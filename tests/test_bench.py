@@ -317,3 +317,28 @@ def test_the_memory_benchmark_tables_each_cells_monitored_peak_over_its_unmonito
     for row in summary:
         assert row["monitor_memory_over_off"] == pytest.approx(1.25)
         assert row["s_per_step"]["off"] > 0 and row["s_per_step"]["monitor"] > 0
+
+
+def test_the_instrument_benchmark_times_each_part_and_composes_a_default_period(capsys,
+                                                                                tmp_path):
+    row = bench.instrument_costs("gru", 6, repeats=1, device="cpu")
+    assert set(row["seconds"]) == set(bench.INSTRUMENT_PARTS)
+    assert all(math.isfinite(s) and s > 0 for s in row["seconds"].values())
+    assert row == {**row, **bench.period_shares(row["seconds"], 50, 500)}
+    bench.main(["--instruments", "--cells", "rnn", "--lengths", "5", "--repeats", "1",
+                "--out", str(tmp_path / "out.json")])
+    (written,) = json.loads((tmp_path / "out.json").read_text())["instruments"]
+    assert written["cell"] == "rnn" and written["T"] == 5
+    assert f"{written['predicted_over_off']:.3f}" in capsys.readouterr().out
+
+
+def test_a_default_periods_shares_add_each_parts_cost_to_the_unmonitored_steps():
+    """500 steps of 10 ms; 10 monitored ones each 4 ms longer and 6 ms of contributions after;
+    one Jacobian (200 ms) and one spectrum (50 ms): 40 + 60 + 200 + 50 = 350 ms over 5000 ms."""
+    seconds = {"unmonitored step": 0.010, "probed step": 0.012,
+               "probed step, contributions": 0.014, "contributions": 0.006,
+               "Jacobians": 0.200, "Lyapunov": 0.050}
+    result = bench.period_shares(seconds, every=50, period=500)
+    assert result["period"] == pytest.approx({"probed steps": 0.008, "contributions": 0.012,
+                                              "Jacobians": 0.040, "Lyapunov": 0.010})
+    assert result["predicted_over_off"] == pytest.approx(1 / 1.07)

@@ -405,6 +405,113 @@ def jacobian_cost(cell: str, T: int, repeats: int, device: str) -> None:
           f"{torch.get_num_threads()} threads, median of {repeats}: " + ", ".join(parts))
 
 
+# bench --instruments: each part of the default monitor's work, timed alone on one model and
+# batch beside an unmonitored training step, and what it adds to a default period
+INSTRUMENT_PARTS = ("unmonitored step", "probed step", "probed step, contributions",
+                    "contributions", "Jacobians", "Lyapunov")
+
+
+def instrument_costs(cell: str, T: int, repeats: int, device: str) -> dict:
+    """Median seconds of each of `INSTRUMENT_PARTS` for ``cell`` at ``T`` (B = 64, H = 128), in
+    rounds that interleave them, on one model and batch: a training step's forward, backward and
+    Adam step unmonitored (the path training takes: fused, chunked or stepping), the same probed
+    as a monitored step is (the state probes, their norms), probed with the parameter probes,
+    then, after that step's backward, the per-step contributions ‖dL/dW⁽ᵗ⁾‖
+    (`ProbedPass.contributions`: the cell's streamed, recomputed a chunk at a time), the
+    transition Jacobians' norms (`gradflow.jacobians`) and the Lyapunov spectrum, at the monitor's
+    defaults.
+
+    ``period``: what these add to the unmonitored steps of one period of the default monitor
+    (`callbacks.INSTRUMENT_STEPS` steps, every 50th monitored, one of those with the Jacobians
+    and the spectrum), as a fraction of their time, by part; ``predicted_over_off`` = 1 / (1 +
+    their sum): the monitored run's speed over the unmonitored one's from these parts alone (the
+    per-step hooks and the records' writes come on top; `plan`'s runs measure everything)."""
+    import inspect
+
+    from rnnlab import GradFlowCallback, gradflow
+    from rnnlab.callbacks import INSTRUMENT_STEPS
+    from rnnlab.config import compose_config
+    from rnnlab.lyapunov import lyapunov
+    from rnnlab.probing import ProbeRequest
+    from rnnlab.train import build, build_model
+
+    defaults = inspect.signature(GradFlowCallback).parameters
+    iterations = defaults["jacobian_iterations"].default
+    k, ons_every = defaults["lyapunov_k"].default, defaults["lyapunov_ons_every"].default
+    every = defaults["every_n_steps"].default
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(rnnlab_overrides(cell, T, device), Path(tmp) / "run")
+        model = build_model(cfg, build(cfg.task)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    x, y = next(adding_batches(T, device))
+    batch = {"x": x, "y": y}
+    k = min(k, sum(s[0].numel() for s in model.cell.init_state(1)))
+    passes: list = []
+
+    def step(request: ProbeRequest | None) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if request is None:
+            model.loss_fn(model(x), y).backward()
+        else:
+            with model.probing(request) as probed:
+                model.loss_fn(model(x), y).backward()
+            passes[:] = probed
+            passes[0].profiles()
+        optimizer.step()
+
+    parts = {
+        "unmonitored step": lambda: step(None),
+        "probed step": lambda: step(ProbeRequest()),
+        "probed step, contributions": lambda: step(ProbeRequest(contributions=True)),
+        "contributions": lambda: passes[0].contributions(),  # of the step just before
+        "Jacobians": lambda: gradflow.jacobians(model, batch, iterations),
+        "Lyapunov": lambda: lyapunov(model, batch, k, ons_every, sequences=max(1, B // k)),
+    }
+    seconds: dict[str, list[float]] = {part: [] for part in parts}
+    for round_ in range(repeats + 1):  # the first warms up
+        for part, work in parts.items():
+            elapsed = timed(work, device)
+            if round_:
+                seconds[part].append(elapsed)
+    median = {part: statistics.median(times) for part, times in seconds.items()}
+    return {"cell": cell, "T": T, "seconds": median,
+            **period_shares(median, every, INSTRUMENT_STEPS)}
+
+
+def period_shares(median: dict[str, float], every: int, period: int) -> dict:
+    """`instrument_costs`' ``period`` and ``predicted_over_off`` from the parts' seconds: in
+    ``period`` unmonitored steps' time, period // every monitored steps each add their probed
+    step's extra time and the contributions, and one adds the Jacobians and the spectrum."""
+    plain = median["unmonitored step"]
+    monitored = period // every
+    added = {"probed steps": monitored * (median["probed step, contributions"] - plain),
+             "contributions": monitored * median["contributions"],
+             "Jacobians": median["Jacobians"], "Lyapunov": median["Lyapunov"]}
+    shares = {part: value / (period * plain) for part, value in added.items()}
+    return {"period": shares, "predicted_over_off": 1 / (1 + sum(shares.values()))}
+
+
+def instruments_table(rows: list[dict], title: str):
+    """`instrument_costs` of each cell and T: milliseconds of each part, then the share of a
+    default period each adds and the speed over unmonitored they predict."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    short = {"unmonitored step": "off step", "probed step": "probed",
+             "probed step, contributions": "probed+contrib.", "contributions": "contrib.",
+             "probed steps": "probed"}
+    for column in ("cell", "T", *(f"{short.get(part, part)} ms" for part in INSTRUMENT_PARTS),
+                   *(f"+{short.get(part, part)}" for part in rows[0]["period"]),
+                   "predicted monitor/off"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["cell"], str(row["T"]),
+                      *(f"{1000 * row['seconds'][part]:.1f}" for part in INSTRUMENT_PARTS),
+                      *(f"{100 * share:.1f}%" for share in row["period"].values()),
+                      f"{row['predicted_over_off']:.3f}")
+    return table
+
+
 class UserLSTM(pl.LightningModule):
     """A user's model as written without rnnlab: 2-layer nn.LSTM, linear read-out of the last
     output, MSE (the adding task), Adam."""
@@ -1058,6 +1165,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="only: the transition Jacobians' cost, by the cell's own products "
                              "and by autograd, against a probed step, for each of --cells at "
                              "each of --lengths")
+    parser.add_argument("--instruments", action="store_true",
+                        help="only: each part of the default monitor's work (probed steps, "
+                             "contributions, Jacobians, Lyapunov) timed beside an unmonitored "
+                             "step, for each of --cells at each of --lengths, and the share of "
+                             "a default period each adds")
     parser.add_argument("--memory", action="store_true",
                         help="only: each of --cells' peak memory at each of --lengths, "
                              "unmonitored and monitored every step (default monitor), two "
@@ -1098,6 +1210,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.console import Console
     from rich.progress import track
+
+    if args.instruments:
+        pairs = [(c, int(t)) for c in args.cells.split(",") if c for t in args.lengths.split(",")]
+        rows = [instrument_costs(cell, T, repeats=max(3, args.repeats), device=args.device)
+                for cell, T in track(pairs, description="instruments")]
+        Console(width=200).print(instruments_table(
+            rows, f"the default monitor's parts against an unmonitored step (B={B}, H={H}, "
+                  f"adding, {args.device}, {torch.get_num_threads()} threads, medians of "
+                  f"{max(3, args.repeats)} interleaved rounds)"))
+        Path(args.out).write_text(json.dumps({"instruments": rows}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     if args.sweep:
         results = [run_sweep(n, args.sweep_jobs, args.sweep_length, args.sweep_steps,
