@@ -26,6 +26,9 @@ memory, each in a process of its own.
 ``--jacobians`` times the transition Jacobians' norms (`gradflow.jacobians`) by the cell's own
 J v and Jᵀ w against autograd's, beside a probed step of the same model and batch.
 
+``--instruments`` times each part of the default monitor's work on one model and batch beside an
+unmonitored training step (`instrument_costs`), and what each adds to a default period.
+
 ``--sweep`` measures a sweep's throughput instead: 20 short jobs (T = 50, 500 steps, seeds
 0 … 19) under ``hydra/launcher=joblib``, one job at a time and two at a time, each sweep one
 ``rnnlab train -m`` process: its jobs per hour, their ratio, and per job the start-up (from the
@@ -432,9 +435,11 @@ def instrument_costs(cell: str, T: int, repeats: int, device: str) -> dict:
     from rnnlab.callbacks import INSTRUMENT_STEPS
     from rnnlab.config import compose_config
     from rnnlab.lyapunov import lyapunov
+    from rnnlab.malloc import tune_malloc
     from rnnlab.probing import ProbeRequest
     from rnnlab.train import build, build_model
 
+    tune_malloc()  # as training does (`malloc`'s default)
     defaults = inspect.signature(GradFlowCallback).parameters
     iterations = defaults["jacobian_iterations"].default
     k, ons_every = defaults["lyapunov_k"].default, defaults["lyapunov_ons_every"].default
