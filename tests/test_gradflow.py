@@ -107,13 +107,16 @@ def test_grad_flow_module_norms_equal_autograd_parameter_gradients():
         assert record.grad_norms[f"grad_norm_{module}"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients():
+def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients(monkeypatch):
     torch.manual_seed(3)
     model = rnn_model()
     model.cell.weight_hh.requires_grad_(False)  # a parameter without a gradient
     batch = adding_batch(10)
     model.loss_fn(model(batch["x"]), batch["y"]).backward()
     norms = gradflow.GradNorms(model)
+    vector_norm, calls = torch.linalg.vector_norm, []
+    monkeypatch.setattr(torch.linalg, "vector_norm",
+                        lambda x, *a, **k: (calls.append(x.shape), vector_norm(x, *a, **k))[1])
 
     def expected(*modules: str) -> float:
         grads = [p.grad.flatten() for m in modules for p in getattr(model, m).parameters()
@@ -126,13 +129,21 @@ def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients():
         assert by_module[f"grad_norm_{module}"].item() == pytest.approx(expected(module),
                                                                          rel=1e-12)
         assert by_module[f"grad_norm_{module}"].dtype == torch.float64
-    assert norms.total().item() == pytest.approx(expected("encoder", "cell", "decoder"),
-                                                 rel=1e-12)
-    before = norms.total().item()
+    whole = expected("encoder", "cell", "decoder")
+    calls.clear()
+    assert norms.total().item() == pytest.approx(whole, rel=1e-12)
+    assert len(calls) == 1  # every gradient's norm reused: only their combination
+    assert not norms.taken  # and the gradients let go of
+    before = norms.total().item()  # nothing kept: every gradient read again, the same total
+    assert before == pytest.approx(expected("encoder", "cell", "decoder"), rel=1e-12)
+
+    norms.modules()
     model.decoder.weight.grad.mul_(3.0)  # written in place after modules(): read again
     model.encoder.bias.grad = torch.ones_like(model.encoder.bias)  # a new tensor: read again
     model.cell.bias_ih.grad = None  # gone: left out
+    calls.clear()
     changed = norms.total().item()
+    assert len(calls) == 2 + 1  # the two changed gradients and the combination
     assert changed == pytest.approx(expected("encoder", "cell", "decoder"), rel=1e-12)
     assert changed != pytest.approx(before, rel=1e-6)
     assert gradflow.total_grad_norm(model).item() == pytest.approx(changed, rel=1e-12)

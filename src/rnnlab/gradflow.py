@@ -103,14 +103,17 @@ class GradNorms:
                 for key, members in self.groups}
 
     def total(self) -> Tensor:
-        """The 2-norm of every parameter gradient together, as `total_grad_norm`."""
+        """The 2-norm of every parameter gradient together, as `total_grad_norm`. Lets go of the
+        gradients `modules` kept (no step's gradients outlive it here: a large model's would
+        double their memory into the next step); a later call reads them all."""
         parts = []
+        taken, self.taken = self.taken, {}
         for i, p in enumerate(self.params):
-            grad, taken = p.grad, self.taken.get(i)
+            grad, seen = p.grad, taken.get(i)
             if grad is None:
                 continue
-            if taken is not None and taken[0] is grad and taken[1] == grad._version:
-                parts.append(taken[2])
+            if seen is not None and seen[0] is grad and seen[1] == grad._version:
+                parts.append(seen[2])
             else:
                 parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64))
         return combined_norm(parts)
