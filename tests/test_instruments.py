@@ -135,7 +135,42 @@ def test_streamed_cell_contributions_equal_per_step_parameter_probes(cell):
                                per_step_probe_contributions(model, batch), rtol=1e-10,
                                atol=1e-14)
     if cell in ("rnn", "gru", "lstm"):
-        assert model.batched_contributions
+        assert model.batched_contributions and model.cell.step_parameter_grads is not None
+
+
+@pytest.mark.parametrize("cell, options", [
+    ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
+    ("rnn", {"nonlinearity": "sigmoid"}), ("rnn", {"nonlinearity": "identity"}),
+    ("gru", {}), ("lstm", {})])
+def test_written_out_per_step_parameter_gradients_equal_the_vmap_of_autograd(cell, options):
+    """A cell's `step_parameter_grads` against `per_step_parameter_grads` (vmap of the step's
+    vector–Jacobian product) on random states and cotangents, every parameter, every step."""
+    from rnnlab.steps import per_step_parameter_grads
+
+    torch.manual_seed(5)
+    model = make_model(cell, **options)
+    C, B, H = 7, 4, model.cell.hidden_size
+    u = torch.randn(C, B, model.cell.input_size, dtype=torch.float64)
+    previous = tuple(torch.randn(C, B, H, dtype=torch.float64) for _ in model.cell.state_names)
+    cotangents = tuple(torch.randn(C, B, H, dtype=torch.float64) for _ in previous)
+    written = model.cell.step_parameter_grads(u, previous, cotangents, None)
+    by_vmap = per_step_parameter_grads(model.cell, u, previous, cotangents, None)
+    assert len(written) == len(by_vmap) == len(list(model.cell.parameters()))
+    for name, a, b in zip(dict(model.cell.named_parameters()), written, by_vmap):
+        assert a.shape == b.shape == (C, *model.cell.get_parameter(name).shape), name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=name)
+
+
+def test_a_constrained_rnn_steps_its_contributions_by_vmap():
+    """With constraint=orthogonal the parameter is Q's generator, not W: no written-out form,
+    and the vmap's contributions still equal the per-step probes'."""
+    model = make_model("rnn", init="orthogonal", constraint="orthogonal")
+    assert model.cell.step_parameter_grads is None
+    batch = adding_batch(8)
+    record = gradflow.grad_flow(model, batch, param_contributions=True)
+    np.testing.assert_allclose(record.contributions["dL_dW_cell"],
+                               per_step_probe_contributions(model, batch), rtol=1e-10,
+                               atol=1e-14)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "mingru"])

@@ -269,7 +269,13 @@ class RecurrentModel(pl.LightningModule):
             for t0 in range(0, T, chunk):
                 t1 = min(t0 + chunk, T)
                 grads = None
-                if self.batched_contributions:
+                if self.cell.step_parameter_grads is not None:
+                    grads = self.cell.step_parameter_grads(
+                        u.detach()[:, t0:t1].transpose(0, 1),
+                        tuple(torch.stack(s) for s in zip(*previous[t0:t1])),
+                        tuple(g[t0:t1] for g in cotangents),
+                        dt[:, t0:t1].transpose(0, 1) if dt is not None else None)
+                elif self.batched_contributions:
                     try:
                         grads = per_step_parameter_grads(
                             self.cell, u.detach()[:, t0:t1].transpose(0, 1),

@@ -120,6 +120,13 @@ class Cell(nn.Module):
       (C, B, hidden) tensor per state (zeros, from the monitor), ``first`` z[0] at every step
       (C, B, hidden); it appends z_{t−1} (detached) to ``previous`` unless None. The probes'
       gradients must be the loop's. The base has none (``None``).
+    - optional `step_parameter_grads(u, previous, cotangents, dt)` -> one (C, *shape) tensor
+      per parameter, in `named_parameters` order: dL/dW⁽ᵗ⁾ of C steps at once, the vector–Jacobian
+      product of each step alone with respect to the parameters, written out from the step's
+      own derivatives. ``u`` (C, B, input_size), ``previous`` one (C, B, hidden) tensor per
+      state (z_{t−1}), ``cotangents`` likewise (∂L/∂z_t), ``dt`` (C, B) or None. The per-step
+      contributions then need no `torch.func.vmap` of autograd (`per_step_parameter_grads`,
+      which gives the same numbers for any cell). The base has none (``None``).
     - optional `diagnostics()` -> ``{name: number}``: read (and reset) by the model after every
       training step and logged as ``cell/<name>``, e.g. an ODE solver's ``nfe_forward``. The base
       returns ``{}``.
@@ -160,6 +167,7 @@ class Cell(nn.Module):
     input_projection = None  # optional: u (C, B, input) -> g (C, B, ·), with projected_step
     projected_step = None  # optional: (g_t, state, dt) -> State, see the contract
     probed_sequence = None  # optional: (g, state, probes, previous) -> (first, state)
+    step_parameter_grads = None  # optional: (u, previous, cotangents, dt) -> [(C, *shape)]
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()

@@ -48,6 +48,17 @@ class GatedCell(Cell):
         """The parameters in the order PyTorch's fused kernels take them."""
         return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
 
+    def gate_inputs(self, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """W_ih u_t + b_ih and W_hh h_{t−1} + b_hh of C steps, (C, B, G·H) each."""
+        return (u @ self.weight_ih.T + self.bias_ih, h @ self.weight_hh.T + self.bias_hh)
+
+    @staticmethod
+    def parameter_grads(d_ih: Tensor, d_hh: Tensor, u: Tensor, h: Tensor) -> list[Tensor]:
+        """dL/dW⁽ᵗ⁾ from the gradients of W_ih u_t + b_ih (``d_ih``) and W_hh h_{t−1} + b_hh
+        (``d_hh``), (C, B, G·H) each: [∂/∂W_ih, ∂/∂W_hh, ∂/∂b_ih, ∂/∂b_hh] per step."""
+        return [torch.bmm(d_ih.transpose(1, 2), u), torch.bmm(d_hh.transpose(1, 2), h),
+                d_ih.sum(1), d_hh.sum(1)]
+
 
 class GRU(GatedCell):
     """The GRU, as `torch.nn.GRU` (gate blocks r, z, n):
@@ -70,6 +81,28 @@ class GRU(GatedCell):
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         (h,) = state
         return (torch.gru_cell(u_t, h, *self.weights()),)
+
+    def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
+                             dt: Tensor | None) -> list[Tensor]:
+        """dL/dW⁽ᵗ⁾ of C steps, from the gates recomputed for all of them at once: with
+        g = ∂L/∂h_t, ∂/∂n = g(1 − z), ∂/∂z = g(h_{t−1} − n); the pre-activations' gradients
+        ∂a_n = ∂n(1 − n²), ∂a_z = ∂z z(1 − z), ∂a_r = ∂a_n ⊙ (W_hn h + b_hn) r(1 − r); the input
+        side's blocks [∂a_r, ∂a_z, ∂a_n], the recurrent side's [∂a_r, ∂a_z, ∂a_n ⊙ r]."""
+        (h,), (grad,) = previous, cotangents
+        H = self.hidden_size
+        with torch.no_grad():
+            gi, gh = self.gate_inputs(u, h)
+            r = torch.sigmoid(gi[..., :H] + gh[..., :H])
+            z = torch.sigmoid(gi[..., H:2 * H] + gh[..., H:2 * H])
+            n = torch.tanh(torch.addcmul(gi[..., 2 * H:], r, gh[..., 2 * H:]))
+            d_ih = torch.empty_like(gi)
+            d_r, d_z, d_n = d_ih.split(H, -1)
+            torch.mul(grad * (1 - z), 1 - n * n, out=d_n)
+            torch.mul(grad * (h - n), z * (1 - z), out=d_z)
+            torch.mul(d_n * gh[..., 2 * H:], r * (1 - r), out=d_r)
+            d_hh = d_ih.clone()
+            d_hh[..., 2 * H:].mul_(r)
+            return self.parameter_grads(d_ih, d_hh, u, h)
 
     def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
         """J = ∂h_t/∂h_{t−1} = diag(z) + Σ_g diag(α_g) W_hg over the blocks g = r, z, n:
@@ -160,6 +193,30 @@ class LSTM(GatedCell):
 
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         return tuple(torch.lstm_cell(u_t, state, *self.weights()))
+
+    def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
+                             dt: Tensor | None) -> list[Tensor]:
+        """dL/dW⁽ᵗ⁾ of C steps, from the gates recomputed for all of them at once: with
+        ∂L/∂h_t = g_h, ∂L/∂c_t = g_c and δc = g_c + g_h o (1 − tanh² c_t), the pre-activations'
+        gradients are δc g i(1 − i), δc c_{t−1} f(1 − f), δc i(1 − g²), g_h tanh(c_t) o(1 − o),
+        the same on the input and the recurrent side."""
+        (h, c), (grad_h, grad_c) = previous, cotangents
+        H = self.hidden_size
+        with torch.no_grad():
+            gi, gh = self.gate_inputs(u, h)
+            gates = gi.add_(gh)
+            i, f, g, o = gates.split(H, -1)
+            i, f, o = torch.sigmoid(i), torch.sigmoid(f), torch.sigmoid(o)
+            g = torch.tanh(g)
+            tanh_c = torch.tanh(torch.addcmul(f * c, i, g))
+            dc = torch.addcmul(grad_c, grad_h * o, 1 - tanh_c * tanh_c)
+            d = torch.empty_like(gates)
+            d_i, d_f, d_g, d_o = d.split(H, -1)
+            torch.mul(dc * g, i * (1 - i), out=d_i)
+            torch.mul(dc * c, f * (1 - f), out=d_f)
+            torch.mul(dc * i, 1 - g * g, out=d_g)
+            torch.mul(grad_h * tanh_c, o * (1 - o), out=d_o)
+            return self.parameter_grads(d, d, u, h)
 
     def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
         """J of the state (h, c), rows [h, c] (2H): with P = W_hh v_h (blocks i, f, g, o),

@@ -108,6 +108,7 @@ class ElmanRNN(Cell):
         if constraint == "orthogonal":
             parametrizations.orthogonal(self, "weight_hh")
             parametrize.register_parametrization(self, "weight_hh", Scale(gain))
+            self.step_parameter_grads = None  # the parameter is Q's generator, not W
 
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         (z,) = state
@@ -121,6 +122,20 @@ class ElmanRNN(Cell):
         pre = u_t @ self.weight_ih.T + self.bias_ih + z @ W.T + self.bias_hh
         slope = SLOPES[self.nonlinearity](pre, self.phi(pre))
         return (lambda v: slope * (v @ W.T)), (lambda w: (slope * w) @ W)
+
+    def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
+                             dt: Tensor | None) -> list[Tensor]:
+        """dL/dW⁽ᵗ⁾ of C steps: with δ_t = φ'(a_t) ⊙ ∂L/∂z_t, a_t = W z_{t−1} + U u_t + b,
+        ∂/∂U = δ_tᵀ u_t, ∂/∂W = δ_tᵀ z_{t−1} and ∂/∂b_ih = ∂/∂b_hh = Σ_b δ_t (one batched
+        matmul each over the C steps)."""
+        (z,), (grad,) = previous, cotangents
+        with torch.no_grad():
+            pre = torch.baddbmm(u @ self.weight_ih.T + (self.bias_ih + self.bias_hh), z,
+                                self.weight_hh.T.expand(z.shape[0], -1, -1))
+            delta = SLOPES[self.nonlinearity](pre, self.phi(pre)).mul_(grad)
+            db = delta.sum(1)
+            return [torch.bmm(delta.transpose(1, 2), u), torch.bmm(delta.transpose(1, 2), z),
+                    db, db.clone()]
 
     def input_projection(self, u: Tensor) -> Tensor:
         return u @ self.weight_ih.T + (self.bias_ih + self.bias_hh)
