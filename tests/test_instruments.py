@@ -134,14 +134,15 @@ def test_streamed_cell_contributions_equal_per_step_parameter_probes(cell):
     np.testing.assert_allclose(record.contributions["dL_dW_cell"],
                                per_step_probe_contributions(model, batch), rtol=1e-10,
                                atol=1e-14)
-    if cell in ("rnn", "gru", "lstm"):
+    if cell in ("rnn", "gru", "lstm", "mingru", "indrnn"):
         assert model.batched_contributions and model.cell.step_parameter_grads is not None
 
 
 @pytest.mark.parametrize("cell, options", [
     ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
     ("rnn", {"nonlinearity": "sigmoid"}), ("rnn", {"nonlinearity": "identity"}),
-    ("gru", {}), ("lstm", {})])
+    ("gru", {}), ("lstm", {}), ("mingru", {}), ("indrnn", {}),
+    ("indrnn", {"horizon": 3, "magnitude": 1.2})])
 def test_written_out_per_step_parameter_gradients_equal_the_vmap_of_autograd(cell, options):
     """A cell's `step_parameter_grads` against `per_step_parameter_grads` (vmap of the step's
     vector–Jacobian product) on random states and cotangents, every parameter, every step."""
@@ -153,6 +154,15 @@ def test_written_out_per_step_parameter_gradients_equal_the_vmap_of_autograd(cel
     u = torch.randn(C, B, model.cell.input_size, dtype=torch.float64)
     previous = tuple(torch.randn(C, B, H, dtype=torch.float64) for _ in model.cell.state_names)
     cotangents = tuple(torch.randn(C, B, H, dtype=torch.float64) for _ in previous)
+    if cell == "mingru":  # where c + 1/2 = σ(c), at c = 0, g' is the mean of both sides
+        u[0, 0] = 0
+        with torch.no_grad():
+            model.cell.candidate.bias[:3] = 0
+        c = model.cell.candidate(u[0, 0])
+        assert torch.equal(c[:3] + 0.5, torch.sigmoid(c[:3]))
+    if "horizon" in options:  # some weights beyond the bound, where w gets no gradient
+        with torch.no_grad():
+            model.cell.recurrent[::2] = 1.5
     written = model.cell.step_parameter_grads(u, previous, cotangents, None)
     by_vmap = per_step_parameter_grads(model.cell, u, previous, cotangents, None)
     assert len(written) == len(by_vmap) == len(list(model.cell.parameters()))

@@ -56,6 +56,20 @@ class IndRNN(Cell):
         (h,) = state
         return (torch.relu(self.input(u_t) + self.recurrent_weights() * h),)
 
+    def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
+                             dt: Tensor | None) -> list[Tensor]:
+        """dL/dW⁽ᵗ⁾ of C steps: with δ_t = ∂L/∂h_t ⊙ 1[pre_t > 0], W gets δ_tᵀ u_t, b the sum
+        of δ_t over the batch, and w the sum of δ_t ⊙ h_{t−1}, where the bound lets it through
+        (as autograd differentiates `clamp`: where −bound ≤ w ≤ bound)."""
+        (h,), (grad,) = previous, cotangents
+        with torch.no_grad():
+            pre = torch.addcmul(self.input(u), self.recurrent_weights(), h)
+            delta = grad * (pre > 0)
+            d_w = (delta * h).sum(1)
+            if self.bound is not None:
+                d_w = d_w * (self.recurrent.abs() <= self.bound)
+            return [d_w, torch.bmm(delta.transpose(1, 2), u), delta.sum(1)]  # w, then W, b
+
     def input_projection(self, u: Tensor) -> Tensor:
         """W u_t + b for many steps at once: the loop then makes one matmul per chunk."""
         return self.input(u)

@@ -68,6 +68,25 @@ class MinGRU(Cell):
         # 1 − σ(k) = σ(−k), without the cancellation where σ(k) ≈ 1
         return (torch.sigmoid(-k) * h + torch.sigmoid(k) * g(self.candidate(u_t)),)
 
+    def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
+                             dt: Tensor | None) -> list[Tensor]:
+        """dL/dW⁽ᵗ⁾ of C steps: with ∂L/∂h_t = g_h, the gate's pre-activation k gets
+        g_h σ(k)σ(−k)(h̃ − h_{t−1}) and the candidate's c gets g_h σ(k) g'(c), where
+        g'(c) is 1 where c + 1/2 > σ(c), σ'(c) where below, and their mean where equal (as
+        autograd differentiates `torch.maximum`); each Linear's weight then gets the batched
+        outer product with u_t, its bias the sum over the batch."""
+        (h,), (grad,) = previous, cotangents
+        with torch.no_grad():
+            k, c = self.input_projection(u).chunk(2, -1)
+            z, line, s = torch.sigmoid(k), c + 0.5, torch.sigmoid(c)
+            slope = s * (1 - s)
+            g_prime = torch.where(line > s, torch.ones_like(c),
+                                  torch.where(line < s, slope, (1 + slope) / 2))
+            d_k = grad * z * torch.sigmoid(-k) * (torch.maximum(line, s) - h)
+            d_c = grad * z * g_prime
+            return [torch.bmm(d_k.transpose(1, 2), u), d_k.sum(1),
+                    torch.bmm(d_c.transpose(1, 2), u), d_c.sum(1)]
+
     def stacked(self) -> tuple[Tensor, Tensor]:
         """[W_z; W_h] (2H, input) and [b_z; b_h] (2H,): both gates as one linear map."""
         return (torch.cat([self.gate.weight, self.candidate.weight]),
