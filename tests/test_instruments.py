@@ -134,14 +134,14 @@ def test_streamed_cell_contributions_equal_per_step_parameter_probes(cell):
     np.testing.assert_allclose(record.contributions["dL_dW_cell"],
                                per_step_probe_contributions(model, batch), rtol=1e-10,
                                atol=1e-14)
-    if cell in ("rnn", "gru", "lstm", "mingru", "indrnn"):
+    if cell in ("rnn", "gru", "lstm", "mingru", "lru", "indrnn"):
         assert model.batched_contributions and model.cell.step_parameter_grads is not None
 
 
 @pytest.mark.parametrize("cell, options", [
     ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
     ("rnn", {"nonlinearity": "sigmoid"}), ("rnn", {"nonlinearity": "identity"}),
-    ("gru", {}), ("lstm", {}), ("mingru", {}), ("indrnn", {}),
+    ("gru", {}), ("lstm", {}), ("mingru", {}), ("lru", {}), ("indrnn", {}),
     ("indrnn", {"horizon": 3, "magnitude": 1.2})])
 def test_written_out_per_step_parameter_gradients_equal_the_vmap_of_autograd(cell, options):
     """A cell's `step_parameter_grads` against `per_step_parameter_grads` (vmap of the step's
