@@ -251,7 +251,9 @@ class RecurrentModel(pl.LightningModule):
         (``previous``, ``u`` detached). Each chunk runs its C steps again from those states with
         parameters W + q_t (`per_step_parameters`) and takes the gradients of the zero q_t: the
         same numbers as probing W⁽ᵗ⁾ during the pass (`tests/test_instruments.py`), in memory of
-        C, not T, copies of the parameters and steps' activations (`contribution_chunk_steps`). The
+        C, not T, copies of the parameters and steps' activations (`contribution_chunk_steps`). A
+        cell that writes out its per-step parameter gradients (`Cell.step_parameter_grads`: the
+        Elman RNN, GRU, LSTM, minGRU, LRU, IndRNN) gives a chunk's at once; for the others the
         C steps of a chunk are one `vmap` of the step's vector–Jacobian product
         (`per_step_parameter_grads`: the same numbers, 2–5× faster); a cell whose step vmap
         cannot batch (an adaptive ODE solver) is stepped one step at a time from then on, which
@@ -269,19 +271,16 @@ class RecurrentModel(pl.LightningModule):
             for t0 in range(0, T, chunk):
                 t1 = min(t0 + chunk, T)
                 grads = None
+                # the chunk's steps, time-major: u_t, z_{t−1} and ∂L/∂z_t per state, dt
+                steps = (u.detach()[:, t0:t1].transpose(0, 1),
+                         tuple(torch.stack(s) for s in zip(*previous[t0:t1])),
+                         tuple(g[t0:t1] for g in cotangents),
+                         dt[:, t0:t1].transpose(0, 1) if dt is not None else None)
                 if self.cell.step_parameter_grads is not None:
-                    grads = self.cell.step_parameter_grads(
-                        u.detach()[:, t0:t1].transpose(0, 1),
-                        tuple(torch.stack(s) for s in zip(*previous[t0:t1])),
-                        tuple(g[t0:t1] for g in cotangents),
-                        dt[:, t0:t1].transpose(0, 1) if dt is not None else None)
+                    grads = self.cell.step_parameter_grads(*steps)
                 elif self.batched_contributions:
                     try:
-                        grads = per_step_parameter_grads(
-                            self.cell, u.detach()[:, t0:t1].transpose(0, 1),
-                            tuple(torch.stack(s) for s in zip(*previous[t0:t1])),
-                            tuple(g[t0:t1] for g in cotangents),
-                            dt[:, t0:t1].transpose(0, 1) if dt is not None else None)
+                        grads = per_step_parameter_grads(self.cell, *steps)
                     except Exception as error:  # noqa: BLE001 - the loop below is the reference
                         self.batched_contributions = False
                         log.info("%s: per-step parameter contributions step by step (vmap: "

@@ -130,7 +130,7 @@ class ElmanRNN(Cell):
         matmul each over the C steps)."""
         (z,), (grad,) = previous, cotangents
         with torch.no_grad():
-            pre = torch.baddbmm(u @ self.weight_ih.T + (self.bias_ih + self.bias_hh), z,
+            pre = torch.baddbmm(self.input_projection(u), z,
                                 self.weight_hh.T.expand(z.shape[0], -1, -1))
             delta = SLOPES[self.nonlinearity](pre, self.phi(pre)).mul_(grad)
             db = delta.sum(1)
