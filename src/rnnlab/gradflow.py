@@ -69,8 +69,7 @@ def module_grad_norm_tensors(model: torch.nn.Module,
 def total_grad_norm(model: torch.nn.Module) -> Tensor:
     """The 2-norm of every parameter gradient of the model together (what clipping by norm sees),
     a 0-d float64 tensor on the model's device (no host sync)."""
-    return combined_norm([torch.linalg.vector_norm(p.grad, dtype=torch.float64)
-                          for p in model.parameters() if p.grad is not None])
+    return GradNorms(model).total()  # nothing taken yet: every gradient read
 
 
 class GradNorms:
@@ -103,7 +102,7 @@ class GradNorms:
                 for key, members in self.groups}
 
     def total(self) -> Tensor:
-        """The 2-norm of every parameter gradient together, as `total_grad_norm`. Lets go of the
+        """The 2-norm of every parameter gradient together (`total_grad_norm`). Lets go of the
         gradients `modules` kept (no step's gradients outlive it here: a large model's would
         double their memory into the next step); a later call reads them all."""
         parts = []
