@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 import rnnlab
 from rnnlab import gradflow
-from rnnlab.records import Record
+from rnnlab.records import record_of
 from rnnlab.train import train
 
 from .conftest import ROOT
@@ -61,7 +61,7 @@ def test_monitoring_every_step_trains_the_same_parameters_as_no_monitoring(tmp_p
 
 def test_the_first_record_is_the_profile_of_the_first_batch_on_the_initial_weights(tmp_path):
     fit(tmp_path, callback=True)
-    record = Record.load(tmp_path / "grad_flow" / "lstm" / "step_0000000.npz")
+    record = record_of(tmp_path / "grad_flow" / "lstm", 0)
     pl.seed_everything(0)  # the same model and first batch, measured apart from the trainer
     model = lstm_classifier.LSTMClassifier(features=3, hidden=5).double()
     x, y = next(iter(DataLoader(lstm_classifier.first_sign_data(STEPS * 4, T, 3), batch_size=4)))
@@ -130,7 +130,8 @@ def test_with_only_a_csv_logger_and_no_figures_the_log_says_where_the_records_ar
     assert "figures are off (monitor.figure_every_n_records=0)" in caplog.text
     assert f"every number is in the records under {tmp_path / 'grad_flow'}" in caplog.text
     assert not (tmp_path / "grad_flow" / "figures").exists()
-    assert len(list((tmp_path / "grad_flow" / "lstm").glob("step_*.npz"))) == STEPS
+    loaded = gradflow.load(tmp_path / "grad_flow", module="lstm")
+    assert loaded["step"].tolist() == list(range(STEPS))
 
 
 def test_rnnlab_run_with_tensorboard_and_csv_logs_the_records_scalars_to_both(make_cfg,

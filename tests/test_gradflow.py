@@ -196,7 +196,7 @@ def test_load_stacks_records_in_step_order(tmp_path):
 
 
 def test_load_names_the_directory_when_it_holds_no_records(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no step_\*\.npz in "):
+    with pytest.raises(FileNotFoundError, match=r"no step_\*\.npz \(or steps_\*\.npz\) in "):
         gradflow.load(tmp_path)
 
 

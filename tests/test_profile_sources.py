@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from rnnlab import gradflow
-from rnnlab.records import Record
+from rnnlab.records import record_of
 from rnnlab.train import build, build_model
 
 ADJOINT = ["cell=node", "cell.solver=dopri5", "cell.adjoint=true", "cell.whole_sequence=true",
@@ -44,7 +44,7 @@ def test_float64_profile_with_the_adjoint_names_each_numbers_source(make_cfg, tm
     trainer.fit(model, datamodule=task)
     assert "each record names the sources" in caplog.text
 
-    record = Record.load(tmp_path / "grad_flow" / "step_0000000.npz")
+    record = record_of(tmp_path / "grad_flow", 0)
     assert record.sources["profiles"] == record.sources["loss"] == "float64_copy"
     assert record.sources["grad_norms"] == "training_step"
     assert gradflow.load(tmp_path)["source_profiles"] == "float64_copy"  # loaded, not stacked
@@ -76,4 +76,4 @@ def test_float32_profile_comes_from_the_training_step_alone(make_cfg, tmp_path):
     task = build(cfg.task)
     trainer = build(cfg.trainer, callbacks=[build(cfg.monitor)], logger=False)
     trainer.fit(build_model(cfg, task), datamodule=task)
-    assert Record.load(tmp_path / "grad_flow" / "step_0000000.npz").sources == {}
+    assert record_of(tmp_path / "grad_flow", 0).sources == {}

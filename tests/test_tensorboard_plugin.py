@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import rnnlab
-from rnnlab.records import Record
+from rnnlab.records import Record, read_records, record_files
 from rnnlab.tensorboard_plugin import GradFlowLoader, summary
 from rnnlab.tensorboard_plugin.labels import short_labels
 from rnnlab.train import train
@@ -373,9 +373,9 @@ def test_a_watched_models_rows_and_its_run_info_reach_the_tab(tmp_path):
                                                                 "lr=0.01": "lr=0.01"}
         for run in runs:
             records = {}
-            for path in sorted((tmp_path / run / "grad_flow" / "lstm").glob("step_*.npz")):
-                with np.load(path) as saved:
-                    records[int(saved["step"])] = {k: saved[k] for k in saved.files}
+            for path in record_files(tmp_path / run / "grad_flow" / "lstm"):
+                for saved in read_records(path):  # packs: every step is monitored
+                    records[int(saved["step"])] = saved
             assert sorted(records) == [0, 1, 2]
             rows = [str(r) for r in records[0]["rows"]]
             assert rows == ["l0", "l1"]

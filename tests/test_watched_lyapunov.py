@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rnnlab
 from rnnlab import lyapunov
-from rnnlab.records import Record, summarize
+from rnnlab.records import record_of, summarize
 
 T, FEATURES, B, STEPS = 40, 3, 6, 3
 
@@ -88,7 +88,7 @@ def test_recorded_and_logged_spectra_of_a_gru_and_a_2_layer_lstm_equal_module_ly
         batch_x = snapshots.batches[step][0]
         inputs = {"gru": batch_x, "lstm": again.lstm_input(batch_x).detach()}  # fused kernels
         for path, rows_expected in (("gru", ["l0"]), ("lstm", ["l0", "l1"])):
-            record = Record.load(tmp_path / "grad_flow" / path / f"step_{step:07d}.npz")
+            record = record_of(tmp_path / "grad_flow" / path, step)
             module = getattr(again, path)
             S = B // k  # the monitor's default: batch_size // lyapunov_k sequences
             first = inputs[path][:S] if module.batch_first else inputs[path][:, :S]
@@ -115,7 +115,7 @@ def test_recorded_and_logged_spectra_of_a_gru_and_a_2_layer_lstm_equal_module_ly
                 assert float(row_logged[f"grad_flow/{path}/{row}/predicted_decay_rate"]) == \
                     pytest.approx(section.predicted_decay_rate[i], rel=1e-12)
     # only the multiples of lyapunov_every_n_steps measure the spectrum
-    assert Record.load(tmp_path / "grad_flow" / "gru" / "step_0000001.npz").lyapunov is None
+    assert record_of(tmp_path / "grad_flow" / "gru", 1).lyapunov is None
     figures = tmp_path / "grad_flow" / "figures"
     assert (figures / "grad_flow_lstm_lyapunov_0000002.png").is_file()
     assert not (figures / "grad_flow_lstm_lyapunov_0000001.png").exists()
@@ -148,7 +148,7 @@ def test_a_positive_relu_rnns_monitored_exponents_are_log10_of_its_eigenvalue_mo
                    generator=torch.Generator().manual_seed(0))
     fit(tmp_path, model, TensorDataset(x), 1, lyapunov_k=4, lyapunov_ons_every=1,
         lyapunov_sequences=2)
-    record = Record.load(tmp_path / "grad_flow" / "rnn" / "step_0000000.npz")
+    record = record_of(tmp_path / "grad_flow" / "rnn", 0)
     np.testing.assert_allclose(record.lyapunov.lyapunov_per_sequence[0],
                                np.tile(np.log10(eigenvalues), (2, 1)), atol=1e-10)
 

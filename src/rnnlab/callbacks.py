@@ -71,7 +71,7 @@ from rnnlab.lyapunov import lyapunov, mean_over_processes, watched_lyapunov
 from rnnlab.model import RecurrentModel
 from rnnlab.nonfinite import NonFinitePolicy
 from rnnlab.probing import ProbeRequest
-from rnnlab.records import RECORD_GLOB, Record, record_path, watched_modules
+from rnnlab.records import Record, load_records, record_files, save_records, watched_modules
 from rnnlab.rundir import BackgroundWriter, RunFileError
 from rnnlab.watching import Watch
 
@@ -87,6 +87,11 @@ FLOAT64_SOURCES = {"profiles": "float64_copy", "contributions": "float64_copy",
 # The Jacobians and the Lyapunov spectrum, by default (``auto``), about every this many training
 # steps: on the monitored steps that are multiples of the least multiple of every_n_steps ≥ it.
 INSTRUMENT_STEPS = 500
+# Records, by default (``auto``), one file per this many training steps at least: packs of
+# RECORD_FILE_STEPS // every_n_steps records where every_n_steps ≤ 25 (a file of its own per
+# record cost LRU and IndRNN runs monitored every step at T = 100 about a fifth of their speed,
+# in the kernel's work of creating the files, not in writing the bytes).
+RECORD_FILE_STEPS = 50
 MODEL = ""  # the pass name of rnnlab's own model: its records go straight into dirpath
 
 
@@ -178,6 +183,12 @@ class GradFlowCallback(pl.Callback):
         lyapunov_ons_every: re-orthonormalise the k vectors by QR every this many steps.
         lyapunov_sequences: how many of the batch's sequences to measure; null: B // k, at least
             1, so that the k vectors of all of them cost about one training step.
+        records_per_file: how many monitored steps' records go into one file: 1, each its own
+            ``step_<step>.npz``; n > 1, packs of n (``steps_<first>-<last>.npz``, read as
+            records are: `rnnlab.records.load`), held until a pack is full, a checkpoint is
+            written, training ends or raises (a SIGKILL loses those held: at most the records
+            of steps after the last checkpoint, which a resumed run measures again); ``auto``:
+            ``RECORD_FILE_STEPS // every_n_steps`` (50: every step; 1 for every 50 steps).
         profile_dtype: ``float32`` reads the probes of the training step itself (as trained);
             ``float64`` (rnnlab's model) measures the profile (and ``dL_dW``) on a float64 copy
             of the model with the same batch: one more forward and backward, in float64, on
@@ -195,9 +206,13 @@ class GradFlowCallback(pl.Callback):
                  on_nonfinite: str = "stop", max_skipped_steps: int | str | None = "auto",
                  profile_dtype: str = "float32", run_info: Iterable[str] | None = None,
                  lyapunov_every_n_steps: int | str = "auto", lyapunov_k: int = 32,
-                 lyapunov_ons_every: int = 5, lyapunov_sequences: int | None = None):
+                 lyapunov_ons_every: int = 5, lyapunov_sequences: int | None = None,
+                 records_per_file: int | str = "auto"):
         self.dirpath = Path(dirpath)
         self.every_n_steps = require_int("monitor.every_n_steps", every_n_steps)
+        self.records_per_file = (max(1, RECORD_FILE_STEPS // self.every_n_steps)
+                                 if records_per_file == "auto" else
+                                 require_int("monitor.records_per_file", records_per_file))
         self.modules = list(modules) if modules is not None else None
         require(timesteps is None or all(isinstance(t, int) for t in timesteps),
                 "monitor.timesteps", timesteps, "null or a list of integers")
@@ -247,9 +262,11 @@ class GradFlowCallback(pl.Callback):
         self.last_finite = "none yet (no monitored step finished)"
         self.histories: dict[str, History] = {}
         self.records_written = 0
-        # Records go to disk on a thread of their own (each fsyncs); every checkpoint, the end
-        # of training and an exception wait for them.
+        # Records go to disk on a thread of their own (each fsyncs), records_per_file to a file:
+        # those not yet in one are held here, by pass name; every checkpoint, the end of
+        # training and an exception write them and wait for the writes.
         self.writer = BackgroundWriter("rnnlab-records")
+        self.unwritten: dict[str, list[Record]] = {}
         self.packed_warned: set[str] = set()  # passes whose spectrum a PackedSequence prevents
         self.run_info = [str(o) for o in run_info] if run_info is not None else None
 
@@ -300,6 +317,7 @@ class GradFlowCallback(pl.Callback):
     # history is not in it (it would grow with every monitored step): it is on disk, in the
     # records, and read back from there when a run resumes (`restore_histories`).
     def state_dict(self) -> dict:
+        self.write_records()
         self.writer.wait()  # a checkpoint counts only records that are on disk
         record = self.last_record.arrays() if self.last_record is not None else {}  # the model's
         record = {k: v for k, v in record.items() if v.dtype.kind != "U"}  # rows, sources
@@ -320,16 +338,20 @@ class GradFlowCallback(pl.Callback):
         for name in [MODEL, *watched_modules(self.dirpath)]:
             directory = self.record_dir(name)
             history = History()
-            for path in sorted(directory.glob(RECORD_GLOB)):
+            for path in record_files(directory):
                 try:
-                    record = Record.load(path)
+                    records = load_records(path)
                 except RunFileError as error:
                     log.warning("heatmap: %s", error)
                     continue
-                if record.step < step:
-                    history.steps.append(record.step)
-                    with np.errstate(divide="ignore"):
-                        history.log10.append(np.log10(record.main_profile))
+                for record in records:
+                    if record.step < step:
+                        history.steps.append(record.step)
+                        with np.errstate(divide="ignore"):
+                            history.log10.append(np.log10(record.main_profile))
+            order = np.argsort(history.steps, kind="stable")
+            history.steps = [history.steps[i] for i in order]
+            history.log10 = [history.log10[i] for i in order]
             if history.steps:
                 self.histories[name] = history
 
@@ -435,18 +457,30 @@ class GradFlowCallback(pl.Callback):
             summary = first.summary
             self.last_finite = (
                 f"step {first.step}, decay_rate {np.ravel(summary.decay_rate)[0]:.4g}, "
-                f"log10_first_last {np.ravel(summary.log10_first_last)[0]:.4g}, record "
-                f"{record_path(self.record_dir(name), first.step)}")
+                f"log10_first_last {np.ravel(summary.log10_first_last)[0]:.4g}, its record in "
+                f"{self.record_dir(name)}")
         if trainer.is_global_zero:
             for name, record in current.records.items():
-                record.save(self.record_dir(name), self.writer)
+                held = self.unwritten.setdefault(name, [])
+                held.append(record)
+                if len(held) >= self.records_per_file:
+                    self.write_records(name)
             self.log_records(current.step, current.records)
+
+    def write_records(self, *names: str) -> None:
+        """Write the records held of these passes (default: all), to a file each
+        (`save_records`: a pack of several, or one record's own file)."""
+        for name in names or list(self.unwritten):
+            held = self.unwritten.pop(name, [])
+            if held:
+                save_records(held, self.record_dir(name), self.writer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.watch is not None:
             self.watch.stop()
         self.current = None
         try:  # the records of the steps before it, on disk; the exception is what is raised
+            self.write_records()
             self.writer.close()
         except Exception as error:
             log.error("could not write a gradient-flow record: %s", error)
@@ -454,6 +488,7 @@ class GradFlowCallback(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.watch is not None:
             self.watch.stop()
+        self.write_records()
         self.writer.close()
         if (trainer.is_global_zero and self.last_records and self.figure_every
                 and not self.figures_due()):  # the last records' were not drawn
@@ -631,9 +666,9 @@ class GradFlowCallback(pl.Callback):
                         path.parent.mkdir(parents=True, exist_ok=True)
                         figure.savefig(path)
             except Exception as error:  # matplotlib on data it cannot lay out
-                log.warning("grad_flow figures of step %d not drawn (%s: %s); the record %s holds "
-                            "their values", record.step, type(error).__name__, error,
-                            record_path(self.record_dir(name), record.step))
+                log.warning("grad_flow figures of step %d not drawn (%s: %s); its record in %s "
+                            "holds their values", record.step, type(error).__name__, error,
+                            self.record_dir(name))
             finally:
                 for number in set(plt.get_fignums()) - open_before:
                     plt.close(number)

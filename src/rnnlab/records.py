@@ -24,9 +24,14 @@ field per instrument:
                                                                  where not the training step
 
 A file is ``<directory>/step_<step:07d>.npz``: float64 arrays (scalars 0-d), with ``step`` and
-``T``. Every number comes from the monitored training step itself, except where ``sources``
-says otherwise: with ``monitor.profile_dtype=float64`` the profiles, contributions and loss come
-from a float64 copy of the model (``source_profiles = "float64_copy"``), the gradient norms and
+``T``. A pack, ``<directory>/steps_<first:07d>-<last:07d>.npz``, holds the records of several
+monitored steps in one file, each key as ``<step:07d>/<key>`` (the monitor writes packs when it
+records often, ``monitor.records_per_file``: a file per step costs more than the step's record);
+`load`, `read_records` and `load_records` read both.
+
+Every number comes from the monitored training step itself, except where ``sources`` says
+otherwise: with ``monitor.profile_dtype=float64`` the profiles, contributions and loss come from
+a float64 copy of the model (``source_profiles = "float64_copy"``), the gradient norms and
 Jacobians from the training step (``"training_step"``).
 
 A new instrument is a `Section` subclass (its keys, its logged scalars) and one field of
@@ -38,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -49,7 +55,9 @@ import numpy as np
 from rnnlab.rundir import GRAD_FLOW, BackgroundWriter, RunFileError, atomic_write
 
 HORIZON_THRESHOLD = 1e-3
-RECORD_GLOB = "step_*.npz"
+RECORD_GLOB = "step_*.npz"  # one record
+PACK_GLOB = "steps_*.npz"  # several monitored steps' records (`save_records`)
+RECORD_GLOBS = (RECORD_GLOB, PACK_GLOB)
 SOURCE_PREFIX = "source_"
 
 
@@ -334,14 +342,65 @@ class Record:
 def read_record(path: Path) -> dict[str, np.ndarray]:
     """The arrays of one record file, checked to be a whole record (``step``, a profile);
     otherwise a `RunFileError` naming the file and what to do."""
+    return check_record(path, read_npz(path))
+
+
+def read_records(path: Path) -> list[dict[str, np.ndarray]]:
+    """The arrays of every record in a record file (one) or a pack (`save_records`: several,
+    ordered by step), each checked as `read_record` checks one."""
+    path = Path(path)
+    if not is_pack(path):
+        return [read_record(path)]
+    records: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in read_npz(path).items():
+        step, slash, key = name.partition("/")
+        if not (slash and step.isdigit()):
+            raise RunFileError(f"{path} holds {name!r}, not <step>/<key>: it is not a pack of "
+                               "records written by rnnlab; move it out of the records directory")
+        records.setdefault(step, {})[key] = value
+    return [check_record(path, records[step]) for step in sorted(records)]
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """The `Record` of every step in a record file or a pack."""
+    return [Record.from_arrays(arrays) for arrays in read_records(Path(path))]
+
+
+def record_of(directory: str | Path, step: int) -> Record:
+    """The record of ``step`` in a records directory, in its own file or in a pack."""
+    directory = Path(directory)
+    single = record_path(directory, step)
+    if single.exists():
+        return Record.load(single)
+    for path in record_files(directory):
+        first, _, last = path.stem.removeprefix("steps_").partition("-")
+        if is_pack(path) and first.isdigit() and last.isdigit() and \
+                int(first) <= step <= int(last):
+            found = [record for record in load_records(path) if record.step == step]
+            if found:
+                return found[0]
+    raise FileNotFoundError(f"no record of step {step} in {directory} (its files: "
+                            f"{', '.join(p.name for p in record_files(directory)) or 'none'})")
+
+
+def is_pack(path: Path) -> bool:
+    return path.name.startswith("steps_")
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as data:
-            arrays = dict(data)
+            return dict(data)
+    except FileNotFoundError:  # no file: not one cut short
+        raise
     except Exception as error:  # zero bytes (EOFError), cut short (BadZipFile), not an npz
         raise RunFileError(
             f"{path} cannot be read ({type(error).__name__}: {error}): the record was cut short "
             "(the run was killed or the disk filled up while it was written) or is not a "
             "record; delete it (the run's other records load without it)") from None
+
+
+def check_record(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "step" not in arrays:
         raise RunFileError(f"{path} holds no 'step' (keys: {', '.join(sorted(arrays))}): it is "
                            "not a record written by rnnlab; move it out of the records directory")
@@ -349,6 +408,23 @@ def read_record(path: Path) -> dict[str, np.ndarray]:
         raise RunFileError(f"{path} holds no profile (dL_dz, dL_dh, …): it is not a record "
                            "written by rnnlab; move it out of the records directory")
     return arrays
+
+
+def save_records(records: list[Record], directory: str | Path,
+                 writer: BackgroundWriter | None = None) -> Path:
+    """Write the records of consecutive monitored steps: one as its own file (`Record.save`),
+    several as one pack, ``steps_<first:07d>-<last:07d>.npz``, each key ``<step:07d>/<key>``,
+    whole or not at all; with a ``writer``, on its thread. Returns the file's path."""
+    if len(records) == 1:
+        return records[0].save(directory, writer)
+    path = pack_path(directory, records[0].step, records[-1].step)
+    arrays = {f"{record.step:07d}/{key}": value
+              for record in records for key, value in record.arrays().items()}
+    if writer is None:
+        write_arrays(path, arrays)
+    else:
+        writer.submit(write_arrays, path, arrays)
+    return path
 
 
 def record_T(arrays: dict[str, np.ndarray]) -> int:
@@ -381,6 +457,16 @@ def record_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step_{step:07d}.npz"
 
 
+def pack_path(directory: str | Path, first: int, last: int) -> Path:
+    """Where the pack of the records of steps ``first`` … ``last`` lives."""
+    return Path(directory) / f"steps_{first:07d}-{last:07d}.npz"
+
+
+def record_files(directory: Path) -> list[Path]:
+    """The record files and packs directly in ``directory``, by name."""
+    return sorted(path for pattern in RECORD_GLOBS for path in directory.glob(pattern))
+
+
 def records_dir(path: str | Path, module: str | None = None) -> Path:
     """The directory of a run's records: ``<run>/grad_flow`` (``/<module path>`` for a watched
     torch.nn module), or ``path`` itself if it holds records."""
@@ -393,7 +479,8 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
     """Stack one run's records, ordered by step: ``dL_dz`` (steps, T), ``step`` (steps,), …
 
     ``run_dir``: a run directory (holding ``grad_flow/``) or a records directory. ``module``: the
-    path of a watched torch.nn module, whose records are ``grad_flow/<module>/step_*.npz``. A key
+    path of a watched torch.nn module, whose records are ``grad_flow/<module>/step_*.npz`` (and
+    packs, ``steps_*.npz``, of several steps each). A key
     that only some records hold (``jacobian_norm`` on steps without the Jacobians) is NaN in the
     others; ``rows`` (the rows' names of a torch.nn module's profiles) and ``source_<field>``
     are the latest record's, not stacked.
@@ -403,7 +490,7 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
     (another T, a step twice); and when ``run_dir`` holds several runs rather than one.
     """
     directory = records_dir(run_dir, module)
-    files = sorted(directory.glob(RECORD_GLOB))
+    files = record_files(directory)
     if not files:
         runs = runs_under(directory)
         if runs:
@@ -413,11 +500,11 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
                 f"{', …' if len(runs) > 5 else ''}); load one run per directory, e.g. "
                 f"load('{runs[0]}') (rnnlab report compares several)")
         raise FileNotFoundError(
-            f"no {RECORD_GLOB} in {directory}: give a run directory of rnnlab train with the "
-            "monitor on (monitor.every_n_steps), or a directory of records"
+            f"no {RECORD_GLOB} (or {PACK_GLOB}) in {directory}: give a run directory of rnnlab "
+            "train with the monitor on (monitor.every_n_steps), or a directory of records"
             + (f" (watched modules there: {', '.join(watched_modules(run_dir))})"
                if watched_modules(run_dir) else ""))
-    records = [read_record(path) for path in files]
+    files, records = zip(*((path, arrays) for path in files for arrays in read_records(path)))
     check_one_run(files, records)
     order = sorted(range(len(records)), key=lambda i: int(records[i]["step"]))
     records = [records[i] for i in order]
@@ -431,9 +518,9 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
     return stacked
 
 
-def check_one_run(files: list[Path], records: list[dict[str, np.ndarray]]) -> None:
+def check_one_run(files: Sequence[Path], records: Sequence[dict[str, np.ndarray]]) -> None:
     """The records of one directory must be one run's: one T, each step once; otherwise a
-    `RunFileError` naming the files that disagree."""
+    `RunFileError` naming the files that disagree (``files[i]`` holds ``records[i]``)."""
     first: dict[int, Path] = {}
     for path, arrays in zip(files, records):
         step = int(arrays["step"])
@@ -455,11 +542,13 @@ def runs_under(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p.parent for p in directory.glob(f"**/{GRAD_FLOW}")
-                  if p.is_dir() and next(p.glob(f"**/{RECORD_GLOB}"), None) is not None)
+                  if p.is_dir() and any(next(p.glob(f"**/{pattern}"), None) is not None
+                                        for pattern in RECORD_GLOBS))
 
 
 def watched_modules(run_dir: str | Path) -> list[str]:
     """The module paths with records of their own under a run's ``grad_flow/``."""
     root = records_dir(run_dir)
-    return sorted(str(p.parent.relative_to(root)) for p in root.glob(f"**/{RECORD_GLOB}")
-                  if p.parent != root and not any(part.startswith(".") for part in p.parts))
+    return sorted({str(p.parent.relative_to(root))
+                   for pattern in RECORD_GLOBS for p in root.glob(f"**/{pattern}")
+                   if p.parent != root and not any(part.startswith(".") for part in p.parts)})

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab.config import ConfigError
+from rnnlab.records import RECORD_GLOBS, load_records, save_records
 from rnnlab.rundir import CHECKPOINT, RunDir, slurm_requeued, write_json
 
 log = logging.getLogger(__name__)
@@ -230,18 +230,20 @@ def carry_history(checkpoint: Checkpoint, new_run: Path, grad_flow_dir: Path | N
     source = RunDir(checkpoint.run_dir).grad_flow
     if grad_flow_dir is not None:
         grad_flow_dir.mkdir(parents=True, exist_ok=True)
-        for record in sorted(source.glob("**/step_*.npz")):
+        for path in sorted(p for pattern in RECORD_GLOBS for p in source.glob(f"**/{pattern}")):
             try:
-                with np.load(record) as arrays:
-                    step = int(arrays["step"])
+                records = load_records(path)
             except Exception as error:
                 log.warning("resume: skipped the record %s, which cannot be read (%s: %s)",
-                            record, type(error).__name__, error)
+                            path, type(error).__name__, error)
                 continue
-            if step < checkpoint.step:
-                target = grad_flow_dir / record.relative_to(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(record, target)
+            before = [record for record in records if record.step < checkpoint.step]
+            target = grad_flow_dir / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if len(before) == len(records):
+                shutil.copy2(path, target)
+            elif before:  # a pack across the checkpoint: the records before it
+                save_records(before, target.parent)
     if tensorboard_dir is not None:
         copy_events(checkpoint.run_dir, tensorboard_dir, checkpoint)
 
