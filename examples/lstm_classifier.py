@@ -6,7 +6,8 @@
 The task needs memory: the label is the sign of the first timestep's first feature, and the rest of
 the sequence is noise. Nothing in the model knows about rnnlab; adding the callback to the Trainer
 records ‖∂L/∂h_t‖ and ‖∂L/∂c_t‖ of both layers at every timestep on step 0 and every 25th step, into
-``<out>/grad_flow/lstm/step_*.npz`` and TensorBoard.
+``<out>/grad_flow/lstm/`` (two steps' records a file, ``steps_*.npz``: `rnnlab.gradflow.load`
+reads them) and TensorBoard.
 """
 
 from __future__ import annotations

@@ -101,6 +101,9 @@ def test_a_damaged_pack_is_named_with_what_to_do(tmp_path):
     np.savez(path, **{"0000001/dL_dz": np.ones(T)})  # a step's keys without its step
     with pytest.raises(RunFileError, match=rf"^{path} holds no 'step'"):
         records.load(tmp_path)
+    np.savez(path)  # a zip of nothing
+    with pytest.raises(RunFileError, match=rf"^{path} holds no records: .*delete it"):
+        records.load(tmp_path)
 
 
 @pytest.mark.parametrize("every, expected", [(1, 50), (2, 25), (10, 5), (30, 1), (50, 1),

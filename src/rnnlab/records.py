@@ -358,6 +358,9 @@ def read_records(path: Path) -> list[dict[str, np.ndarray]]:
             raise RunFileError(f"{path} holds {name!r}, not <step>/<key>: it is not a pack of "
                                "records written by rnnlab; move it out of the records directory")
         records.setdefault(step, {})[key] = value
+    if not records:
+        raise RunFileError(f"{path} holds no records: it is not a pack written by rnnlab; "
+                           "delete it (the run's other records load without it)")
     return [check_record(path, records[step]) for step in sorted(records)]
 
 
@@ -480,10 +483,10 @@ def load(run_dir: str | Path, module: str | None = None) -> dict[str, np.ndarray
 
     ``run_dir``: a run directory (holding ``grad_flow/``) or a records directory. ``module``: the
     path of a watched torch.nn module, whose records are ``grad_flow/<module>/step_*.npz`` (and
-    packs, ``steps_*.npz``, of several steps each). A key
-    that only some records hold (``jacobian_norm`` on steps without the Jacobians) is NaN in the
-    others; ``rows`` (the rows' names of a torch.nn module's profiles) and ``source_<field>``
-    are the latest record's, not stacked.
+    packs of several steps' records, ``steps_*.npz``). A key that only some records hold
+    (``jacobian_norm`` on steps without the Jacobians) is NaN in the others; ``rows`` (the rows'
+    names of a torch.nn module's profiles) and ``source_<field>`` are the latest record's, not
+    stacked.
 
     A `RunFileError` names the file and what to do when a record cannot be read (cut short by a
     kill or a full disk, zero bytes), is not a record (no ``step``), or belongs to another run

@@ -3,7 +3,8 @@
 One run of `rnnlab.train.train` (one job of a sweep) owns one directory::
 
     <run dir>/
-        grad_flow/step_<step:07d>.npz       the gradient-flow records (rnnlab.records)
+        grad_flow/step_<step:07d>.npz       the gradient-flow records (rnnlab.records), or
+        grad_flow/steps_<first>-<last>.npz   packs of several steps' (monitor.records_per_file)
         grad_flow/<module path>/step_*.npz   records of watched torch.nn modules
         events.out.tfevents.*                TensorBoard's event files (it names the run by
                                              this directory: 0_cell.gain=0.9 in a sweep)
