@@ -324,13 +324,7 @@ class Record:
         disk is a `DiskFullError` naming the file). With a ``writer``, the record's arrays are
         taken now and written on its thread (`BackgroundWriter`: its ``wait`` returns once the
         file is on disk)."""
-        path = record_path(directory, self.step)
-        arrays = self.arrays()
-        if writer is None:
-            write_arrays(path, arrays)
-        else:
-            writer.submit(write_arrays, path, arrays)
-        return path
+        return save_records([self], directory, writer)
 
     @classmethod
     def load(cls, path: str | Path) -> Record:
@@ -415,14 +409,16 @@ def check_record(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 def save_records(records: list[Record], directory: str | Path,
                  writer: BackgroundWriter | None = None) -> Path:
-    """Write the records of consecutive monitored steps: one as its own file (`Record.save`),
-    several as one pack, ``steps_<first:07d>-<last:07d>.npz``, each key ``<step:07d>/<key>``,
-    whole or not at all; with a ``writer``, on its thread. Returns the file's path."""
+    """Write the records of consecutive monitored steps: one as its own file,
+    ``step_<step:07d>.npz``, several as one pack, ``steps_<first:07d>-<last:07d>.npz``, each key
+    ``<step:07d>/<key>``, whole or not at all; with a ``writer``, on its thread (the arrays are
+    taken now). Returns the file's path."""
     if len(records) == 1:
-        return records[0].save(directory, writer)
-    path = pack_path(directory, records[0].step, records[-1].step)
-    arrays = {f"{record.step:07d}/{key}": value
-              for record in records for key, value in record.arrays().items()}
+        path, arrays = record_path(directory, records[0].step), records[0].arrays()
+    else:
+        path = pack_path(directory, records[0].step, records[-1].step)
+        arrays = {f"{record.step:07d}/{key}": value
+                  for record in records for key, value in record.arrays().items()}
     if writer is None:
         write_arrays(path, arrays)
     else:
@@ -465,9 +461,11 @@ def pack_path(directory: str | Path, first: int, last: int) -> Path:
     return Path(directory) / f"steps_{first:07d}-{last:07d}.npz"
 
 
-def record_files(directory: Path) -> list[Path]:
-    """The record files and packs directly in ``directory``, by name."""
-    return sorted(path for pattern in RECORD_GLOBS for path in directory.glob(pattern))
+def record_files(directory: Path, below: bool = False) -> list[Path]:
+    """The record files and packs in ``directory`` (``below``: and in its subdirectories, as a
+    run's ``grad_flow/`` holds watched modules' records), by path."""
+    return sorted(path for pattern in RECORD_GLOBS
+                  for path in directory.glob(f"**/{pattern}" if below else pattern))
 
 
 def records_dir(path: str | Path, module: str | None = None) -> Path:
@@ -545,13 +543,11 @@ def runs_under(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p.parent for p in directory.glob(f"**/{GRAD_FLOW}")
-                  if p.is_dir() and any(next(p.glob(f"**/{pattern}"), None) is not None
-                                        for pattern in RECORD_GLOBS))
+                  if p.is_dir() and record_files(p, below=True))
 
 
 def watched_modules(run_dir: str | Path) -> list[str]:
     """The module paths with records of their own under a run's ``grad_flow/``."""
     root = records_dir(run_dir)
-    return sorted({str(p.parent.relative_to(root))
-                   for pattern in RECORD_GLOBS for p in root.glob(f"**/{pattern}")
+    return sorted({str(p.parent.relative_to(root)) for p in record_files(root, below=True)
                    if p.parent != root and not any(part.startswith(".") for part in p.parts)})

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab.config import ConfigError
-from rnnlab.records import RECORD_GLOBS, load_records, save_records
+from rnnlab.records import load_records, record_files, save_records
 from rnnlab.rundir import CHECKPOINT, RunDir, slurm_requeued, write_json
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def carry_history(checkpoint: Checkpoint, new_run: Path, grad_flow_dir: Path | N
     source = RunDir(checkpoint.run_dir).grad_flow
     if grad_flow_dir is not None:
         grad_flow_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(p for pattern in RECORD_GLOBS for p in source.glob(f"**/{pattern}")):
+        for path in record_files(source, below=True):
             try:
                 records = load_records(path)
             except Exception as error:
