@@ -101,6 +101,10 @@ def test_a_damaged_pack_is_named_with_what_to_do(tmp_path):
     np.savez(path, **{"0000001/dL_dz": np.ones(T)})  # a step's keys without its step
     with pytest.raises(RunFileError, match=rf"^{path} holds no 'step'"):
         records.load(tmp_path)
+    arrays = {f"0000007/{k}": v for k, v in some_records()[0].arrays().items()}
+    np.savez(path, **arrays)  # step 0's record under step 7
+    with pytest.raises(RunFileError, match=rf"^{path} holds step 0 under 0000007/"):
+        records.load(tmp_path)
     np.savez(path)  # a zip of nothing
     with pytest.raises(RunFileError, match=rf"^{path} holds no records: .*delete it"):
         records.load(tmp_path)

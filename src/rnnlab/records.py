@@ -355,7 +355,12 @@ def read_records(path: Path) -> list[dict[str, np.ndarray]]:
     if not records:
         raise RunFileError(f"{path} holds no records: it is not a pack written by rnnlab; "
                            "delete it (the run's other records load without it)")
-    return [check_record(path, records[step]) for step in sorted(records)]
+    checked = [check_record(path, records[step]) for step in sorted(records)]
+    for step, arrays in zip(sorted(records), checked):
+        if int(arrays["step"]) != int(step):
+            raise RunFileError(f"{path} holds step {int(arrays['step'])} under {step}/: it is not "
+                               "a pack written by rnnlab; move it out of the records directory")
+    return checked
 
 
 def load_records(path: str | Path) -> list[Record]:
