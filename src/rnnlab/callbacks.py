@@ -337,23 +337,17 @@ class GradFlowCallback(pl.Callback):
         self.histories = {}
         for name in [MODEL, *watched_modules(self.dirpath)]:
             directory = self.record_dir(name)
-            history = History()
+            earlier: list[Record] = []
             for path in record_files(directory):
                 try:
-                    records = load_records(path)
+                    earlier += [r for r in load_records(path) if r.step < step]
                 except RunFileError as error:
                     log.warning("heatmap: %s", error)
-                    continue
-                for record in records:
-                    if record.step < step:
-                        history.steps.append(record.step)
-                        with np.errstate(divide="ignore"):
-                            history.log10.append(np.log10(record.main_profile))
-            order = np.argsort(history.steps, kind="stable")
-            history.steps = [history.steps[i] for i in order]
-            history.log10 = [history.log10[i] for i in order]
-            if history.steps:
-                self.histories[name] = history
+            earlier.sort(key=lambda record: record.step)  # packs and single files by name
+            if earlier:
+                with np.errstate(divide="ignore"):
+                    self.histories[name] = History([r.step for r in earlier],
+                                                   [np.log10(r.main_profile) for r in earlier])
 
     def grad_norms(self, pl_module: pl.LightningModule) -> gradflow.GradNorms:
         """The model's per-step gradient norms (`gradflow.GradNorms`), made on the first step of

@@ -355,11 +355,13 @@ def read_records(path: Path) -> list[dict[str, np.ndarray]]:
     if not records:
         raise RunFileError(f"{path} holds no records: it is not a pack written by rnnlab; "
                            "delete it (the run's other records load without it)")
-    checked = [check_record(path, records[step]) for step in sorted(records)]
-    for step, arrays in zip(sorted(records), checked):
+    checked = []
+    for step in sorted(records):
+        arrays = check_record(path, records[step])
         if int(arrays["step"]) != int(step):
             raise RunFileError(f"{path} holds step {int(arrays['step'])} under {step}/: it is not "
                                "a pack written by rnnlab; move it out of the records directory")
+        checked.append(arrays)
     return checked
 
 

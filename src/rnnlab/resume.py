@@ -239,8 +239,8 @@ def carry_history(checkpoint: Checkpoint, new_run: Path, grad_flow_dir: Path | N
                 continue
             before = [record for record in records if record.step < checkpoint.step]
             target = grad_flow_dir / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
             if len(before) == len(records):
+                target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
             elif before:  # a pack across the checkpoint: the records before it
                 save_records(before, target.parent)
