@@ -178,6 +178,24 @@ def test_decay_rate_is_log10_gain_for_geometric_profile(gain):
     assert summary["log10_first_last"] == pytest.approx((T - 1) * math.log10(gain), abs=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_decay_rate_is_numpys_least_squares_fit_over_the_finite_nonzero_norms(seed):
+    """The slope against `np.polyfit` (its own SVD solve) on rough profiles over 14 decades
+    with zeros, infinities and nans left out of the fit; nan when fewer than two remain."""
+    rng = np.random.default_rng(seed)
+    T = 2 + 97 * seed
+    profile = 10.0 ** rng.uniform(-14, 0, T)
+    profile[rng.random(T) < 0.2] = rng.choice([0.0, np.inf, np.nan])
+    profile[[0, -1]] = 1e-3, 1.0  # at least two points in the fit
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kept = np.isfinite(np.log10(profile))
+    back = (T - 1 - np.arange(T))[kept]
+    expected = np.polyfit(back, np.log10(profile[kept]), 1)[0]
+    assert gradflow.summarize(profile)["decay_rate"] == pytest.approx(expected, rel=1e-12,
+                                                                      abs=1e-14)
+    assert math.isnan(gradflow.summarize(np.array([0.5, 0.0, np.nan]))["decay_rate"])
+
+
 def test_horizon_counts_steps_back_within_a_thousandth_of_the_maximum():
     T, gain = 100, 0.9
     profile = gain ** (T - 1 - np.arange(T))

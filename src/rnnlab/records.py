@@ -194,6 +194,16 @@ class Summary(Section):
         return {f"grad_flow/{k}": float(v) for k, v in dataclasses.asdict(self).items()}
 
 
+def least_squares_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """The slope of the least-squares line through the points (x, y), nan for fewer than two
+    distinct x: Σ(x − x̄)(y − ȳ) / Σ(x − x̄)², the centred normal equation, which is what
+    `np.polyfit(x, y, 1)[0]` solves (by an SVD, ~10 times the time on a profile of 100)."""
+    if x.size < 2:
+        return float("nan")
+    dx = x - x.mean()
+    return float(np.dot(dx, y - y.mean()) / np.dot(dx, dx))
+
+
 def summarize(dL_dz: np.ndarray) -> dict[str, float]:
     """`Summary` of one profile (T,). Non-finite or zero norms are left out of the fit; the
     results are nan when nothing is left."""
@@ -203,8 +213,7 @@ def summarize(dL_dz: np.ndarray) -> dict[str, float]:
         log = np.log10(dL_dz)
         first_last = float(log[0] - log[-1])
     ok = np.isfinite(log)
-    back = (T - 1 - np.arange(T))[ok]
-    decay = float(np.polyfit(back, log[ok], 1)[0]) if ok.sum() >= 2 else float("nan")
+    decay = least_squares_slope((T - 1 - np.arange(T))[ok], log[ok])
     finite = dL_dz[np.isfinite(dL_dz)]
     if finite.size == 0 or finite.max() <= 0:
         horizon = float("nan")
