@@ -13,7 +13,6 @@ from rnnlab.cells.base import Cell, State
 from rnnlab.cells.recurrences import record_previous_chunk
 from rnnlab.cells.scan import (
     block_length,
-    linear_scan,
     steps_adjoint,
     steps_forward,
     sum_over_steps,
@@ -126,17 +125,13 @@ class LRU(Cell):
 
     def probed_sequence(self, g: Tensor, state: State, probes: State,
                         previous: list[State] | None) -> tuple[Tensor, State]:
-        """A chunk of probed steps x_t = λ ⊙ x_{t−1} + γ ⊙ B u_t + p_t as one scan
-        (`linear_scan`, complex): the probe enters as the drive does, so its gradient is the
-        scan's adjoint ∂L/∂x_t. ``g`` (C, B, 2N) from `input_projection` and ``probes[0]``
-        (C, B, 2N), time-major and packed; returns x_t at every step packed (C, B, 2N) and the
-        last state."""
-        drive = unpack(g + probes[0])
-        xs = time_major(linear_scan(torch.exp(self.log_lambda()), time_major(drive),
-                                    unpack(state[0])))
-        hs = pack(xs)
+        """A chunk of probed steps x_t = λ ⊙ x_{t−1} + γ ⊙ B u_t + p_t as one node (`ProbedLRU`):
+        the probe enters as the drive does, so its gradient is the scan's adjoint ∂L/∂x_t.
+        ``g`` (C, B, 2N) from `input_projection` and ``probes[0]`` (C, B, 2N), time-major and
+        packed; returns x_t at every step packed (C, B, 2N) and the last state."""
+        hs, last = ProbedLRU.apply(g, unpack(state[0]), torch.exp(self.log_lambda()), probes[0])
         record_previous_chunk(previous, state[0], hs)
-        return hs, (hs[-1],)
+        return hs, (last,)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         """u: (B, T, input) → x_t at every t as (B, T, hidden), by the scan `LRUScan`."""
@@ -197,6 +192,50 @@ class LRUScan(torch.autograd.Function):
             torch.mm(grad_drive, weight, out=grad_u[t0:t1].flatten(0, 1))
             grad_weight.addmm_(grad_drive.T, u[t0:t1].flatten(0, 1))
         return time_major(grad_u), grad_weight, grad_lam, lam_conj * g
+
+
+class ProbedLRU(torch.autograd.Function):
+    """A probed chunk x_t = λ ⊙ x_{t−1} + unpack(g_t + p_t) from its drive g (C, B, 2N) packed
+    (`LRU.input_projection`), time-major, the state before it x0 (B, N) complex, λ (N,) complex
+    and the probes p (C, B, 2N) packed. As `LRUScan`, a block of `block_length` steps at a
+    time (each block's drive g_t + p_t made and scanned while in the cache), and the backward
+    pass is the adjoint scan g_t = ∂L/∂x_t + conj(λ) ⊙ g_{t+1} (`rnnlab.cells.scan`), which is
+    at once the probes' gradient and the drive's: no autograd node per operation of the chunk,
+    no (C, B, N) drive kept. Returns x_t at every step (C, B, 2N) packed and the last state (a
+    copy); keeps only the states."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, x0: Tensor, lam: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        C, B, _ = g.shape
+        x = torch.empty(C, B, lam.shape[0], dtype=lam.dtype, device=g.device)
+        L = block_length(B, g.shape[-1])
+        state = x0
+        for t0 in range(0, C, L):
+            t1 = min(t0 + L, C)
+            state = steps_forward(lam, unpack(torch.add(g[t0:t1], p[t0:t1])), state, x[t0:t1])
+        ctx.save_for_backward(lam, x0, x)
+        xs = pack(x)
+        return xs, xs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_xs: Tensor | None, d_last: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lam, x0, x = ctx.saved_tensors
+        C, B, N = x.shape
+        lam_conj = lam.conj().resolve_conj()
+        grad = unpack(d_xs) if d_xs is not None else torch.zeros_like(x)  # the reads' ∂L/∂x_t
+        adjoint = torch.empty_like(x)
+        g = adjoint[-1].copy_(grad[-1])  # the last step's: its read and the next chunk's
+        if d_last is not None:
+            g += unpack(d_last)
+        L = block_length(B, 2 * N)
+        for t1 in range(C - 1, 0, -L):
+            t0 = max(t1 - L, 0)
+            g = steps_adjoint(lam_conj, grad[t0:t1], g, lam_conj, adjoint[t0:t1])
+        grad_lam = sum_over_steps(x[:-1], adjoint[1:]) + sum_over_steps(x0[None], adjoint[:1])
+        d_drive = pack(adjoint)  # ∂L/∂g_t = ∂L/∂p_t = g_t
+        return d_drive, lam_conj * adjoint[0], grad_lam, d_drive
 
 
 def pack(x: Tensor) -> Tensor:
