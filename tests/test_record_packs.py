@@ -66,6 +66,29 @@ def test_a_pack_loads_as_the_same_records_one_file_each(tmp_path):
     assert [r.step for r in load_records(tmp_path / "single" / "step_0000002.npz")] == [2]
 
 
+def test_a_pack_holds_a_row_per_record_of_the_keys_all_hold_and_the_rest_by_step(tmp_path):
+    """`pack_arrays`: ``step``, the profile, the gradient norm and ``T`` (in every record, one
+    shape) as rows; the loss (odd steps only) and the Jacobians (one step) under their steps."""
+    made = some_records()
+    with np.load(save_records(made, tmp_path)) as data:
+        keys = set(data)
+        np.testing.assert_array_equal(data["step"], [0, 1, 2, 3])
+        np.testing.assert_array_equal(data["dL_dz"], [r.main_profile for r in made])
+        np.testing.assert_array_equal(data["grad_norm_total"],
+                                      [r.grad_norms["grad_norm_total"] for r in made])
+    assert {"T", "decay_rate", "0000001/loss", "0000003/loss", "0000001/jacobian_norm"} <= keys
+    assert not {"loss", "jacobian_norm", "0000000/loss", "0000002/dL_dz"} & keys
+
+
+def test_a_pack_of_every_key_by_step_reads_as_the_same_records(tmp_path):
+    """Packs written with every key as ``<step:07d>/<key>`` (rnnlab's first pack layout)."""
+    made = some_records()
+    path = pack_path(tmp_path, 0, 3)
+    np.savez(path, **{f"{r.step:07d}/{k}": v for r in made for k, v in r.arrays().items()})
+    for record, loaded in zip(made, load_records(path), strict=True):
+        assert_same_stack(record.arrays(), loaded.arrays())
+
+
 def test_packs_and_single_records_of_one_run_load_together_in_step_order(tmp_path):
     made = some_records(range(7))
     save_records(made[4:6], tmp_path)
@@ -95,8 +118,18 @@ def test_a_damaged_pack_is_named_with_what_to_do(tmp_path):
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(RunFileError, match=rf"^{path} cannot be read .*cut short.*delete it"):
         records.load(tmp_path)
-    np.savez(path, dL_dz=np.ones(T), step=np.asarray(0))  # keys without <step>/
-    with pytest.raises(RunFileError, match=rf"^{path} holds 'dL_dz', not <step>/<key>"):
+    np.savez(path, dL_dz=np.ones(T), step=np.asarray(0))  # one record's keys, not rows
+    with pytest.raises(RunFileError, match=rf"^{path} holds dL_dz \(6,\), step \(\), not a row"):
+        read_records(path)
+    np.savez(path, dL_dz=np.ones((3, T)), step=np.arange(2))  # rows of 3 steps, 2 listed
+    with pytest.raises(RunFileError, match=rf"^{path} holds dL_dz \(3, 6\), step \(2,\), not a"):
+        read_records(path)
+    np.savez(path, dL_dz=np.ones((2, T)), step=np.arange(2), **{"0000005/loss": np.asarray(1.0)})
+    with pytest.raises(RunFileError, match=rf"^{path} holds '0000005/loss', of a step its 'step' "
+                                           "does not list"):
+        read_records(path)
+    np.savez(path, **{"0000001/dL_dz": np.ones(T), "0000001/step": np.asarray(1), "x/y/z": 0})
+    with pytest.raises(RunFileError, match=rf"^{path} holds 'x/y/z', not <step>/<key>"):
         read_records(path)
     np.savez(path, **{"0000001/dL_dz": np.ones(T)})  # a step's keys without its step
     with pytest.raises(RunFileError, match=rf"^{path} holds no 'step'"):

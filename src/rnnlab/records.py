@@ -25,9 +25,12 @@ field per instrument:
 
 A file is ``<directory>/step_<step:07d>.npz``: float64 arrays (scalars 0-d), with ``step`` and
 ``T``. A pack, ``<directory>/steps_<first:07d>-<last:07d>.npz``, holds the records of several
-monitored steps in one file, each key as ``<step:07d>/<key>`` (the monitor writes packs when it
-records often, ``monitor.records_per_file``: a file per step costs more than the step's record);
-`load`, `read_records` and `load_records` read both.
+monitored steps in one file (the monitor writes packs when it records often,
+``monitor.records_per_file``: a file per step costs more than the step's record): every key that
+all its records hold with one shape and dtype as one array, a row per record in step order
+(``step`` (n,) among them), and a key only some hold (the Jacobians of the one step that has
+them) as ``<step:07d>/<key>`` — packs of every key as ``<step:07d>/<key>`` read the same. `load`,
+`read_records` and `load_records` read files and packs.
 
 Every number comes from the monitored training step itself, except where ``sources`` says
 otherwise: with ``monitor.profile_dtype=float64`` the profiles, contributions and loss come from
@@ -354,18 +357,36 @@ def read_records(path: Path) -> list[dict[str, np.ndarray]]:
     path = Path(path)
     if not is_pack(path):
         return [read_record(path)]
+    data = read_npz(path)
+    rows = {key: value for key, value in data.items() if "/" not in key}  # a row per record
     records: dict[str, dict[str, np.ndarray]] = {}
-    for name, value in read_npz(path).items():
+    if rows:
+        steps = rows.get("step")
+        if steps is None or steps.ndim != 1 or any(v.shape[:1] != steps.shape for v in
+                                                   rows.values()):
+            shapes = ", ".join(f"{k} {v.shape}" for k, v in sorted(rows.items()))
+            raise RunFileError(f"{path} holds {shapes}, not a row of each for every step of its "
+                               "'step' (n,) nor <step>/<key>: it is not a pack of records written "
+                               "by rnnlab; move it out of the records directory")
+        for i, step in enumerate(steps.tolist()):
+            records[f"{int(step):07d}"] = {key: np.asarray(value[i])
+                                           for key, value in rows.items()}
+    for name, value in data.items():
+        if name in rows:
+            continue
         step, slash, key = name.partition("/")
-        if not (slash and step.isdigit()):
+        if not (slash and step.isdigit() and key):
             raise RunFileError(f"{path} holds {name!r}, not <step>/<key>: it is not a pack of "
                                "records written by rnnlab; move it out of the records directory")
+        if rows and step not in records:
+            raise RunFileError(f"{path} holds {name!r}, of a step its 'step' does not list: it is "
+                               "not a pack written by rnnlab; move it out of the records directory")
         records.setdefault(step, {})[key] = value
     if not records:
         raise RunFileError(f"{path} holds no records: it is not a pack written by rnnlab; "
                            "delete it (the run's other records load without it)")
     checked = []
-    for step in sorted(records):
+    for step in sorted(records, key=int):
         arrays = check_record(path, records[step])
         if int(arrays["step"]) != int(step):
             raise RunFileError(f"{path} holds step {int(arrays['step'])} under {step}/: it is not "
@@ -426,20 +447,36 @@ def check_record(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndar
 def save_records(records: list[Record], directory: str | Path,
                  writer: BackgroundWriter | None = None) -> Path:
     """Write the records of consecutive monitored steps: one as its own file,
-    ``step_<step:07d>.npz``, several as one pack, ``steps_<first:07d>-<last:07d>.npz``, each key
-    ``<step:07d>/<key>``, whole or not at all; with a ``writer``, on its thread (the arrays are
+    ``step_<step:07d>.npz``, several as one pack, ``steps_<first:07d>-<last:07d>.npz``
+    (`pack_arrays`), whole or not at all; with a ``writer``, on its thread (the arrays are
     taken now). Returns the file's path."""
     if len(records) == 1:
         path, arrays = record_path(directory, records[0].step), records[0].arrays()
     else:
         path = pack_path(directory, records[0].step, records[-1].step)
-        arrays = {f"{record.step:07d}/{key}": value
-                  for record in records for key, value in record.arrays().items()}
+        arrays = pack_arrays(records)
     if writer is None:
         write_arrays(path, arrays)
     else:
         writer.submit(write_arrays, path, arrays)
     return path
+
+
+def pack_arrays(records: list[Record]) -> dict[str, np.ndarray]:
+    """A pack's arrays: each key that every record holds with one shape and dtype stacked, a row
+    per record (``step`` among them), every other one as ``<step:07d>/<key>``. A key per array of
+    each record made a pack of 50 records of 12 keys 600 entries of its zip file: 6.4 ms to write
+    into memory against 0.2 ms for 12, and an LRU monitored every step at T = 100 spent about a
+    tenth of its time writing them."""
+    arrays = [record.arrays() for record in records]
+    first = arrays[0]
+    rows = {key: np.stack([a[key] for a in arrays]) for key, value in first.items()
+            if all(key in a and a[key].shape == value.shape and a[key].dtype == value.dtype
+                   for a in arrays[1:])}
+    for record, held in zip(records, arrays):
+        rows.update({f"{record.step:07d}/{key}": value for key, value in held.items()
+                     if key not in rows})
+    return rows
 
 
 def record_T(arrays: dict[str, np.ndarray]) -> int:
