@@ -220,27 +220,28 @@ def test_the_cells_scan_functions_pass_gradcheck(block_values, monkeypatch):
 def test_the_lrus_probed_chunk_is_the_recurrence_and_passes_gradcheck(block_values, zero_probes,
                                                                       monkeypatch):
     """`ProbedLRU` (the monitor's probed chunk) over one and several blocks: x_t = λ x_{t−1} +
-    g_t + p_t stepped in complex arithmetic, and every gradient (drive, start state, λ,
-    probes; each step's state and the last one read) against finite differences."""
+    W u_t + p_t stepped in complex arithmetic, and every gradient (inputs, drive weight, start
+    state, λ, probes; each step's state and the last one read) against finite differences."""
     monkeypatch.setattr(scan, "BLOCK_VALUES", block_values)
     generator = torch.Generator().manual_seed(block_values)
-    C, batch, N = 9, 2, 3
+    C, batch, N, inputs_size = 9, 2, 3, 4
 
     def randn(*shape, dtype=torch.float64, scale=1.0):
         return (scale * torch.randn(*shape, generator=generator, dtype=dtype)).requires_grad_()
 
     lam = (0.8 * torch.rand(N, generator=generator, dtype=torch.float64)
            * torch.exp(1j * randn(N).detach())).requires_grad_()
-    inputs = (randn(C, batch, 2 * N), randn(batch, N, dtype=torch.complex128), lam,
+    u = randn(batch, C, inputs_size).transpose(0, 1)  # time-major, as the model passes a chunk
+    inputs = (u, randn(2 * N, inputs_size), randn(batch, N, dtype=torch.complex128), lam,
               randn(C, batch, 2 * N, scale=0.0 if zero_probes else 0.3))
     xs, last = ProbedLRU.apply(*inputs)
-    g, x, _, p = (v.detach() for v in inputs)
+    u_, weight, x, _, p = (v.detach() for v in inputs)
     stepped = []
     for t in range(C):
-        x = lam.detach() * x + unpack(g[t] + p[t])
+        x = lam.detach() * x + unpack(u_[t] @ weight.T + p[t])
         stepped.append(pack(x))
     torch.testing.assert_close(xs, torch.stack(stepped), rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(last, stepped[-1], rtol=0, atol=0)
+    torch.testing.assert_close(last, xs[-1], rtol=0, atol=0)
     assert torch.autograd.gradcheck(ProbedLRU.apply, inputs)
 
 

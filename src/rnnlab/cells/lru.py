@@ -117,19 +117,23 @@ class LRU(Cell):
                     torch.bmm((g_i * gamma).transpose(1, 2), u)]
 
     def input_projection(self, u: Tensor) -> Tensor:
-        """γ ⊙ (B u_t), packed real (…, 2N) (`pack`)."""
-        return pack(self.drive(u))
+        """u itself: the probed chunk (`ProbedLRU`) makes the drive γ ⊙ B u_t a block of steps
+        at a time, in the cache, and its backward ∂L/∂u and ∂L/∂(γB) from the adjoint, as
+        `LRUScan` does; a projection made beforehand for the whole chunk, its copies and its
+        autograd nodes cost a monitored LRU step at T = 100 as much as the scan."""
+        return u
 
     def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
-        return (pack(torch.exp(self.log_lambda()) * unpack(state[0]) + unpack(g_t)),)
+        return self.step(g_t, state, dt)
 
     def probed_sequence(self, g: Tensor, state: State, probes: State,
                         previous: list[State] | None) -> tuple[Tensor, State]:
         """A chunk of probed steps x_t = λ ⊙ x_{t−1} + γ ⊙ B u_t + p_t as one node (`ProbedLRU`):
         the probe enters as the drive does, so its gradient is the scan's adjoint ∂L/∂x_t.
-        ``g`` (C, B, 2N) from `input_projection` and ``probes[0]`` (C, B, 2N), time-major and
-        packed; returns x_t at every step packed (C, B, 2N) and the last state."""
-        hs, last = ProbedLRU.apply(g, unpack(state[0]), torch.exp(self.log_lambda()), probes[0])
+        ``g`` (C, B, input) the inputs u_t (`input_projection`) and ``probes[0]`` (C, B, 2N),
+        time-major; returns x_t at every step packed (C, B, 2N) and the last state."""
+        hs, last = ProbedLRU.apply(g, self.drive_weight(), unpack(state[0]),
+                                   torch.exp(self.log_lambda()), probes[0])
         record_previous_chunk(previous, state[0], hs)
         return hs, (last,)
 
@@ -195,33 +199,36 @@ class LRUScan(torch.autograd.Function):
 
 
 class ProbedLRU(torch.autograd.Function):
-    """A probed chunk x_t = λ ⊙ x_{t−1} + unpack(g_t + p_t) from its drive g (C, B, 2N) packed
-    (`LRU.input_projection`), time-major, the state before it x0 (B, N) complex, λ (N,) complex
-    and the probes p (C, B, 2N) packed. As `LRUScan`, a block of `block_length` steps at a
-    time (each block's drive g_t + p_t made and scanned while in the cache), and the backward
-    pass is the adjoint scan g_t = ∂L/∂x_t + conj(λ) ⊙ g_{t+1} (`rnnlab.cells.scan`), which is
-    at once the probes' gradient and the drive's: no autograd node per operation of the chunk,
-    no (C, B, N) drive kept. Returns x_t at every step (C, B, 2N) packed and the last state (a
-    copy); keeps only the states."""
+    """A probed chunk x_t = λ ⊙ x_{t−1} + unpack(W u_t + p_t) from its inputs u (C, B, input),
+    time-major, the drive's weight W = γ ⊙ B (2N, input) (`LRU.drive_weight`), the state before
+    it x0 (B, N) complex, λ (N,) complex and the probes p (C, B, 2N) packed. As `LRUScan`, a
+    block of `block_length` steps at a time: each block's drive W u_t + p_t (one matmul) made and
+    scanned while in the cache. The backward pass is the adjoint scan g_t = ∂L/∂x_t + conj(λ) ⊙
+    g_{t+1} (`rnnlab.cells.scan`), which is at once the probes' gradient and the drive's, whence
+    ∂L/∂u = g W and ∂L/∂W = gᵀ u. One autograd node for the chunk; keeps u and the states.
+    Returns x_t at every step (C, B, 2N) packed and the last state (a copy)."""
 
     @staticmethod
-    def forward(ctx, g: Tensor, x0: Tensor, lam: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        C, B, _ = g.shape
-        x = torch.empty(C, B, lam.shape[0], dtype=lam.dtype, device=g.device)
-        L = block_length(B, g.shape[-1])
+    def forward(ctx, u: Tensor, weight: Tensor, x0: Tensor, lam: Tensor, p: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        u = u.contiguous()  # each block's rows (steps × sequences) in one matrix
+        C, B, _ = u.shape
+        x = torch.empty(C, B, lam.shape[0], dtype=lam.dtype, device=u.device)
+        L = block_length(B, weight.shape[0])
         state = x0
         for t0 in range(0, C, L):
             t1 = min(t0 + L, C)
-            state = steps_forward(lam, unpack(torch.add(g[t0:t1], p[t0:t1])), state, x[t0:t1])
-        ctx.save_for_backward(lam, x0, x)
+            drive = torch.addmm(p[t0:t1].flatten(0, 1), u[t0:t1].flatten(0, 1), weight.T)
+            state = steps_forward(lam, unpack(drive.view(t1 - t0, B, -1)), state, x[t0:t1])
+        ctx.save_for_backward(u, weight, x0, lam, x)
         xs = pack(x)
         return xs, xs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_xs: Tensor | None, d_last: Tensor | None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        lam, x0, x = ctx.saved_tensors
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        u, weight, x0, lam, x = ctx.saved_tensors
         C, B, N = x.shape
         lam_conj = lam.conj().resolve_conj()
         grad = unpack(d_xs) if d_xs is not None else torch.zeros_like(x)  # the reads' ∂L/∂x_t
@@ -234,8 +241,10 @@ class ProbedLRU(torch.autograd.Function):
             t0 = max(t1 - L, 0)
             g = steps_adjoint(lam_conj, grad[t0:t1], g, lam_conj, adjoint[t0:t1])
         grad_lam = sum_over_steps(x[:-1], adjoint[1:]) + sum_over_steps(x0[None], adjoint[:1])
-        d_drive = pack(adjoint)  # ∂L/∂g_t = ∂L/∂p_t = g_t
-        return d_drive, lam_conj * adjoint[0], grad_lam, d_drive
+        d_drive = pack(adjoint)  # ∂L/∂(W u_t) = ∂L/∂p_t = g_t
+        rows = d_drive.flatten(0, 1)
+        grad_u = torch.mm(rows, weight).view(C, B, -1)
+        return grad_u, rows.T @ u.flatten(0, 1), lam_conj * adjoint[0], grad_lam, d_drive
 
 
 def pack(x: Tensor) -> Tensor:
