@@ -294,6 +294,37 @@ def test_the_tensorboard_logger_saves_at_most_every_save_every_s_and_always_at_t
     assert [e.value for e in events.Scalars("train/loss")] == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
+def test_the_tensorboard_logger_makes_the_events_of_its_scalars_at_its_saves(tmp_path,
+                                                                             monkeypatch):
+    """`log_metrics` holds a call's scalars; the save that flushes the event file (at most
+    every save_every_s) and `finalize`, also after a failure, write them, each at its step and
+    the wall time of its call."""
+    from rnnlab.loggers import TensorBoardLogger
+
+    clock, wall = [100.0], [5000.0]
+    monkeypatch.setattr("rnnlab.loggers.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("rnnlab.loggers.time.time", lambda: wall[0])
+    written = []
+    monkeypatch.setattr("rnnlab.loggers.summary.write",
+                        lambda writer, step, summary, walltime=None: written.append(
+                            (step, walltime, [(v.tag, v.simple_value) for v in summary.value])))
+    logger = TensorBoardLogger(tmp_path, name="", version="", save_every_s=1.0)
+
+    def event(step):
+        return step, 5000.0 + step, [("train/loss", float(step)), ("epoch", 0.0)]
+
+    for step in range(5):
+        logger.log_metrics({"train/loss": float(step), "epoch": 0}, step)
+        logger.save()  # saves at 100 and 101
+        assert written == [event(s) for s in range(1 if step < 4 else 5)]
+        clock[0] += 0.25
+        wall[0] += 1
+    logger.log_metrics({"train/loss": 5.0, "epoch": 0}, 5)
+    assert len(written) == 5
+    logger.finalize("failed")  # what Lightning calls when training raises
+    assert written == [event(s) for s in range(6)]
+
+
 def test_the_tensorboard_logger_writes_a_calls_scalars_as_one_event(tmp_path):
     """Every scalar of a `log_metrics` call at its step and float32 value, as Lightning's
     add_scalar writes it, in one event; a 0-d tensor is read as its number, a dict goes through

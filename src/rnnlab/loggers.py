@@ -45,13 +45,16 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
     hparams.yaml on disk, about 0.5–1 ms, which at ``trainer.log_every_n_steps=1`` is a few
     percent of a short-sequence step. Every scalar is still written; TensorBoard sees it at
     most ``save_every_s`` later, and a killed run loses at most that much of the event file's
-    tail (the records are written by the monitor, whole, on every monitored step).
+    tail (the records are written by the monitor, whole, on every monitored step). The scalars
+    of `log_metrics` wait for that flush too: their events are made at `save` (each with its
+    step and the wall time of its call), a batch at a time, not on every training step.
     """
 
     def __init__(self, *args: Any, save_every_s: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.save_every_s = save_every_s
         self._saved_at = -math.inf
+        self._held: list[tuple[int | None, float, list[tuple[str, float]]]] = []
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -69,22 +72,32 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
                 grouped[tag] = value
                 continue
             try:
-                scalars.append(Summary.Value(tag=tag, simple_value=float(value)))
+                scalars.append((tag, float(value)))
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{tag}: {value!r} is not a number; log a scalar, a 0-d tensor "
                                  "or a dict of them") from error
         if grouped:
             super().log_metrics(grouped, step)
-        if scalars:  # as add_scalar writes each: float32 simple_value, the writer's wall time
-            summary.write(self.experiment, step, Summary(value=scalars))
+        if scalars:
+            self._held.append((step, time.time(), scalars))
+
+    def write_held(self) -> None:
+        """The held scalars into the event file, an event per call (as add_scalar writes each:
+        float32 simple_value), at its step and wall time."""
+        held, self._held = self._held, []
+        for step, walltime, scalars in held:
+            values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars]
+            summary.write(self.experiment, step, Summary(value=values), walltime)
 
     def save(self) -> None:
         now = time.monotonic()
         if now - self._saved_at >= self.save_every_s:
             self._saved_at = now
+            self.write_held()
             super().save()
 
     def finalize(self, status: str) -> None:
+        self.write_held()  # before Lightning's closes the event file
         self._saved_at = -math.inf  # the last save is never skipped
         super().finalize(status)
 

@@ -188,12 +188,12 @@ def parse_json(value: np.ndarray) -> dict:
     return json.loads(text.decode() if isinstance(text, bytes) else text)
 
 
-def write(writer, step: int, summary: Summary) -> None:
+def write(writer, step: int, summary: Summary, walltime: float | None = None) -> None:
     """Add ``summary`` at ``step`` to the event file of ``writer``: a
     ``torch.utils.tensorboard.SummaryWriter`` (what Lightning's ``TensorBoardLogger.experiment``
-    is) or anything with ``add_summary(summary, step)``."""
+    is) or anything with ``add_summary(summary, step, walltime)``; ``walltime`` None: now."""
     file_writer = writer._get_file_writer() if hasattr(writer, "_get_file_writer") else writer
-    file_writer.add_summary(summary, step)
+    file_writer.add_summary(summary, step, walltime)
 
 
 def write_record(writer, step: int, record: dict[str, np.ndarray | float], prefix: str = "",
