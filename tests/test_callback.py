@@ -297,8 +297,8 @@ def test_the_tensorboard_logger_saves_at_most_every_save_every_s_and_always_at_t
 def test_the_tensorboard_logger_makes_the_events_of_its_scalars_at_its_saves(tmp_path,
                                                                              monkeypatch):
     """`log_metrics` holds a call's scalars; the save that flushes the event file (at most
-    every save_every_s) and `finalize`, also after a failure, write them, each at its step and
-    the wall time of its call."""
+    every save_every_s), every checkpoint (flushed) and `finalize`, also after a failure, write
+    them, each at its step and the wall time of its call."""
     from rnnlab.loggers import TensorBoardLogger
 
     clock, wall = [100.0], [5000.0]
@@ -321,8 +321,14 @@ def test_the_tensorboard_logger_makes_the_events_of_its_scalars_at_its_saves(tmp
         wall[0] += 1
     logger.log_metrics({"train/loss": 5.0, "epoch": 0}, 5)
     assert len(written) == 5
+    flushes = []
+    monkeypatch.setattr(logger.experiment, "flush", lambda: flushes.append(len(written)))
+    logger.after_save_checkpoint(None)  # a checkpoint: its steps' events flushed with it
+    assert written == [event(s) for s in range(6)] and flushes == [6]
+    wall[0] += 1
+    logger.log_metrics({"train/loss": 6.0, "epoch": 0}, 6)
     logger.finalize("failed")  # what Lightning calls when training raises
-    assert written == [event(s) for s in range(6)]
+    assert written == [event(s) for s in range(7)]
 
 
 def test_the_tensorboard_logger_writes_a_calls_scalars_as_one_event(tmp_path):

@@ -47,7 +47,9 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
     most ``save_every_s`` later, and a killed run loses at most that much of the event file's
     tail (the records are written by the monitor, whole, on every monitored step). The scalars
     of `log_metrics` wait for that flush too: their events are made at `save` (each with its
-    step and the wall time of its call), a batch at a time, not on every training step.
+    step and the wall time of its call), a batch at a time, not on every training step, and
+    at every checkpoint, flushed with it (`after_save_checkpoint`), so that a run killed after
+    a checkpoint has every event up to it on disk for its resume to carry.
     """
 
     def __init__(self, *args: Any, save_every_s: float = 1.0, **kwargs: Any):
@@ -95,6 +97,14 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
             self._saved_at = now
             self.write_held()
             super().save()
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        """After every checkpoint, the scalars held so far into the event file, flushed: a run
+        resumed from it carries the events up to its step (`rnnlab.resume.copy_events`)."""
+        self.write_held()
+        if self._experiment is not None:
+            self.experiment.flush()
+        super().after_save_checkpoint(checkpoint_callback)
 
     def finalize(self, status: str) -> None:
         self.write_held()  # before Lightning's closes the event file
