@@ -12,7 +12,7 @@ import torch
 
 from rnnlab import gradflow
 from rnnlab.cells import LEM, LRU, AntisymmetricRNN, CoRNN, IndRNN, MinGRU, scan
-from rnnlab.cells.lru import LRUScan, ProbedLRU, pack, unpack
+from rnnlab.cells.lru import LRUScan, pack, unpack
 from rnnlab.cells.mingru import MinGRUScan, candidate_slope, g
 from rnnlab.cells.scan import linear_scan
 from rnnlab.config import ConfigError
@@ -209,8 +209,9 @@ def test_the_cells_scan_functions_pass_gradcheck(block_values, monkeypatch):
 
     lam = (0.8 * torch.rand(3, generator=generator, dtype=torch.float64)
            * torch.exp(1j * randn(3).detach())).requires_grad_()
-    assert torch.autograd.gradcheck(
-        LRUScan.apply, (randn(2, 9, 4), randn(6, 4), lam, randn(2, 3, dtype=torch.complex128)))
+    assert torch.autograd.gradcheck(  # unprobed: the sequence's scan, inputs time-major
+        LRUScan.apply, (randn(2, 9, 4).transpose(0, 1), randn(6, 4),
+                        randn(2, 3, dtype=torch.complex128), lam, None))
     assert torch.autograd.gradcheck(MinGRUScan.apply,
                                     (randn(2, 9, 4), randn(6, 4), randn(6), randn(2, 3)))
 
@@ -219,9 +220,10 @@ def test_the_cells_scan_functions_pass_gradcheck(block_values, monkeypatch):
 @pytest.mark.parametrize("zero_probes", [True, False])
 def test_the_lrus_probed_chunk_is_the_recurrence_and_passes_gradcheck(block_values, zero_probes,
                                                                       monkeypatch):
-    """`ProbedLRU` (the monitor's probed chunk) over one and several blocks: x_t = λ x_{t−1} +
-    W u_t + p_t stepped in complex arithmetic, and every gradient (inputs, drive weight, start
-    state, λ, probes; each step's state and the last one read) against finite differences."""
+    """`LRUScan` with probes (the monitor's probed chunk) over one and several blocks:
+    x_t = λ x_{t−1} + W u_t + p_t stepped in complex arithmetic, and every gradient (inputs,
+    drive weight, start state, λ, probes; each step's state and the last one read) against
+    finite differences."""
     monkeypatch.setattr(scan, "BLOCK_VALUES", block_values)
     generator = torch.Generator().manual_seed(block_values)
     C, batch, N, inputs_size = 9, 2, 3, 4
@@ -234,7 +236,7 @@ def test_the_lrus_probed_chunk_is_the_recurrence_and_passes_gradcheck(block_valu
     u = randn(batch, C, inputs_size).transpose(0, 1)  # time-major, as the model passes a chunk
     inputs = (u, randn(2 * N, inputs_size), randn(batch, N, dtype=torch.complex128), lam,
               randn(C, batch, 2 * N, scale=0.0 if zero_probes else 0.3))
-    xs, last = ProbedLRU.apply(*inputs)
+    xs, last = LRUScan.apply(*inputs)
     u_, weight, x, _, p = (v.detach() for v in inputs)
     stepped = []
     for t in range(C):
@@ -242,7 +244,7 @@ def test_the_lrus_probed_chunk_is_the_recurrence_and_passes_gradcheck(block_valu
         stepped.append(pack(x))
     torch.testing.assert_close(xs, torch.stack(stepped), rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(last, xs[-1], rtol=0, atol=0)
-    assert torch.autograd.gradcheck(ProbedLRU.apply, inputs)
+    assert torch.autograd.gradcheck(LRUScan.apply, inputs)
 
 
 def test_candidate_slope_is_autograds_derivative_of_g_including_the_tie_at_0():

@@ -117,10 +117,10 @@ class LRU(Cell):
                     torch.bmm((g_i * gamma).transpose(1, 2), u)]
 
     def input_projection(self, u: Tensor) -> Tensor:
-        """u itself: the probed chunk (`ProbedLRU`) makes the drive γ ⊙ B u_t a block of steps
-        at a time, in the cache, and its backward ∂L/∂u and ∂L/∂(γB) from the adjoint, as
-        `LRUScan` does; a projection made beforehand for the whole chunk, its copies and its
-        autograd nodes cost a monitored LRU step at T = 100 as much as the scan."""
+        """u itself: the probed chunk (`LRUScan` with the probes) makes the drive γ ⊙ B u_t a
+        block of steps at a time, in the cache, and its backward ∂L/∂u and ∂L/∂(γB) from the
+        adjoint; a projection made beforehand for the whole chunk, its copies and its autograd
+        nodes cost a monitored LRU step at T = 100 as much as the scan."""
         return u
 
     def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
@@ -128,20 +128,21 @@ class LRU(Cell):
 
     def probed_sequence(self, g: Tensor, state: State, probes: State,
                         previous: list[State] | None) -> tuple[Tensor, State]:
-        """A chunk of probed steps x_t = λ ⊙ x_{t−1} + γ ⊙ B u_t + p_t as one node (`ProbedLRU`):
-        the probe enters as the drive does, so its gradient is the scan's adjoint ∂L/∂x_t.
+        """A chunk of probed steps x_t = λ ⊙ x_{t−1} + γ ⊙ B u_t + p_t as one node (`LRUScan`
+        with the probes): the probe enters as the drive does, so its gradient is the scan's
+        adjoint ∂L/∂x_t.
         ``g`` (C, B, input) the inputs u_t (`input_projection`) and ``probes[0]`` (C, B, 2N),
         time-major; returns x_t at every step packed (C, B, 2N) and the last state."""
-        hs, last = ProbedLRU.apply(g, self.drive_weight(), unpack(state[0]),
-                                   torch.exp(self.log_lambda()), probes[0])
+        hs, last = LRUScan.apply(g, self.drive_weight(), unpack(state[0]),
+                                 torch.exp(self.log_lambda()), probes[0])
         record_previous_chunk(previous, state[0], hs)
         return hs, (last,)
 
     def sequence(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         """u: (B, T, input) → x_t at every t as (B, T, hidden), by the scan `LRUScan`."""
-        out = LRUScan.apply(u, self.drive_weight(), torch.exp(self.log_lambda()),
-                            unpack(state[0]))
-        return out, (out[:, -1],)
+        xs, last = LRUScan.apply(time_major(u), self.drive_weight(), unpack(state[0]),
+                                 torch.exp(self.log_lambda()), None)
+        return time_major(xs), (last,)
 
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
         """max_j |λ_j| for every row: each unit's block is |λ_j| times a rotation."""
@@ -150,76 +151,34 @@ class LRU(Cell):
 
 
 class LRUScan(torch.autograd.Function):
-    """x_t = λ ⊙ x_{t−1} + unpack(W u_t) over the whole sequence, a block of `block_length`
-    steps at a time: each block's drive W u_t (one matmul) is made and scanned while in the
-    cache, and in the backward pass each block's adjoint g_t = ∂L/∂x_t + conj(λ) ⊙ g_{t+1}
+    """x_t = λ ⊙ x_{t−1} + unpack(W u_t + p_t) over a sequence or a probed chunk, a block of
+    `block_length` steps at a time: each block's drive (one matmul) is made and scanned while in
+    the cache, and in the backward pass each block's adjoint g_t = ∂L/∂x_t + conj(λ) ⊙ g_{t+1}
     (`rnnlab.cells.scan`) goes straight into the block's ∂L/∂u = g W and ∂L/∂W += gᵀ u. Only
-    u and the states x are kept for the backward pass; no (B, T, ·) drive or adjoint is made.
+    u and the states x are kept for the backward pass; no (T, B, ·) drive is made.
 
-    u (B, T, input) real; weight (2N, input), rows alternating Re, Im (γ folded in); lam (N,)
-    and x0 (B, N) complex. Returns the packed states (B, T, 2N), a view of a time-major buffer.
+    u (T, B, input) real, time-major; weight (2N, input), rows alternating Re, Im (γ folded in);
+    x0 (B, N) and lam (N,) complex; p the probes (T, B, 2N) packed (the monitor's zeros), or None
+    for an unprobed pass. The probe enters as the drive does, so its gradient is the adjoint
+    itself, kept whole for it (unprobed: a block's at a time). Returns the packed states
+    (T, B, 2N) and the last one (a copy).
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, weight: Tensor, lam: Tensor, x0: Tensor) -> Tensor:
-        B, T, _ = u.shape
-        u = time_major(u).contiguous()  # each block's rows (steps × sequences) in one matrix
+    def forward(ctx, u: Tensor, weight: Tensor, x0: Tensor, lam: Tensor, p: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+        u = u.contiguous()  # each block's rows (steps × sequences) in one matrix
+        T, B, _ = u.shape
         x = torch.empty(T, B, lam.shape[0], dtype=lam.dtype, device=u.device)
         L = block_length(B, weight.shape[0])
         state = x0
         for t0 in range(0, T, L):
             t1 = min(t0 + L, T)
-            drive = unpack(torch.matmul(u[t0:t1], weight.T))
-            state = steps_forward(lam, drive, state, x[t0:t1])
-        ctx.save_for_backward(u, weight, lam, x0, x)
-        return time_major(pack(x))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        u, weight, lam, x0, x = ctx.saved_tensors  # u and x time-major
-        T, B, _ = u.shape
-        grad = unpack(time_major(grad))  # ∂L/∂x_t, (T, B, N) complex
-        lam_conj = lam.conj().resolve_conj()
-        grad_u = torch.empty_like(u)
-        grad_weight = torch.zeros_like(weight)
-        grad_lam = torch.zeros_like(lam)
-        L = block_length(B, weight.shape[0])
-        g = torch.zeros_like(x0)
-        for t0 in reversed(range(0, T, L)):
-            t1 = min(t0 + L, T)
-            adjoint = torch.empty_like(x[t0:t1])
-            g = steps_adjoint(lam_conj, grad[t0:t1], g, lam_conj, adjoint)
-            before = x[t0 - 1:t1 - 1] if t0 else torch.cat([x0[None], x[:t1 - 1]])
-            grad_lam += sum_over_steps(before, adjoint)
-            grad_drive = pack(adjoint).flatten(0, 1)  # (steps·B, 2N): ∂L/∂(W u_t)
-            torch.mm(grad_drive, weight, out=grad_u[t0:t1].flatten(0, 1))
-            grad_weight.addmm_(grad_drive.T, u[t0:t1].flatten(0, 1))
-        return time_major(grad_u), grad_weight, grad_lam, lam_conj * g
-
-
-class ProbedLRU(torch.autograd.Function):
-    """A probed chunk x_t = λ ⊙ x_{t−1} + unpack(W u_t + p_t) from its inputs u (C, B, input),
-    time-major, the drive's weight W = γ ⊙ B (2N, input) (`LRU.drive_weight`), the state before
-    it x0 (B, N) complex, λ (N,) complex and the probes p (C, B, 2N) packed. As `LRUScan`, a
-    block of `block_length` steps at a time: each block's drive W u_t + p_t (one matmul) made and
-    scanned while in the cache. The backward pass is the adjoint scan g_t = ∂L/∂x_t + conj(λ) ⊙
-    g_{t+1} (`rnnlab.cells.scan`), which is at once the probes' gradient and the drive's, whence
-    ∂L/∂u = g W and ∂L/∂W = gᵀ u. One autograd node for the chunk; keeps u and the states.
-    Returns x_t at every step (C, B, 2N) packed and the last state (a copy)."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor, weight: Tensor, x0: Tensor, lam: Tensor, p: Tensor
-                ) -> tuple[Tensor, Tensor]:
-        u = u.contiguous()  # each block's rows (steps × sequences) in one matrix
-        C, B, _ = u.shape
-        x = torch.empty(C, B, lam.shape[0], dtype=lam.dtype, device=u.device)
-        L = block_length(B, weight.shape[0])
-        state = x0
-        for t0 in range(0, C, L):
-            t1 = min(t0 + L, C)
-            drive = torch.addmm(p[t0:t1].flatten(0, 1), u[t0:t1].flatten(0, 1), weight.T)
+            rows = u[t0:t1].flatten(0, 1)
+            drive = (torch.mm(rows, weight.T) if p is None
+                     else torch.addmm(p[t0:t1].flatten(0, 1), rows, weight.T))
             state = steps_forward(lam, unpack(drive.view(t1 - t0, B, -1)), state, x[t0:t1])
+        ctx.probed = p is not None
         ctx.save_for_backward(u, weight, x0, lam, x)
         xs = pack(x)
         return xs, xs[-1].clone()
@@ -227,24 +186,37 @@ class ProbedLRU(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_xs: Tensor | None, d_last: Tensor | None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         u, weight, x0, lam, x = ctx.saved_tensors
-        C, B, N = x.shape
+        T, B, N = x.shape
         lam_conj = lam.conj().resolve_conj()
         grad = unpack(d_xs) if d_xs is not None else torch.zeros_like(x)  # the reads' ∂L/∂x_t
-        adjoint = torch.empty_like(x)
-        g = adjoint[-1].copy_(grad[-1])  # the last step's: its read and the next chunk's
+        adjoints = torch.empty_like(x) if ctx.probed else None  # the probes' gradient
+        grad_u = torch.empty_like(u)
+        grad_weight = torch.zeros_like(weight)
+        grad_lam = torch.zeros_like(lam)
+
+        def block(t0: int, t1: int, adjoint: Tensor) -> None:
+            before = x[t0 - 1:t1 - 1] if t0 else torch.cat([x0[None], x[:t1 - 1]])
+            grad_lam.add_(sum_over_steps(before, adjoint))
+            rows = pack(adjoint).flatten(0, 1)  # (steps·B, 2N): ∂L/∂(W u_t)
+            torch.mm(rows, weight, out=grad_u[t0:t1].flatten(0, 1))
+            grad_weight.addmm_(rows.T, u[t0:t1].flatten(0, 1))
+
+        # The last step's adjoint: its read and what the next chunk sends back (the last state).
+        g = adjoints[-1] if ctx.probed else torch.empty_like(x0)
+        g.copy_(grad[-1])
         if d_last is not None:
             g += unpack(d_last)
-        L = block_length(B, 2 * N)
-        for t1 in range(C - 1, 0, -L):
+        block(T - 1, T, g[None])
+        L = block_length(B, weight.shape[0])
+        for t1 in range(T - 1, 0, -L):
             t0 = max(t1 - L, 0)
-            g = steps_adjoint(lam_conj, grad[t0:t1], g, lam_conj, adjoint[t0:t1])
-        grad_lam = sum_over_steps(x[:-1], adjoint[1:]) + sum_over_steps(x0[None], adjoint[:1])
-        d_drive = pack(adjoint)  # ∂L/∂(W u_t) = ∂L/∂p_t = g_t
-        rows = d_drive.flatten(0, 1)
-        grad_u = torch.mm(rows, weight).view(C, B, -1)
-        return grad_u, rows.T @ u.flatten(0, 1), lam_conj * adjoint[0], grad_lam, d_drive
+            adjoint = adjoints[t0:t1] if ctx.probed else torch.empty_like(x[t0:t1])
+            g = steps_adjoint(lam_conj, grad[t0:t1], g, lam_conj, adjoint)
+            block(t0, t1, adjoint)
+        return (grad_u, grad_weight, lam_conj * g, grad_lam,
+                pack(adjoints) if ctx.probed else None)
 
 
 def pack(x: Tensor) -> Tensor:
