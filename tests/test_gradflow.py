@@ -114,9 +114,9 @@ def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients(monkeyp
     batch = adding_batch(10)
     model.loss_fn(model(batch["x"]), batch["y"]).backward()
     norms = gradflow.GradNorms(model)
-    vector_norm, calls = torch.linalg.vector_norm, []
-    monkeypatch.setattr(torch.linalg, "vector_norm",
-                        lambda x, *a, **k: (calls.append(x.shape), vector_norm(x, *a, **k))[1])
+    squared_norms, read = gradflow.squared_norms, []  # the gradients each call reads
+    monkeypatch.setattr(gradflow, "squared_norms", lambda grads: (
+        read.append([id(g) for g in grads]), squared_norms(grads))[1])
 
     def expected(*modules: str) -> float:
         grads = [p.grad.flatten() for m in modules for p in getattr(model, m).parameters()
@@ -129,10 +129,12 @@ def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients(monkeyp
         assert by_module[f"grad_norm_{module}"].item() == pytest.approx(expected(module),
                                                                          rel=1e-12)
         assert by_module[f"grad_norm_{module}"].dtype == torch.float64
+        assert by_module[f"grad_norm_{module}"].dim() == 0
+    assert len(read[0]) == sum(p.grad is not None for p in model.parameters())
     whole = expected("encoder", "cell", "decoder")
-    calls.clear()
+    read.clear()
     assert norms.total().item() == pytest.approx(whole, rel=1e-12)
-    assert len(calls) == 1  # every gradient's norm reused: only their combination
+    assert read == []  # every gradient's square reused: only their sum
     assert not norms.taken  # and the gradients let go of
     before = norms.total().item()  # nothing kept: every gradient read again, the same total
     assert before == pytest.approx(expected("encoder", "cell", "decoder"), rel=1e-12)
@@ -141,16 +143,37 @@ def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients(monkeyp
     model.decoder.weight.grad.mul_(3.0)  # written in place after modules(): read again
     model.encoder.bias.grad = torch.ones_like(model.encoder.bias)  # a new tensor: read again
     model.cell.bias_ih.grad = None  # gone: left out
-    calls.clear()
+    read.clear()
     changed = norms.total().item()
-    assert len(calls) == 2 + 1  # the two changed gradients and the combination
+    assert sorted(read[0]) == sorted([id(model.decoder.weight.grad), id(model.encoder.bias.grad)])
     assert changed == pytest.approx(expected("encoder", "cell", "decoder"), rel=1e-12)
     assert changed != pytest.approx(before, rel=1e-6)
     assert gradflow.total_grad_norm(model).item() == pytest.approx(changed, rel=1e-12)
+    by_module = norms.modules()  # a parameter fewer with a gradient: its own membership
+    for module in ("encoder", "cell", "decoder"):
+        assert by_module[f"grad_norm_{module}"].item() == pytest.approx(expected(module),
+                                                                         rel=1e-12)
     for p in model.parameters():
         p.grad = None
     assert norms.total().item() == 0.0
     assert all(v.item() == 0.0 for v in norms.modules().values())
+
+
+def test_squared_norms_equal_float64_vector_norms_of_any_dtype():
+    torch.manual_seed(0)
+    grads = [torch.randn(300, 70), torch.randn(7).half(), torch.randn(5).bfloat16(),
+             torch.randn(3, dtype=torch.float64), torch.zeros(0),
+             torch.tensor([3e38, -3e38]),  # its square overflows float32, not float64
+             torch.tensor([1e-30, 2e-30])]  # its square underflows float32, not float64
+    squares = gradflow.squared_norms(grads)
+    assert squares.dtype == torch.float64
+    for g, square in zip(grads, squares):
+        reference = float(np.sum(g.double().numpy().astype(np.float64) ** 2))
+        assert square.item() == pytest.approx(reference, rel=1e-13, abs=0)
+    nonfinite = gradflow.squared_norms([torch.tensor([1.0, float("inf")]),
+                                        torch.tensor([float("nan")])])
+    assert torch.isinf(nonfinite[0]) and torch.isnan(nonfinite[1])
+    assert gradflow.squared_norms([]).shape == (0,)
 
 
 def test_training_record_at_step_zero_equals_grad_flow_on_first_batch(make_cfg, tmp_path):

@@ -148,11 +148,51 @@ def test_a_skipped_step_leaves_parameters_and_adam_state_as_they_were(make_cfg):
     trainer = SimpleNamespace(world_size=1, global_step=3)
     model.log = lambda *args, **kwargs: None  # no trainer to log to
     policy = NonFinitePolicy("skip")
-    assert not policy.check_loss(trainer, model, loss, "none yet")
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())  # every parameter took part
-    policy.check_gradients(trainer, model, gradflow.module_grad_norm_tensors(model), None, "")
+    norms = gradflow.module_grad_norm_tensors(model)
+    loss_finite, gradients_finite = policy.finite(trainer, loss, norms)
+    assert not loss_finite and not gradients_finite
+    policy.nonfinite(trainer, model, loss, loss_finite, norms, None, "none yet")
+    assert policy.skipped_steps == policy.skipped_in_a_row == 1
     optimizer.step()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
     assert not optimizer.state  # Adam took no step: no moments, no step count
+
+
+def test_one_check_after_backward_tells_the_loss_from_the_gradients_and_agrees_across_processes():
+    policy = NonFinitePolicy("stop")
+    one = SimpleNamespace(world_size=1, global_step=4)
+    finite = {"grad_norm_cell": torch.tensor(2.0, dtype=torch.float64)}
+    nan = {"grad_norm_cell": torch.tensor(float("nan"), dtype=torch.float64),
+           "grad_norm_decoder": torch.tensor(1.0, dtype=torch.float64)}
+    policy.skipped_in_a_row = 3
+    assert policy.finite(one, torch.tensor(0.5), finite) == (True, True)
+    assert policy.skipped_in_a_row == 0  # a good step ends a run of skipped ones
+    assert policy.finite(one, torch.tensor(float("inf")), finite) == (False, True)
+    assert policy.finite(one, torch.tensor(0.5), nan) == (True, False)
+    assert policy.finite(one, torch.tensor(float("nan")), nan) == (False, False)
+    assert policy.finite(one, None, finite) == (True, True)  # no loss seen: the gradients alone
+    assert policy.finite(one, torch.tensor(0.5, dtype=torch.bfloat16), finite) == (True, True)
+
+    # Under data parallelism the loss's finiteness is agreed on by every process: another
+    # process's non-finite loss makes this one's finite loss count as not finite.
+    votes = []
+    others_nan = SimpleNamespace(reduce_boolean_decision=lambda d, all: (votes.append(d), False)[1])
+    two = SimpleNamespace(world_size=2, global_step=4, strategy=others_nan)
+    assert policy.finite(two, torch.tensor(0.5), finite) == (False, True)
+    assert votes == [True]
+    model = ElmanRNN(2, 4)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss on another process "
+                                                 r"\(this one's: 0\.5\) at step 4"):
+        policy.nonfinite(two, model, torch.tensor(0.5), False, finite, None, "none yet")
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss inf at step 4; the "
+                                                 r"forward pass overflowed"):
+        policy.nonfinite(one, model, torch.tensor(float("inf")), False, finite, None, "none yet")
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite gradients \(norms: cell nan, decoder 1\) with a finite "
+                             r"loss at step 4; \|\|dL/dz_t\|\| is non-finite at timesteps "
+                             r"\[0, 2\]"):
+        policy.nonfinite(one, model, torch.tensor(0.5), True, nan,
+                         np.array([np.nan, 1.0, np.inf, 2.0]), "none yet")

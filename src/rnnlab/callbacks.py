@@ -31,11 +31,12 @@ training step; a monitored step is one `MonitoredStep`, opened at (1) and finish
     on_train_start                    adapters for the loggers; TensorBoard's custom-scalars layout
     (1) on_train_batch_start          monitored step: opens a MonitoredStep, arms the modules
         training_step                 (the forward pass: probed on a monitored step)
-    (2) on_before_backward(loss)      non-finite policy on the loss; keeps the loss
+    (2) on_before_backward(loss)      keeps the loss
         backward
-    (3) on_after_backward             disarms; probe gradients, per-module gradient norms, the
-                                      Jacobians and the Lyapunov spectra (the same weights) become
-                                      the records; non-finite policy on the gradients
+    (3) on_after_backward             per-module gradient norms; the non-finite policy on them and
+                                      the loss (one host read); disarms; probe gradients, the
+                                      norms, the Jacobians and the Lyapunov spectra (the same
+                                      weights) become the records
     (4) on_before_optimizer_step      the total gradient norm before clipping
         clipping, optimizer.step
     (5) on_train_batch_end            the norm after clipping; the records are written and logged
@@ -257,6 +258,7 @@ class GradFlowCallback(pl.Callback):
         self.step, self.grad_scalars = 0, {}  # the step in progress and its gradient norms
         self.held_scalars: list[tuple[int, list[str], Tensor]] = []  # logged, not yet written
         self.norms_of: tuple[pl.LightningModule, gradflow.GradNorms] | None = None
+        self.loss: Tensor | None = None  # the step's, from before its backward pass
         self.current: MonitoredStep | None = None  # the monitored step under way, (1) to (5)
         self.last_monitored = -1  # its optimizer step (the first micro-batch is probed)
         self.twin: RecurrentModel | None = None  # the float64 copy, made once
@@ -395,7 +397,7 @@ class GradFlowCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         self.step, self.grad_scalars = step, {}
-        self.current = None
+        self.current, self.loss = None, None
         if step % self.every_n_steps or step == self.last_monitored:
             return
         self.last_monitored = step
@@ -404,26 +406,29 @@ class GradFlowCallback(pl.Callback):
             self.watch.start()
 
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        self.loss = loss  # checked with the gradients, after the backward pass
         if self.current is not None:
             self.current.loss = loss.detach()
-        self.policy.check_loss(trainer, pl_module, loss, self.last_finite)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         # Tensors, not floats: no host sync until they are written, at the end of the step.
         norms = self.grad_norms(pl_module).modules()
         self.grad_scalars.update({f"grad_norm/{k.removeprefix('grad_norm_')}": v
                                   for k, v in norms.items()})
+        loss, self.loss = self.loss, None
+        loss_finite, gradients_finite = self.policy.finite(trainer, loss, norms)
         current = self.current
         if current is not None:
             self.watch.stop()
-            if self.policy.skipping:  # a non-finite loss: no profile to record
+            if not loss_finite:  # the forward pass overflowed: no profile to record
                 self.current = current = None
             else:
                 current.records = self.measure(trainer, pl_module, current, norms)
-        first = next(iter(current.records.values()), None) if current is not None else None
-        self.policy.check_gradients(trainer, pl_module, norms,
-                                    first.main_profile if first is not None else None,
-                                    self.last_finite)
+        if not (loss_finite and gradients_finite):
+            first = next(iter(current.records.values()), None) if current is not None else None
+            self.policy.nonfinite(trainer, pl_module, loss, loss_finite, norms,
+                                  first.main_profile if first is not None else None,
+                                  self.last_finite)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.

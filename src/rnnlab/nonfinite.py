@@ -1,13 +1,16 @@
 """A non-finite loss or gradient: stop training, or skip that optimizer step.
 
 One policy, ``monitor.on_nonfinite`` (``stop`` or ``skip``), applied by the gradient-flow callback
-at the two points of a training step where it can be seen:
+to two faults:
 
-- before the backward pass, a non-finite loss (`NonFinitePolicy.check_loss`): ``stop`` raises a
-  `FloatingPointError` at once; ``skip`` lets the backward pass run and drops its gradients;
-- after the backward pass, non-finite gradients with a finite loss (`check_gradients`): the
-  backward pass overflowed; the message names the timesteps where ‖∂L/∂z_t‖ is not finite when the
-  step was monitored.
+- a non-finite loss: the forward pass overflowed; ``stop`` raises a `FloatingPointError`,
+  ``skip`` drops the step's gradients;
+- non-finite gradients with a finite loss: the backward pass overflowed; the message names the
+  timesteps where ‖∂L/∂z_t‖ is not finite when the step was monitored.
+
+Both are seen after the backward pass, from the loss and the per-module gradient norms together
+(`NonFinitePolicy.finite`: one host read a step) — a step with a non-finite loss still runs its
+backward pass, which under data parallelism every process takes part in.
 
 A skipped step leaves every parameter and the optimizer's state as they were (the optimizer skips
 a parameter without a gradient). Under data parallelism every process decides alike: the loss's
@@ -51,48 +54,59 @@ class NonFinitePolicy:
         self.max_skipped_steps = None if self.auto else max_skipped_steps
         self.skipped_steps = 0  # over the whole run
         self.skipped_in_a_row = 0
-        self.skipping = False  # the current step's gradients are to be dropped
 
     def set_run_steps(self, steps: float) -> None:
         """With ``max_skipped_steps="auto"``: the limit for a run of ``steps`` optimizer steps."""
         if self.auto:
             self.max_skipped_steps = auto_max_skipped(steps)
 
-    def check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor,
-                   last_finite: str) -> bool:
-        """Before the backward pass: is the loss finite on every process? If not, apply the
-        policy (stop: raise) and return False; the step's gradients are dropped after backward."""
-        finite = bool(torch.isfinite(loss.detach()))
-        everywhere = (trainer.strategy.reduce_boolean_decision(finite, all=True)
-                      if trainer.world_size > 1 else finite)
-        self.skipping = not everywhere
-        if everywhere:
-            return True
-        what = (f"non-finite training loss {loss.item()}" if not finite else
-                f"non-finite training loss on another process (this one's: {loss.item():.4g})")
-        self.apply(pl_module, trainer.global_step, what,
-                   "the forward pass overflowed, so this step has no gradient profile",
-                   last_finite)
-        return False
+    def finite(self, trainer: pl.Trainer, loss: Tensor | None,
+               norms: dict[str, Tensor]) -> tuple[bool, bool]:
+        """After the backward pass: (is the loss finite on every process, are the gradients
+        finite), from the loss and the per-module gradient norms ``norms``. One host read per
+        step where both are, on one process (the policy has to decide before the optimizer
+        runs); under data parallelism the loss's finiteness is agreed on by every process, and
+        the gradients are the same after DDP's all-reduce. ``loss`` None: not checked."""
+        values = [*norms.values()]
+        if loss is not None:
+            values.append(loss.detach().to(torch.float64).reshape(()))
+        if not values:
+            return True, True
+        finite = torch.isfinite(torch.stack(values))
+        if trainer.world_size == 1 and bool(finite.all()):
+            self.skipped_in_a_row = 0
+            return True, True
+        loss_finite = loss is None or bool(finite[-1])
+        if trainer.world_size > 1:
+            loss_finite = trainer.strategy.reduce_boolean_decision(loss_finite, all=True)
+        gradients_finite = bool(finite[:len(norms)].all())
+        if loss_finite and gradients_finite:
+            self.skipped_in_a_row = 0
+        return loss_finite, gradients_finite
 
-    def check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                        norms: dict[str, Tensor], dL_dz: np.ndarray | None,
-                        last_finite: str) -> None:
-        """After the backward pass: drop the gradients of a step whose loss was not finite, or
-        apply the policy to non-finite gradients (``norms``: the per-module gradient norms)."""
-        if not self.skipping:
-            # One host read per step: the policy has to decide before the optimizer runs.
-            if bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
-                self.skipped_in_a_row = 0
-                return
+    def nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor | None,
+                  loss_finite: bool, norms: dict[str, Tensor], dL_dz: np.ndarray | None,
+                  last_finite: str) -> None:
+        """Apply the policy to a step `finite` found non-finite: ``stop`` raises; ``skip`` warns,
+        counts the step and drops its gradients (the optimizer then leaves every parameter as
+        it was). A non-finite loss is named as such (the forward pass overflowed, and the step
+        has no profile); non-finite gradients with a finite loss by the module norms and, on a
+        monitored step, the timesteps where ``dL_dz`` is not finite."""
+        step = trainer.global_step
+        if not loss_finite:
+            value = float(loss.detach()) if loss is not None else float("nan")
+            what = (f"non-finite training loss {value}" if not math.isfinite(value) else
+                    f"non-finite training loss on another process (this one's: {value:.4g})")
+            self.apply(pl_module, step, what,
+                       "the forward pass overflowed, so this step has no gradient profile",
+                       last_finite)
+        else:
             named = ", ".join(f"{k.removeprefix('grad_norm_')} {float(v):.3g}"
                               for k, v in norms.items())
-            self.apply(pl_module, trainer.global_step,
-                       f"non-finite gradients (norms: {named}) with a finite loss",
+            self.apply(pl_module, step, f"non-finite gradients (norms: {named}) with a finite loss",
                        offending_timesteps(dL_dz), last_finite)
         for p in pl_module.parameters():  # the optimizer leaves a parameter without a gradient
             p.grad = None
-        self.skipping = False
 
     def apply(self, pl_module: pl.LightningModule, step: int, what: str, where: str,
               last_finite: str) -> None:
