@@ -399,6 +399,14 @@ def test_the_float64_tensor_proto_is_tensorboards_own(array):
     np.testing.assert_array_equal(tensor_util.make_ndarray(made), array)
 
 
+
+@pytest.mark.parametrize("text", ["", '{"tags": {"dL_dz": [7]}}', "ünïcödé ∂L/∂z_t"])
+def test_the_string_tensor_proto_is_tensorboards_own(text):
+    made = summary.string_tensor(text)
+    assert made == tensor_util.make_tensor_proto(text)
+    assert tensor_util.make_ndarray(made).item().decode() == text
+
+
 def test_event_checksums_are_tensorboards_own_in_c():
     """The C CRC-32C rnnlab hands TensorBoard gives its pure-Python checksums (kept in
     `crc_update`/`crc_finalize`), masked and unmasked, so event files read back."""

@@ -129,6 +129,8 @@ def chosen_timesteps(T: int, timesteps: list[int] | None, count: int) -> list[in
     """Explicit ``timesteps`` (negative: from the end), or ``count`` evenly spaced in [0, T)."""
     if timesteps:
         return sorted({t % T for t in timesteps if -T <= t < T})
+    if count <= 0:
+        return []
     return sorted({int(round(t)) for t in np.linspace(0, T - 1, min(count, T))})
 
 
@@ -266,7 +268,9 @@ class GradFlowCallback(pl.Callback):
         # The latest value of each grad_flow/* summary of rnnlab's model: the Jacobians' and the
         # spectrum's come from fewer steps than the profile's, so the last record may lack them.
         self.summaries: dict[str, float] = {}
-        self.last_finite = "none yet (no monitored step finished)"
+        # the latest record with a finite profile (pass name, record), for the non-finite
+        # policy's messages (`last_finite`)
+        self.last_finite_record: tuple[str, Record] | None = None
         self.histories: dict[str, History] = {}
         self.records_written = 0
         # Records go to disk on a thread of their own (each fsyncs), records_per_file to a file:
@@ -453,24 +457,20 @@ class GradFlowCallback(pl.Callback):
         for record in current.records.values():
             record.grad_norms["grad_norm_total_clipped"] = float(clipped)
         self.last_records = current.records
-        if MODEL in current.records:
-            self.summaries.update({tag: value for tag, value
-                                   in current.records[MODEL].scalars().items()
+        scalars = {name: record.scalars() for name, record in current.records.items()}
+        if MODEL in scalars:
+            self.summaries.update({tag: value for tag, value in scalars[MODEL].items()
                                    if tag.startswith("grad_flow/")})
         name, first = next(iter(current.records.items()))
         if np.isfinite(first.main_profile).all():
-            summary = first.summary
-            self.last_finite = (
-                f"step {first.step}, decay_rate {np.ravel(summary.decay_rate)[0]:.4g}, "
-                f"log10_first_last {np.ravel(summary.log10_first_last)[0]:.4g}, its record in "
-                f"{self.record_dir(name)}")
+            self.last_finite_record = name, first
         if trainer.is_global_zero:
             for name, record in current.records.items():
                 held = self.unwritten.setdefault(name, [])
                 held.append(record)
                 if len(held) >= self.records_per_file:
                     self.write_records(name)
-            self.log_records(current.step, current.records)
+            self.log_records(current.step, current.records, scalars)
 
     def write_records(self, *names: str) -> None:
         """Write the records held of these passes (default: all), to a file each
@@ -644,10 +644,25 @@ class GradFlowCallback(pl.Callback):
             for adapter in self.adapters:
                 adapter.scalars(metrics, step)
 
-    def log_records(self, step: int, records: dict[str, Record]) -> None:
+    @property
+    def last_finite(self) -> str:
+        """The latest finite profile, for the non-finite policy's messages: its step, summary and
+        record's directory."""
+        if self.last_finite_record is None:
+            return "none yet (no monitored step finished)"
+        name, record = self.last_finite_record
+        summary = record.summary
+        return (f"step {record.step}, decay_rate {np.ravel(summary.decay_rate)[0]:.4g}, "
+                f"log10_first_last {np.ravel(summary.log10_first_last)[0]:.4g}, its record in "
+                f"{self.record_dir(name)}")
+
+    def log_records(self, step: int, records: dict[str, Record],
+                    scalars: dict[str, dict[str, float]]) -> None:
+        """``scalars``: each record's own (`Record.scalars`), made once for the summaries too."""
         metrics: dict[str, float] = {}
         for name, record in records.items():
-            metrics.update(record_scalars(name, record, self.timesteps, self.num_timesteps))
+            metrics.update(record_scalars(name, record, self.timesteps, self.num_timesteps,
+                                          scalars[name]))
             history = self.histories.setdefault(name, History())
             history.steps.append(step)
             with np.errstate(divide="ignore"):
@@ -696,11 +711,12 @@ class GradFlowCallback(pl.Callback):
 
 
 def record_scalars(name: str, record: Record, timesteps: list[int] | None,
-                   count: int) -> dict[str, float]:
-    """A record's scalars for the loggers: its summaries and sections, and its per-timestep
-    arrays at the chosen timesteps (``<key>/t_<t>``; a watched module's under its path and row)."""
+                   count: int, scalars: dict[str, float] | None = None) -> dict[str, float]:
+    """A record's scalars for the loggers: its summaries and sections (``scalars``, its
+    `Record.scalars` where already made), and its per-timestep arrays at the chosen timesteps
+    (``<key>/t_<t>``; a watched module's under its path and row)."""
     if not name:
-        metrics = dict(record.scalars())
+        metrics = dict(record.scalars() if scalars is None else scalars)
         for key, values in record.per_timestep().items():
             for t in chosen_timesteps(len(values), timesteps, count):
                 metrics[f"{key}/t_{t:04d}"] = float(values[t])
