@@ -240,6 +240,37 @@ def test_a_cell_without_a_sequence_path_runs_its_chunks_under_checkpointed_segme
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("checkpoint_steps, chunks", [(0, 1), (4, 6)])
+def test_the_antisymmetric_cells_unprobed_pass_runs_its_chunks(checkpoint_steps, chunks,
+                                                               monkeypatch):
+    """AntisymmetricRNN's unprobed pass runs its chunks under auto (W − Wᵀ − γI made once a
+    chunk, not every step), with or without checkpointed segments (T = 11: one chunk, or
+    segments of 4, 4, 3 each again in the backward): the same function as stepping, float64."""
+    torch.manual_seed(0)
+    config = {"_target_": "rnnlab.cells.AntisymmetricRNN", "hidden_size": 5, "epsilon": 0.5,
+              "sigma": 2.0}
+    models = {fast: RecurrentModel(config, input_size=2, output_size=1, n_out=2, encoder_size=3,
+                                   fast_path=fast, checkpoint_steps=checkpoint_steps).double()
+              for fast in ("auto", False)}
+    models[False].load_state_dict(models["auto"].state_dict())
+    calls = []
+    original = type(models["auto"].cell).probed_sequence
+    monkeypatch.setattr(type(models["auto"].cell), "probed_sequence",
+                        lambda self, *a: (calls.append(1), original(self, *a))[1])
+    x, y = torch.randn(3, 11, 2, dtype=torch.float64), torch.randn(3, 2, 1, dtype=torch.float64)
+    out = {}
+    for fast, model in models.items():
+        out[fast] = model(x)
+        model.loss_fn(out[fast], y).backward()
+        if fast == "auto":
+            assert len(calls) == chunks
+    assert not calls[chunks:]  # stepping (fast_path false) never runs a chunk
+    torch.testing.assert_close(out["auto"], out[False], rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(models["auto"].named_parameters(), models[False].parameters()):
+        assert torch.count_nonzero(q.grad) > 0, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_a_cells_unknown_plain_path_is_refused(monkeypatch):
     model = RecurrentModel(CELL_CONFIGS["gru"], input_size=2, output_size=1, encoder_size=4)
     monkeypatch.setattr(type(model.cell), "plain_path", lambda self, T, device: "fused")
@@ -342,7 +373,8 @@ def probe_gradients(cell: str, checkpoint_steps: int, project: bool,
     return grads
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mingru", "lru", "indrnn"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mingru", "lru", "indrnn",
+                                  "antisymmetric"])
 @pytest.mark.parametrize("checkpoint_steps", [0, 4])
 @pytest.mark.parametrize("n_out", [1, 6])
 def test_probed_pass_from_the_input_projection_equals_stepping(cell, checkpoint_steps, n_out,
@@ -394,6 +426,44 @@ def probed_function_inputs(cell: str, zero_probes: bool) -> tuple:
     probes = [leaf(C, B, H, scale=0.0 if zero_probes else 0.3) for _ in range(states)]
     function = {"rnn": ProbedElman, "gru": ProbedGRU, "lstm": ProbedLSTM}[cell]
     return function, (leaf(C, B, G), *start, *weights, *probes, None)
+
+
+@pytest.mark.parametrize("zero_probes", [True, False])
+def test_the_antisymmetric_chunk_matches_finite_differences_and_stepping(zero_probes):
+    """`AntisymmetricChunk` (W − Wᵀ − γI made once a chunk): every gradient, W's through the
+    state matrix among them, against central finite differences in float64, at a large step
+    and far from h = 0 (ε = 0.5, σ = 2, where tanh saturates); with zero probes its states are
+    the cell's `step`'s, the same numbers."""
+    from rnnlab.cells.antisymmetric import AntisymmetricChunk, AntisymmetricRNN
+
+    torch.manual_seed(0)
+    cell = AntisymmetricRNN(3, 4, epsilon=0.5, gamma=0.1, sigma=2.0).double()
+    C, B, H = 5, 2, 4
+    gen = torch.Generator().manual_seed(3)
+
+    def leaf(*shape, scale=0.7):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    g, h0 = leaf(C, B, H), leaf(B, H)
+    probes = leaf(C, B, H, scale=0.0 if zero_probes else 0.3)
+    weight = cell.weight.detach().clone().requires_grad_()
+
+    def chunk(g, h0, weight, probes):
+        matrix = weight - weight.T - cell.gamma * torch.eye(H, dtype=torch.float64)
+        return AntisymmetricChunk.apply(g, h0, matrix, probes, cell.epsilon)
+
+    assert torch.autograd.gradcheck(chunk, (g, h0, weight, probes), eps=1e-6, atol=1e-8,
+                                    rtol=1e-6)
+    u = torch.randn(B, C, 3, dtype=torch.float64)
+    h, stepped = torch.zeros(B, H, dtype=torch.float64), []
+    for t in range(C):
+        (h,) = cell.step(u[:, t], (h,), None)
+        stepped.append(h)
+    hs, (last,) = cell.probed_sequence(cell.input_projection(u.transpose(0, 1)),
+                                       (torch.zeros(B, H, dtype=torch.float64),),
+                                       (torch.zeros(C, B, H, dtype=torch.float64),), None)
+    torch.testing.assert_close(hs, torch.stack(stepped), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(last, stepped[-1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
