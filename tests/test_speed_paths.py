@@ -374,15 +374,15 @@ def probe_gradients(cell: str, checkpoint_steps: int, project: bool,
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mingru", "lru", "indrnn",
-                                  "antisymmetric"])
+                                  "antisymmetric", "cornn"])
 @pytest.mark.parametrize("checkpoint_steps", [0, 4])
 @pytest.mark.parametrize("n_out", [1, 6])
 def test_probed_pass_from_the_input_projection_equals_stepping(cell, checkpoint_steps, n_out,
                                                                monkeypatch):
     """Chunks of 4 projected steps (and segments of 4, 4, 3), each one node where the cell has
-    `Cell.probed_sequence` (else stepped by `Cell.projected_step`: IndRNN), give stepping's
-    probe and parameter gradients; the loss reads the last step, or the last 6 across chunks.
-    The trajectory's states are stepping's too."""
+    `Cell.probed_sequence` (else stepped by `Cell.projected_step`: IndRNN, coRNN), give
+    stepping's probe and parameter gradients; the loss reads the last step, or the last 6
+    across chunks. The trajectory's states are stepping's too."""
     monkeypatch.setattr("rnnlab.model.PROJECTION_STEPS", 4)
     stepped = probe_gradients(cell, checkpoint_steps, project=False, n_out=n_out)
     projected = probe_gradients(cell, checkpoint_steps, project=True, n_out=n_out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnlab.cells.base import Cell, State
@@ -47,9 +48,17 @@ class CoRNN(Cell):
         self.bias = nn.Parameter(torch.empty(H).uniform_(-bound, bound))
 
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
+        return self.projected_step(F.linear(u_t, self.weight_u, self.bias), state, dt)
+
+    def input_projection(self, u: Tensor) -> Tensor:
+        """V u_t + b for many steps at once: the loop then makes one matmul per chunk, and the
+        backward pass one for V's gradient, instead of one a step."""
+        return F.linear(u, self.weight_u, self.bias)
+
+    def projected_step(self, g_t: Tensor, state: State, dt: Tensor | None) -> State:
         y, z = state
-        drive = torch.tanh(y @ self.weight_y.T + z @ self.weight_z.T + u_t @ self.weight_u.T
-                           + self.bias)
+        drive = torch.tanh(torch.addmm(torch.addmm(g_t, y, self.weight_y.T), z,
+                                       self.weight_z.T))
         z = z + self.dt * (drive - self.gamma * y - self.epsilon * z)
         y = y + self.dt * z
         return y, z
