@@ -212,43 +212,17 @@ def test_auto_fast_path_takes_the_path_the_cell_says_is_fastest(cell, T, path, c
                                        atol=1e-12, msg=f"{fast} {name}")
 
 
-@pytest.mark.parametrize("checkpoint_steps, chunks", [(0, 0), (4, 6)])
-def test_a_cell_without_a_sequence_path_runs_its_chunks_under_checkpointed_segments(
-        checkpoint_steps, chunks, monkeypatch):
-    """IndRNN has no `sequence`: under auto its unprobed pass steps, or with checkpointed
-    segments runs its probed chunks (segments of 4 of T = 11: three, each again in the
-    backward), the same function as stepping (float64)."""
+@pytest.mark.parametrize("cell, checkpoint_steps, chunks", [
+    ("IndRNN", 0, 0), ("IndRNN", 4, 6), ("AntisymmetricRNN", 0, 1), ("AntisymmetricRNN", 4, 6)])
+def test_a_cell_without_a_sequence_path_steps_or_runs_its_chunks(cell, checkpoint_steps, chunks,
+                                                                monkeypatch):
+    """IndRNN and the AntisymmetricRNN have no `sequence`. Under auto IndRNN's unprobed pass
+    steps, or with checkpointed segments runs its probed chunks; the AntisymmetricRNN's always
+    runs its chunks (W − Wᵀ − γI made once a chunk, not every step). T = 11: one chunk, or
+    segments of 4, 4, 3, each again in the backward. The same function as stepping (float64)."""
     torch.manual_seed(0)
-    config = {"_target_": "rnnlab.cells.IndRNN", "hidden_size": 5}
-    models = {fast: RecurrentModel(config, input_size=2, output_size=1, n_out=2, encoder_size=3,
-                                   fast_path=fast, checkpoint_steps=checkpoint_steps).double()
-              for fast in ("auto", False)}
-    models[False].load_state_dict(models["auto"].state_dict())
-    calls = []
-    original = type(models["auto"].cell).probed_sequence
-    monkeypatch.setattr(type(models["auto"].cell), "probed_sequence",
-                        lambda self, *a: (calls.append(1), original(self, *a))[1])
-    x, y = torch.randn(3, 11, 2, dtype=torch.float64), torch.randn(3, 2, 1, dtype=torch.float64)
-    out = {}
-    for fast, model in models.items():
-        out[fast] = model(x)
-        model.loss_fn(out[fast], y).backward()
-        if fast == "auto":
-            assert len(calls) == chunks
-    torch.testing.assert_close(out["auto"], out[False], rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(models["auto"].named_parameters(), models[False].parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-
-
-@pytest.mark.parametrize("checkpoint_steps, chunks", [(0, 1), (4, 6)])
-def test_the_antisymmetric_cells_unprobed_pass_runs_its_chunks(checkpoint_steps, chunks,
-                                                               monkeypatch):
-    """AntisymmetricRNN's unprobed pass runs its chunks under auto (W − Wᵀ − γI made once a
-    chunk, not every step), with or without checkpointed segments (T = 11: one chunk, or
-    segments of 4, 4, 3 each again in the backward): the same function as stepping, float64."""
-    torch.manual_seed(0)
-    config = {"_target_": "rnnlab.cells.AntisymmetricRNN", "hidden_size": 5, "epsilon": 0.5,
-              "sigma": 2.0}
+    config = {"_target_": f"rnnlab.cells.{cell}", "hidden_size": 5,
+              **({"epsilon": 0.5, "sigma": 2.0} if cell == "AntisymmetricRNN" else {})}
     models = {fast: RecurrentModel(config, input_size=2, output_size=1, n_out=2, encoder_size=3,
                                    fast_path=fast, checkpoint_steps=checkpoint_steps).double()
               for fast in ("auto", False)}
