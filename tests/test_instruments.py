@@ -134,7 +134,7 @@ def test_streamed_cell_contributions_equal_per_step_parameter_probes(cell):
     np.testing.assert_allclose(record.contributions["dL_dW_cell"],
                                per_step_probe_contributions(model, batch), rtol=1e-10,
                                atol=1e-14)
-    if cell in ("rnn", "gru", "lstm", "mingru", "lru", "indrnn"):
+    if cell in ("rnn", "gru", "lstm", "mingru", "lru", "indrnn", "antisymmetric"):
         assert model.batched_contributions and model.cell.step_parameter_grads is not None
 
 
@@ -142,7 +142,8 @@ def test_streamed_cell_contributions_equal_per_step_parameter_probes(cell):
     ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
     ("rnn", {"nonlinearity": "sigmoid"}), ("rnn", {"nonlinearity": "identity"}),
     ("gru", {}), ("lstm", {}), ("mingru", {}), ("lru", {}), ("indrnn", {}),
-    ("indrnn", {"horizon": 3, "magnitude": 1.2})])
+    ("indrnn", {"horizon": 3, "magnitude": 1.2}), ("antisymmetric", {}),
+    ("antisymmetric", {"epsilon": 0.5, "gamma": 0.1, "sigma": 2.0})])
 def test_written_out_per_step_parameter_gradients_equal_the_vmap_of_autograd(cell, options):
     """A cell's `step_parameter_grads` against `per_step_parameter_grads` (vmap of the step's
     vector–Jacobian product) on random states and cotangents, every parameter, every step."""

@@ -253,8 +253,8 @@ class RecurrentModel(pl.LightningModule):
         same numbers as probing W⁽ᵗ⁾ during the pass (`tests/test_instruments.py`), in memory of
         C, not T, copies of the parameters and steps' activations (`contribution_chunk_steps`). A
         cell that writes out its per-step parameter gradients (`Cell.step_parameter_grads`: the
-        Elman RNN, GRU, LSTM, minGRU, LRU, IndRNN) gives a chunk's at once; for the others the
-        C steps of a chunk are one `vmap` of the step's vector–Jacobian product
+        Elman RNN, GRU, LSTM, minGRU, LRU, IndRNN, AntisymmetricRNN) gives a chunk's at once;
+        for the others the C steps of a chunk are one `vmap` of the step's vector–Jacobian product
         (`per_step_parameter_grads`: the same numbers, 2–5× faster); a cell whose step vmap
         cannot batch (an adaptive ODE solver) is stepped one step at a time from then on, which
         the log says once. The cell's counters (the ODE's NFE) are left as the training step

@@ -54,6 +54,20 @@ class AntisymmetricRNN(Cell):
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         return self.projected_step(self.input(u_t), state, dt)
 
+    def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
+                             dt: Tensor | None) -> list[Tensor]:
+        """dL/dW⁽ᵗ⁾ of C steps: with ∂L/∂pre_t = ε(1 − a_t²) ⊙ ∂L/∂h_t (a_t = tanh(pre_t)),
+        A = W − Wᵀ − γI gets G_t = (∂L/∂pre_t)ᵀ h_{t−1} summed over the batch, so W gets
+        G_t − G_tᵀ; V gets (∂L/∂pre_t)ᵀ u_t and b the sum of ∂L/∂pre_t (W, then V, b)."""
+        (h,), (grad,) = previous, cotangents
+        with torch.no_grad():
+            act = torch.tanh(torch.baddbmm(self.input(u), h, self.state_matrix().T.expand(
+                h.shape[0], -1, -1)))
+            d_pre = torch.addcmul(torch.ones_like(act), act, act, value=-1).mul_(grad)
+            d_pre.mul_(self.epsilon)
+            d_a = torch.bmm(d_pre.transpose(1, 2), h)
+            return [d_a - d_a.transpose(1, 2), torch.bmm(d_pre.transpose(1, 2), u), d_pre.sum(1)]
+
     def input_projection(self, u: Tensor) -> Tensor:
         """V u_t + b for many steps at once."""
         return self.input(u)
