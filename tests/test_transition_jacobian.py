@@ -14,7 +14,8 @@ from .conftest import CONF, float64_model
 OPERATOR_CELLS = [("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
                   ("rnn", {"nonlinearity": "sigmoid"}), ("rnn", {"nonlinearity": "identity"}),
                   ("rnn", {"constraint": "orthogonal", "gain": 0.8}), ("gru", {}),
-                  ("lstm", {}), ("lstm", {"forget_bias": 3.0})]
+                  ("lstm", {}), ("lstm", {"forget_bias": 3.0}), ("antisymmetric", {}),
+                  ("antisymmetric", {"epsilon": 0.5, "gamma": 0.1, "sigma": 2.0})]
 
 
 def operator_case(cell: str, options: dict, N: int = 9, hidden: int = 7):

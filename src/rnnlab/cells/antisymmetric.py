@@ -54,6 +54,16 @@ class AntisymmetricRNN(Cell):
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         return self.projected_step(self.input(u_t), state, dt)
 
+    def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
+        """J = I + ε·diag(1 − a²)·A, a = tanh(V u_t + b + A h_{t−1}), A = W − Wᵀ − γI:
+        Jv = v + s ⊙ (A v), Jᵀw = w + Aᵀ(s ⊙ w), s = ε(1 − a²) (one matmul each)."""
+        (h,) = state
+        A = self.state_matrix().detach()  # measured, never differentiated
+        act = torch.tanh(torch.addmm(self.input(u_t), h, A.T))
+        slope = torch.addcmul(torch.ones_like(act), act, act, value=-1).mul_(self.epsilon)
+        return (lambda v: torch.addcmul(v, slope, v @ A.T),
+                lambda w: torch.addmm(w, slope * w, A))
+
     def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
                              dt: Tensor | None) -> list[Tensor]:
         """dL/dW⁽ᵗ⁾ of C steps: with ∂L/∂pre_t = ε(1 − a_t²) ⊙ ∂L/∂h_t (a_t = tanh(pre_t)),
