@@ -54,13 +54,19 @@ class AntisymmetricRNN(Cell):
     def step(self, u_t: Tensor, state: State, dt: Tensor | None) -> State:
         return self.projected_step(self.input(u_t), state, dt)
 
+    def slope(self, u: Tensor, h: Tensor, A: Tensor) -> Tensor:
+        """ε(1 − a²), a = tanh(V u + b + A h): ∂h_t/∂pre_t of the steps from inputs u and states
+        h (…, ·), A = W − Wᵀ − γI (`state_matrix`), for the Jacobian's products and the
+        per-step parameter gradients; no graph."""
+        with torch.no_grad():
+            act = torch.tanh(torch.matmul(h, A.T).add_(self.input(u)))
+            return torch.addcmul(torch.ones_like(act), act, act, value=-1).mul_(self.epsilon)
+
     def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
         """J = I + ε·diag(1 − a²)·A, a = tanh(V u_t + b + A h_{t−1}), A = W − Wᵀ − γI:
         Jv = v + s ⊙ (A v), Jᵀw = w + Aᵀ(s ⊙ w), s = ε(1 − a²) (one matmul each)."""
-        (h,) = state
         A = self.state_matrix().detach()  # measured, never differentiated
-        act = torch.tanh(torch.addmm(self.input(u_t), h, A.T))
-        slope = torch.addcmul(torch.ones_like(act), act, act, value=-1).mul_(self.epsilon)
+        slope = self.slope(u_t, state[0], A)
         return (lambda v: torch.addcmul(v, slope, v @ A.T),
                 lambda w: torch.addmm(w, slope * w, A))
 
@@ -71,10 +77,7 @@ class AntisymmetricRNN(Cell):
         G_t − G_tᵀ; V gets (∂L/∂pre_t)ᵀ u_t and b the sum of ∂L/∂pre_t (W, then V, b)."""
         (h,), (grad,) = previous, cotangents
         with torch.no_grad():
-            act = torch.tanh(torch.baddbmm(self.input(u), h, self.state_matrix().T.expand(
-                h.shape[0], -1, -1)))
-            d_pre = torch.addcmul(torch.ones_like(act), act, act, value=-1).mul_(grad)
-            d_pre.mul_(self.epsilon)
+            d_pre = self.slope(u, h, self.state_matrix()).mul_(grad)
             d_a = torch.bmm(d_pre.transpose(1, 2), h)
             return [d_a - d_a.transpose(1, 2), torch.bmm(d_pre.transpose(1, 2), u), d_pre.sum(1)]
 
