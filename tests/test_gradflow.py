@@ -132,6 +132,12 @@ def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients(monkeyp
         assert by_module[f"grad_norm_{module}"].dim() == 0
     assert len(read[0]) == sum(p.grad is not None for p in model.parameters())
     whole = expected("encoder", "cell", "decoder")
+    vector = norms.take()  # the modules' norms in `keys`' order, then the total
+    assert vector.dtype == torch.float64 and vector.shape == (4,)
+    assert norms.keys == ["grad_norm_encoder", "grad_norm_cell", "grad_norm_decoder"]
+    assert vector.tolist() == pytest.approx([expected("encoder"), expected("cell"),
+                                             expected("decoder"), whole], rel=1e-12)
+    assert norms.named(vector) == {k: vector[i] for i, k in enumerate(norms.keys)}
     read.clear()
     assert norms.total().item() == pytest.approx(whole, rel=1e-12)
     assert read == []  # every gradient's square reused: only their sum
@@ -157,6 +163,7 @@ def test_per_step_grad_norms_equal_autograd_and_follow_changed_gradients(monkeyp
         p.grad = None
     assert norms.total().item() == 0.0
     assert all(v.item() == 0.0 for v in norms.modules().values())
+    assert norms.take().tolist() == [0.0] * 4
 
 
 def test_squared_norms_equal_float64_vector_norms_of_any_dtype():

@@ -150,10 +150,11 @@ def test_a_skipped_step_leaves_parameters_and_adam_state_as_they_were(make_cfg):
     policy = NonFinitePolicy("skip")
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())  # every parameter took part
-    norms = gradflow.module_grad_norm_tensors(model)
-    loss_finite, gradients_finite = policy.finite(trainer, loss, norms)
+    norms = gradflow.GradNorms(model)
+    vector = norms.take()
+    loss_finite, gradients_finite = policy.finite(trainer, loss, vector)
     assert not loss_finite and not gradients_finite
-    policy.nonfinite(trainer, model, loss, loss_finite, norms, None, "none yet")
+    policy.nonfinite(trainer, model, loss, loss_finite, norms.named(vector), None, "none yet")
     assert policy.skipped_steps == policy.skipped_in_a_row == 1
     optimizer.step()
     for name, value in model.state_dict().items():
@@ -167,21 +168,33 @@ def test_one_check_after_backward_tells_the_loss_from_the_gradients_and_agrees_a
     finite = {"grad_norm_cell": torch.tensor(2.0, dtype=torch.float64)}
     nan = {"grad_norm_cell": torch.tensor(float("nan"), dtype=torch.float64),
            "grad_norm_decoder": torch.tensor(1.0, dtype=torch.float64)}
+    def vector(named):  # the norms as `GradNorms.take` gives them: one tensor
+        return torch.stack(list(named.values()))
+
     policy.skipped_in_a_row = 3
-    assert policy.finite(one, torch.tensor(0.5), finite) == (True, True)
+    assert policy.finite(one, torch.tensor(0.5), vector(finite)) == (True, True)
     assert policy.skipped_in_a_row == 0  # a good step ends a run of skipped ones
-    assert policy.finite(one, torch.tensor(float("inf")), finite) == (False, True)
-    assert policy.finite(one, torch.tensor(0.5), nan) == (True, False)
-    assert policy.finite(one, torch.tensor(float("nan")), nan) == (False, False)
-    assert policy.finite(one, None, finite) == (True, True)  # no loss seen: the gradients alone
-    assert policy.finite(one, torch.tensor(0.5, dtype=torch.bfloat16), finite) == (True, True)
+    assert policy.finite(one, torch.tensor(float("inf")), vector(finite)) == (False, True)
+    assert policy.finite(one, torch.tensor(-float("inf")), vector(finite)) == (False, True)
+    assert policy.finite(one, torch.tensor(0.5), vector(nan)) == (True, False)
+    assert policy.finite(one, torch.tensor(float("nan")), vector(nan)) == (False, False)
+    inf = torch.tensor([1.0, float("inf")], dtype=torch.float64)
+    assert policy.finite(one, torch.tensor(-float("inf")), inf) == (False, False)  # no cancelling
+    largest = torch.tensor([torch.finfo(torch.float32).max] * 2, dtype=torch.float64)
+    assert policy.finite(one, torch.tensor(3e38), largest) == (True, True)  # nothing overflows
+    assert policy.finite(one, None, vector(finite)) == (True, True)  # the gradients alone
+    assert policy.finite(one, None, vector(nan)) == (True, False)
+    assert policy.finite(one, torch.tensor(0.5, dtype=torch.bfloat16), vector(finite)) == (
+        True, True)
+    assert policy.finite(one, torch.tensor(0.5), torch.zeros(0, dtype=torch.float64)) == (
+        True, True)  # a model without gradients
 
     # Under data parallelism the loss's finiteness is agreed on by every process: another
     # process's non-finite loss makes this one's finite loss count as not finite.
     votes = []
     others_nan = SimpleNamespace(reduce_boolean_decision=lambda d, all: (votes.append(d), False)[1])
     two = SimpleNamespace(world_size=2, global_step=4, strategy=others_nan)
-    assert policy.finite(two, torch.tensor(0.5), finite) == (False, True)
+    assert policy.finite(two, torch.tensor(0.5), vector(finite)) == (False, True)
     assert votes == [True]
     model = ElmanRNN(2, 4)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss on another process "

@@ -97,6 +97,7 @@ RECORD_FILE_STEPS = 50
 # (each at its own step; and at every checkpoint, the end of training and an exception): one
 # event each step, made on the step, cost an LRU step at T = 100 4–5% (beside a raw loop).
 SCALAR_STEPS = 25
+TOTAL_TAGS, CLIPPED_TAGS = ["grad_norm/total"], ["grad_norm/total_clipped"]
 MODEL = ""  # the pass name of rnnlab's own model: its records go straight into dirpath
 
 
@@ -257,9 +258,12 @@ class GradFlowCallback(pl.Callback):
                                             ("float32", "float64"))
         self.watch: Watch | None = None  # made in setup, from the module
         self.adapters: list[LoggerAdapter] = []
-        self.step, self.grad_scalars = 0, {}  # the step in progress and its gradient norms
-        self.held_scalars: list[tuple[int, list[str], Tensor]] = []  # logged, not yet written
-        self.norms_of: tuple[pl.LightningModule, gradflow.GradNorms] | None = None
+        # the step in progress and its grad_norm/* scalars: (tags, tensor) parts, a later
+        # part's tag overriding an earlier one's
+        self.step, self.grad_scalars = 0, []
+        self.total: Tensor | None = None  # the step's grad_norm/total, before the optimizer
+        self.held_scalars: list[tuple[int, list[str], list[Tensor]]] = []  # not yet written
+        self.norms_of: tuple[pl.LightningModule, gradflow.GradNorms, list[str]] | None = None
         self.loss: Tensor | None = None  # the step's, from before its backward pass
         self.current: MonitoredStep | None = None  # the monitored step under way, (1) to (5)
         self.last_monitored = -1  # its optimizer step (the first micro-batch is probed)
@@ -365,7 +369,9 @@ class GradFlowCallback(pl.Callback):
         """The model's per-step gradient norms (`gradflow.GradNorms`), made on the first step of
         a fit: its parameters are those the optimizer holds from then on."""
         if self.norms_of is None or self.norms_of[0] is not pl_module:
-            self.norms_of = (pl_module, gradflow.GradNorms(pl_module))
+            norms = gradflow.GradNorms(pl_module)
+            tags = [f"grad_norm/{k.removeprefix('grad_norm_')}" for k in norms.keys]
+            self.norms_of = (pl_module, norms, tags + TOTAL_TAGS)
         return self.norms_of[1]
 
     # --- (hooks in the order of the table above) ------------------------------------------------
@@ -400,7 +406,7 @@ class GradFlowCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
-        self.step, self.grad_scalars = step, {}
+        self.step, self.grad_scalars, self.total = step, [], None
         self.current, self.loss = None, None
         if step % self.every_n_steps or step == self.last_monitored:
             return
@@ -416,9 +422,9 @@ class GradFlowCallback(pl.Callback):
 
     def on_after_backward(self, trainer, pl_module) -> None:
         # Tensors, not floats: no host sync until they are written, at the end of the step.
-        norms = self.grad_norms(pl_module).modules()
-        self.grad_scalars.update({f"grad_norm/{k.removeprefix('grad_norm_')}": v
-                                  for k, v in norms.items()})
+        grad_norms = self.grad_norms(pl_module)
+        norms = grad_norms.take()  # each module's, then the total
+        self.grad_scalars.append((self.norms_of[2], norms))  # the tags of `take`'s vector
         loss, self.loss = self.loss, None
         loss_finite, gradients_finite = self.policy.finite(trainer, loss, norms)
         current = self.current
@@ -427,17 +433,18 @@ class GradFlowCallback(pl.Callback):
             if not loss_finite:  # the forward pass overflowed: no profile to record
                 self.current = current = None
             else:
-                current.records = self.measure(trainer, pl_module, current, norms)
+                current.records = self.measure(
+                    trainer, pl_module, current, dict(zip(grad_norms.keys, norms.tolist())))
         if not (loss_finite and gradients_finite):
             first = next(iter(current.records.values()), None) if current is not None else None
-            self.policy.nonfinite(trainer, pl_module, loss, loss_finite, norms,
+            self.policy.nonfinite(trainer, pl_module, loss, loss_finite, grad_norms.named(norms),
                                   first.main_profile if first is not None else None,
                                   self.last_finite)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Lightning (2.x, Precision._after_closure) calls this hook, then clips the gradients.
-        total = self.grad_norms(pl_module).total()
-        self.grad_scalars["grad_norm/total"] = total
+        self.total = total = self.grad_norms(pl_module).total()
+        self.grad_scalars.append((TOTAL_TAGS, total))
         if self.current is not None:
             for record in self.current.records.values():
                 record.grad_norms["grad_norm_total"] = float(total)
@@ -445,11 +452,11 @@ class GradFlowCallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # p.grad still holds the clipped gradient the optimizer used: Lightning zeroes it only
         # in the next step, and torch's optimizers do not write to it.
-        if trainer.gradient_clip_val or "grad_norm/total" not in self.grad_scalars:
+        if trainer.gradient_clip_val or self.total is None:
             clipped = self.grad_norms(pl_module).total()
         else:  # nothing clipped them: the same gradients as before the optimizer step
-            clipped = self.grad_scalars["grad_norm/total"]
-        self.grad_scalars["grad_norm/total_clipped"] = clipped
+            clipped = self.total
+        self.grad_scalars.append((CLIPPED_TAGS, clipped))
         self.write_grad_norms(trainer)
         current, self.current = self.current, None
         if current is None or not current.records:
@@ -503,9 +510,9 @@ class GradFlowCallback(pl.Callback):
 
     # --- measuring -------------------------------------------------------------------------------
     def measure(self, trainer, pl_module, current: MonitoredStep,
-                norms: dict[str, Tensor]) -> dict[str, Record]:
+                grad_norms: dict[str, float]) -> dict[str, Record]:
         """The step's records from the probes' gradients (before the optimizer step: the same
-        weights), one per watched pass."""
+        weights), one per watched pass, each with the modules' ``grad_norms``."""
         world = trainer.world_size
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
         if self.profile_dtype == "float64":
@@ -516,7 +523,6 @@ class GradFlowCallback(pl.Callback):
         if loss is not None:
             loss = loss.double()
             loss_value = float(reduce(loss) / world if reduce else loss)
-        grad_norms = {k: float(v) for k, v in norms.items()}
         records = {}
         for name, probed in passes.items():
             record = Record.from_pass(current.step, probed, reduce, world)
@@ -626,8 +632,8 @@ class GradFlowCallback(pl.Callback):
         if not trainer.is_global_zero or not every or not self.grad_scalars or not (
                 (step + 1) % every == 0 or self.current is not None):
             return
-        self.held_scalars.append((step, list(self.grad_scalars),
-                                  torch.stack(list(self.grad_scalars.values()))))
+        self.held_scalars.append((step, [tag for tags, _ in self.grad_scalars for tag in tags],
+                                  [values for _, values in self.grad_scalars]))
         if len(self.held_scalars) >= SCALAR_STEPS:
             self.write_scalars()
 
@@ -636,7 +642,7 @@ class GradFlowCallback(pl.Callback):
         held, self.held_scalars = self.held_scalars, []
         if not held:
             return
-        values = torch.cat([v for _, _, v in held]).tolist()
+        values = torch.cat([v.reshape(-1) for _, _, parts in held for v in parts]).tolist()
         start = 0
         for step, tags, _ in held:
             metrics = dict(zip(tags, values[start:start + len(tags)]))

@@ -75,18 +75,16 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
 
 class GradNorms:
     """The gradient norms a monitor logs on every training step of one model: each top-level
-    module's after the backward pass (`modules`) and the whole model's before the optimizer
-    step (`total`), the numbers of `module_grad_norm_tensors` and `total_grad_norm`, as 0-d
-    float64 tensors (no host sync).
+    module's and the whole model's after the backward pass (`take`, one vector) and the whole
+    model's again before the optimizer step (`total`), the numbers of `module_grad_norm_tensors`
+    and `total_grad_norm`, as float64 tensors (no host sync).
 
-    Every gradient's ‖g‖² comes from one `squared_norms` and each module's norm from one
-    product with a 0/1 membership matrix, so a step costs a handful of operations whatever
-    the number of parameters (the monitor's hooks on an unmonitored LRU step at T = 100: 0.23
-    ms with a norm per gradient and their combinations, 0.14 ms so; in-run medians). `total`
-    reuses the squares `modules` took of
-    gradients that are still the same tensors, unwritten since (their version counters:
-    clipping, a hook that scales the gradients, an accumulating backward pass each bump them),
-    and reads any other again."""
+    Every gradient's ‖g‖² comes from one `squared_norms`, and the modules' norms and the total
+    from one product with a 0/1 membership matrix (a row per module, then a row of ones), so a
+    step costs a handful of operations whatever the number of parameters. `total` reuses what
+    `take` measured of gradients that are still the same tensors, unwritten since (their version
+    counters: clipping, a hook that scales the gradients, an accumulating backward pass each
+    bump them), and reads any other again."""
 
     def __init__(self, model: torch.nn.Module):
         named = list(model.named_parameters())
@@ -96,9 +94,10 @@ class GradNorms:
         groups = [(f"grad_norm_{name}", [position[id(p)] for p in child.parameters()])
                   for name, child in model.named_children()]
         self.groups = [(key, members) for key, members in groups if members]
-        self.membership: dict[tuple, Tensor] = {}  # (gradients present, device) → (M, n) 0/1
-        # the last `modules`' gradients (index, tensor, version) and their squares
-        self.taken: tuple[list[tuple[int, Tensor, int]], Tensor] | None = None
+        self.keys = [key for key, _ in self.groups]  # the modules, in `take`'s order
+        self.membership: dict[tuple, Tensor] = {}  # (gradients present, device) → (M + 1, n)
+        # the last `take`'s gradients (index, tensor, version), their squares and its vector
+        self.taken: tuple[list[tuple[int, Tensor, int]], Tensor, Tensor] | None = None
 
     def gradients(self, grads: dict[str, Tensor] | None = None) -> list[tuple[int, Tensor]]:
         """(index, gradient) of every parameter that has one: ``p.grad``, or ``grads[name]``."""
@@ -107,28 +106,43 @@ class GradNorms:
         return [(i, g) for i, name in enumerate(self.names)
                 if (g := grads.get(name)) is not None]
 
-    def modules(self, grads: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """``grad_norm_<module>`` of every top-level module with parameters (0 without
-        gradients), from each parameter's gradient, whose squares `total` may reuse (not when
-        ``grads``, name → gradient, is given instead of ``p.grad``)."""
-        present = self.gradients(grads)
+    def norms(self, present: list[tuple[int, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(each module's norm then the total (M + 1,), each gradient's square (n,)) of the
+        gradients ``present`` (`gradients`); a module without gradients has norm 0."""
         squares = squared_norms([g for _, g in present])
-        if grads is None:
-            self.taken = ([(i, g, g._version) for i, g in present], squares)
         if not present:
-            return {key: torch.zeros((), dtype=torch.float64) for key, _ in self.groups}
+            return torch.zeros(len(self.groups) + 1, dtype=torch.float64), squares
         indices = tuple(i for i, _ in present)
         matrix = self.membership.get((indices, squares.device))
         if matrix is None:
-            matrix = torch.tensor([[float(i in members) for i in indices]
-                                   for _, members in self.groups], dtype=torch.float64)
+            rows = [[float(i in members) for i in indices] for _, members in self.groups]
+            matrix = torch.tensor(rows + [[1.0] * len(indices)], dtype=torch.float64)
             matrix = self.membership[indices, squares.device] = matrix.to(squares.device)
-        norms = torch.mv(matrix, squares).sqrt_()
-        return dict(zip((key for key, _ in self.groups), norms.unbind()))
+        return torch.mv(matrix, squares).sqrt_(), squares
+
+    def take(self) -> Tensor:
+        """(M + 1,): the norm of each top-level module with parameters (in `keys`' order, 0
+        without gradients), then of all of them, from ``p.grad``; `total` may reuse it."""
+        present = self.gradients()
+        vector, squares = self.norms(present)
+        self.taken = ([(i, g, g._version) for i, g in present], squares, vector)
+        return vector
+
+    def named(self, vector: Tensor) -> dict[str, Tensor]:
+        """``grad_norm_<module>`` → its norm, of a `take` vector (0-d views)."""
+        return dict(zip(self.keys, vector.unbind()))
+
+    def modules(self, grads: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``grad_norm_<module>`` of every top-level module with parameters (0 without
+        gradients): `take`'s, or of ``grads`` (name → gradient) instead of ``p.grad`` (then
+        nothing is kept for `total`)."""
+        if grads is None:
+            return self.named(self.take())
+        return self.named(self.norms(self.gradients(grads))[0])
 
     def total(self) -> Tensor:
         """The 2-norm of every parameter gradient together (`total_grad_norm`). Lets go of the
-        gradients `modules` kept (no step's gradients outlive it here: a large model's would
+        gradients `take` kept (no step's gradients outlive it here: a large model's would
         double their memory into the next step); a later call reads them all."""
         taken, self.taken = self.taken, None
         present = self.gradients()
@@ -143,10 +157,10 @@ class GradNorms:
             else:
                 fresh.append(grad)
         if not fresh and len(kept) == len(taken[1]):
-            squares = taken[1]
-        else:  # (only non-empty parts: an empty one would be on the CPU)
-            squares = torch.cat(([squared_norms(fresh)] if fresh else [])
-                                + ([taken[1][kept]] if kept else []))
+            return taken[2][-1]  # every gradient as `take` found it
+        # (only non-empty parts: an empty one would be on the CPU)
+        squares = torch.cat(([squared_norms(fresh)] if fresh else [])
+                            + ([taken[1][kept]] if kept else []))
         return squares.sum().sqrt()
 
 

@@ -61,25 +61,27 @@ class NonFinitePolicy:
             self.max_skipped_steps = auto_max_skipped(steps)
 
     def finite(self, trainer: pl.Trainer, loss: Tensor | None,
-               norms: dict[str, Tensor]) -> tuple[bool, bool]:
+               norms: Tensor) -> tuple[bool, bool]:
         """After the backward pass: (is the loss finite on every process, are the gradients
-        finite), from the loss and the per-module gradient norms ``norms``. One host read per
-        step where both are, on one process (the policy has to decide before the optimizer
-        runs); under data parallelism the loss's finiteness is agreed on by every process, and
-        the gradients are the same after DDP's all-reduce. ``loss`` None: not checked."""
-        values = [*norms.values()]
+        finite), from the loss and the gradient norms ``norms`` (any shape: a norm is finite
+        when every gradient it covers is). One host read per step where both are, on one
+        process: the loss added to the norms' sum (float64, which no finite norm of float32 or
+        lower gradients overflows) is finite then and only then (the policy has to decide
+        before the optimizer runs); under data parallelism the loss's finiteness is agreed on
+        by every process, and the gradients are the same after DDP's all-reduce. ``loss``
+        None: not checked."""
+        check = norms.sum(dtype=torch.float64)
         if loss is not None:
-            values.append(loss.detach().to(torch.float64).reshape(()))
-        if not values:
-            return True, True
-        finite = torch.isfinite(torch.stack(values))
-        if trainer.world_size == 1 and bool(finite.all()):
+            check.add_(loss.detach().reshape(()))
+        if trainer.world_size == 1 and math.isfinite(check.item()):
             self.skipped_in_a_row = 0
             return True, True
-        loss_finite = loss is None or bool(finite[-1])
+        loss_value = (loss.detach().to(torch.float64).reshape(()) if loss is not None
+                      else check.new_zeros(()))
+        loss_finite, gradients_finite = torch.isfinite(
+            torch.stack((loss_value, norms.sum(dtype=torch.float64)))).tolist()
         if trainer.world_size > 1:
             loss_finite = trainer.strategy.reduce_boolean_decision(loss_finite, all=True)
-        gradients_finite = bool(finite[:len(norms)].all())
         if loss_finite and gradients_finite:
             self.skipped_in_a_row = 0
         return loss_finite, gradients_finite
