@@ -96,25 +96,27 @@ class LRU(Cell):
 
     def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
                              dt: Tensor | None) -> list[Tensor]:
-        """dL/dW⁽ᵗ⁾ of C steps, in real arithmetic: with x_{t−1} = p + iq, the cotangent
-        g_r + i g_i and λ = a + ib = e^(−ν)(cos θ + i sin θ), L gets ∂a = Σ g_r p + g_i q and
-        ∂b = Σ g_i p − g_r q over the batch, so ν (= exp ν_log) gets −(a ∂a + b ∂b) and
-        θ (= exp θ_log) gets a ∂b − b ∂a; γ gets Σ g_r (B_re u) + g_i (B_im u), and B_re, B_im
-        the batched outer products of γ g_r, γ g_i with u_t."""
+        """dL/dW⁽ᵗ⁾ of C steps, in the packed layout: with x_{t−1} = p + iq, the cotangent
+        g = g_r + i g_i and λ = a + ib = e^(−ν)(cos θ + i sin θ), L gets ∂a + i ∂b = Σ conj(x) g
+        over the batch, so ν (= exp ν_log) gets −(a ∂a + b ∂b) and θ (= exp θ_log) a ∂b − b ∂a.
+        The drive γ ⊙ B u_t: with M_t = g_tᵀ u_t (2N, input), rows alternating Re, Im (one
+        batched product), B_re and B_im get γ ⊙ M_t's rows and γ gets Σ_input (M_t ⊙ [B_re;
+        B_im]) over each unit's two rows."""
         (x,), (grad,) = previous, cotangents
-        p, q, g_r, g_i = x[..., 0::2], x[..., 1::2], grad[..., 0::2], grad[..., 1::2]
+        C, N = x.shape[0], self.hidden_size // 2
         with torch.no_grad():
             nu, theta, gamma = (torch.exp(self.nu_log), torch.exp(self.theta_log),
                                 torch.exp(self.gamma_log))
             modulus = torch.exp(-nu)
             a, b = modulus * torch.cos(theta), modulus * torch.sin(theta)
-            d_a = (g_r * p + g_i * q).sum(1)
-            d_b = (g_i * p - g_r * q).sum(1)
-            drive_r, drive_i = u @ self.B_re.T, u @ self.B_im.T
-            d_gamma = (g_r * drive_r + g_i * drive_i).sum(1)
+            d_lambda = torch.view_as_real((unpack(x).conj() * unpack(grad)).sum(1))
+            d_a, d_b = d_lambda[..., 0], d_lambda[..., 1]
+            M = torch.bmm(grad.transpose(1, 2), u)  # (C, 2N, input)
+            B = torch.stack([self.B_re, self.B_im], dim=1).flatten(0, 1)
+            d_gamma = (M * B).sum(2).view(C, N, 2).sum(2)
+            d_B = M.view(C, N, 2, -1).mul_(gamma[:, None, None])
             return [-(a * d_a + b * d_b) * nu, (a * d_b - b * d_a) * theta, d_gamma * gamma,
-                    torch.bmm((g_r * gamma).transpose(1, 2), u),
-                    torch.bmm((g_i * gamma).transpose(1, 2), u)]
+                    d_B[:, :, 0], d_B[:, :, 1]]
 
     def input_projection(self, u: Tensor) -> Tensor:
         """u itself: the probed chunk (`LRUScan` with the probes) makes the drive γ ⊙ B u_t a
