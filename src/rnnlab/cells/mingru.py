@@ -71,21 +71,21 @@ class MinGRU(Cell):
     def step_parameter_grads(self, u: Tensor, previous: State, cotangents: State,
                              dt: Tensor | None) -> list[Tensor]:
         """dL/dW⁽ᵗ⁾ of C steps: with ∂L/∂h_t = g_h, the gate's pre-activation k gets
-        g_h σ(k)σ(−k)(h̃ − h_{t−1}) and the candidate's c gets g_h σ(k) g'(c), where
-        g'(c) is 1 where c + 1/2 > σ(c), σ'(c) where below, and their mean where equal (as
-        autograd differentiates `torch.maximum`); each Linear's weight then gets the batched
-        outer product with u_t, its bias the sum over the batch."""
+        g_h σ(k)σ(−k)(h̃ − h_{t−1}) and the candidate's c gets g_h σ(k) g'(c) (`candidate_slope`,
+        as the scan's backward); both Linears' weights then get one batched outer product of
+        [∂k, ∂c] with u_t, their biases its sum over the batch."""
         (h,), (grad,) = previous, cotangents
         with torch.no_grad():
             k, c = self.input_projection(u).chunk(2, -1)
-            z, line, s = torch.sigmoid(k), c + 0.5, torch.sigmoid(c)
-            slope = s * (1 - s)
-            g_prime = torch.where(line > s, torch.ones_like(c),
-                                  torch.where(line < s, slope, (1 + slope) / 2))
-            d_k = grad * z * torch.sigmoid(-k) * (torch.maximum(line, s) - h)
-            d_c = grad * z * g_prime
-            return [torch.bmm(d_k.transpose(1, 2), u), d_k.sum(1),
-                    torch.bmm(d_c.transpose(1, 2), u), d_c.sum(1)]
+            z, s = torch.sigmoid(k), torch.sigmoid(c)
+            H = self.hidden_size
+            d = grad.new_empty(*grad.shape[:-1], 2 * H)  # [∂k, ∂c]: one product for both
+            d_k, d_c = d.chunk(2, -1)
+            gz = torch.mul(grad, z)
+            torch.mul(gz, candidate_slope(c, s), out=d_c)
+            torch.addcmul(gz, gz, z, value=-1, out=d_k).mul_(torch.maximum(c + 0.5, s).sub_(h))
+            d_w, d_b = torch.bmm(d.transpose(1, 2), u), d.sum(1)
+            return [d_w[:, :H], d_b[:, :H], d_w[:, H:], d_b[:, H:]]
 
     def stacked(self) -> tuple[Tensor, Tensor]:
         """[W_z; W_h] (2H, input) and [b_z; b_h] (2H,): both gates as one linear map."""
