@@ -12,6 +12,7 @@ import torch
 
 from rnnlab import gradflow
 from rnnlab.cells import LEM, LRU, AntisymmetricRNN, CoRNN, IndRNN, MinGRU, scan
+from rnnlab.cells.indrnn import relu_backward
 from rnnlab.cells.lru import LRUScan, pack, unpack
 from rnnlab.cells.mingru import MinGRUScan, candidate_slope, g
 from rnnlab.cells.scan import linear_scan
@@ -254,6 +255,18 @@ def test_candidate_slope_is_autograds_derivative_of_g_including_the_tie_at_0():
     assert expected[3] == 0.625  # torch.maximum splits the tie: (1 + σ'(0))/2
     torch.testing.assert_close(candidate_slope(c.detach(), torch.sigmoid(c.detach())), expected,
                                rtol=1e-15, atol=0)
+
+
+def test_relu_backward_is_autograds_derivative_of_relu_at_zero_and_nan():
+    pre = torch.tensor([-2.0, -0.0, 0.0, 1e-300, 3.0, float("nan"), float("inf")],
+                       dtype=torch.float64, requires_grad=True)
+    grad = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], dtype=torch.float64)
+    (expected,) = torch.autograd.grad(torch.relu(pre), pre, grad)
+    assert expected.tolist() == [0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0]  # nan: not ≤ 0, passed
+    assert relu_backward(grad, pre.detach()).tolist() == expected.tolist()
+    rows = torch.tensor([[1.0, -1.0], [0.0, 2.0]], dtype=torch.float64)
+    assert relu_backward(torch.tensor([3.0, 4.0]).expand_as(rows), rows).tolist() == [
+        [3.0, 0.0], [0.0, 4.0]]  # a broadcast gradient, as `IndRNN.jacobian_norms` gives it
 
 
 @pytest.mark.parametrize("case", ["lru_near_1", "lru_near_0", "mingru_closing_gates"])
