@@ -73,9 +73,14 @@ def exact_jacobians(cell, u: torch.Tensor, dt=None) -> list[torch.Tensor]:
     return jacobians
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "node"])
-def test_exponents_equal_a_qr_run_over_exact_jacobian_matrices(cell):
-    model = make_model(cell, hidden_size=5)
+@pytest.mark.parametrize("own_products", [True, False])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "node", "lru", "antisymmetric"])
+def test_exponents_equal_a_qr_run_over_exact_jacobian_matrices(cell, own_products):
+    # own_products: the cell's written-out Jᵀw (`transition_jacobian`, where it has one), else
+    # the vector–Jacobian products of autograd
+    model = make_model(cell, hidden_size=6 if cell == "lru" else 5)
+    if not own_products:
+        model.cell.transition_jacobian = None
     batch, k, T = adding_batch(30, B=2), 4, 30
     section = lyapunov.lyapunov(model, batch, k=k, ons_every=3)
     u = model.encoder(batch["x"]).detach()

@@ -15,7 +15,8 @@ OPERATOR_CELLS = [("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "r
                   ("rnn", {"nonlinearity": "sigmoid"}), ("rnn", {"nonlinearity": "identity"}),
                   ("rnn", {"constraint": "orthogonal", "gain": 0.8}), ("gru", {}),
                   ("lstm", {}), ("lstm", {"forget_bias": 3.0}), ("antisymmetric", {}),
-                  ("antisymmetric", {"epsilon": 0.5, "gamma": 0.1, "sigma": 2.0})]
+                  ("antisymmetric", {"epsilon": 0.5, "gamma": 0.1, "sigma": 2.0}),
+                  ("lru", {"hidden_size": 8}), ("lru", {"hidden_size": 8, "r_min": 0.0})]
 
 
 def operator_case(cell: str, options: dict, N: int = 9, hidden: int = 7):
@@ -23,6 +24,7 @@ def operator_case(cell: str, options: dict, N: int = 9, hidden: int = 7):
     up, so that relu's and tanh's slopes vary), and the full Jacobian of its step per row by
     torch.autograd.functional.jacobian: (N, D, D)."""
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "cell" / f"{cell}.yaml"))
+    hidden = options.get("hidden_size", hidden)  # (the LRU's: even)
     cfg.update({"hidden_size": hidden, **options})
     model = float64_model(cfg, encoder_size=5)
     cell_ = model.cell

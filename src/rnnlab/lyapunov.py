@@ -99,15 +99,13 @@ def backward_spectrum(cell: Cell, u: Tensor, previous_states: list[State], dt: T
     log_r = torch.zeros(T, S, k, dtype=torch.float64)
     inputs = u.detach().unbind(1)
     dts = dt.detach().unbind(1) if dt is not None else (None,) * T
+    transition = getattr(cell, "transition_jacobian", None)
     for n, t in enumerate(range(T - 1, 0, -1), start=1):
-        z = tuple(s.detach().repeat_interleave(k, 0).requires_grad_() for s in previous_states[t])
+        z = tuple(s.detach().repeat_interleave(k, 0) for s in previous_states[t])
         u_t = inputs[t].repeat_interleave(k, 0)
         dt_t = dts[t].repeat_interleave(k, 0) if dts[t] is not None else None
-        with torch.enable_grad():
-            out = cell.step(u_t, z, dt_t)
-            cotangent = Q.transpose(1, 2).reshape(S * k, D).split(widths, 1)
-            grads = torch.autograd.grad(out, z, cotangent, allow_unused=True)
-        V = torch.cat([g if g is not None else torch.zeros_like(s) for g, s in zip(grads, z)], 1)
+        cotangent = Q.transpose(1, 2).reshape(S * k, D)
+        V = transposed_products(cell.step, transition, u_t, z, dt_t, cotangent, widths)
         V = V.reshape(S, k, D).transpose(1, 2)  # column i: J_tᵀ q_i
         top = V[:, :, 0].norm(dim=1)
         top_growth[t] = torch.log10(top).double().cpu()
@@ -126,6 +124,21 @@ def backward_spectrum(cell: Cell, u: Tensor, previous_states: list[State], dt: T
     sums[:, 0] = top_growth[counted].sum(0)
     exponents = (sums / max(steps, 1)).numpy()
     return BackwardSpectrum(-np.sort(-exponents, axis=1), top_growth.numpy(), steps)
+
+
+def transposed_products(step, transition, u_t: Tensor, z: tuple[Tensor, ...], dt_t: Tensor | None,
+                        w: Tensor, widths: list[int]) -> Tensor:
+    """Jᵀ w per row of the flattened state (N, D), J = ∂step/∂z at (u_t, z): by the cell's
+    written-out `transition_jacobian` where it has one (no autograd graph), else a
+    vector–Jacobian product of ``step``."""
+    if transition is not None:
+        with torch.no_grad():
+            return transition(u_t, z, dt_t)[1](w)
+    z = tuple(s.requires_grad_() for s in z)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(step(u_t, z, dt_t), z, w.split(widths, 1),
+                                    allow_unused=True)
+    return torch.cat([g if g is not None else torch.zeros_like(s) for g, s in zip(grads, z)], 1)
 
 
 def elapsed_time(cell: Cell, dt: Tensor | None, steps: int) -> np.ndarray | None:

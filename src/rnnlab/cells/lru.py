@@ -151,6 +151,13 @@ class LRU(Cell):
         modulus = torch.exp(-torch.exp(self.nu_log)).amax()
         return modulus.expand(u_t.shape[0])
 
+    def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
+        """J v = λ ⊙ v and Jᵀ w = conj(λ) ⊙ w on the packed state: each unit's block
+        [[Re λ, −Im λ], [Im λ, Re λ]] is multiplication by λ, its transpose by conj(λ)."""
+        lam = torch.exp(self.log_lambda().detach())  # measured, never differentiated
+        conj = lam.conj()
+        return (lambda v: pack(lam * unpack(v)), lambda w: pack(conj * unpack(w)))
+
 
 class LRUScan(torch.autograd.Function):
     """x_t = λ ⊙ x_{t−1} + unpack(W u_t + p_t) over a sequence or a probed chunk, a block of
