@@ -16,7 +16,8 @@ OPERATOR_CELLS = [("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "r
                   ("rnn", {"constraint": "orthogonal", "gain": 0.8}), ("gru", {}),
                   ("lstm", {}), ("lstm", {"forget_bias": 3.0}), ("antisymmetric", {}),
                   ("antisymmetric", {"epsilon": 0.5, "gamma": 0.1, "sigma": 2.0}),
-                  ("lru", {"hidden_size": 8}), ("lru", {"hidden_size": 8, "r_min": 0.0})]
+                  ("lru", {"hidden_size": 8}), ("lru", {"hidden_size": 8, "r_min": 0.0}),
+                  ("mingru", {}), ("indrnn", {}), ("indrnn", {"horizon": 20})]
 
 
 def operator_case(cell: str, options: dict, N: int = 9, hidden: int = 7):

@@ -93,6 +93,13 @@ class IndRNN(Cell):
         pre = self.input(u_t) + w * h
         return relu_backward(w.abs().expand_as(pre), pre).amax(dim=-1)
 
+    def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
+        """J v = w ⊙ relu'(pre) ⊙ v = Jᵀ v (relu'(0) = 0, as torch's)."""
+        (h,) = state
+        w = self.recurrent_weights()
+        slope = relu_backward(w.expand_as(h), self.input(u_t) + w * h)
+        return (lambda v: slope * v, lambda w_: slope * w_)
+
 
 class ProbedIndRNN(torch.autograd.Function):
     """A probed chunk h_t = relu(g_t + w ⊙ h_{t−1}) + p_t from its projection g (C, B, H),

@@ -130,6 +130,11 @@ class MinGRU(Cell):
         """max_i (1 − z_t,i) per row: J = diag(1 − z_t)."""
         return torch.sigmoid(-self.gate(u_t)).amax(dim=-1)
 
+    def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
+        """J v = (1 − z_t) ⊙ v = Jᵀ v: the gate reads the input alone."""
+        keep = torch.sigmoid(-self.gate(u_t))
+        return (lambda v: keep * v, lambda w: keep * w)
+
 
 class MinGRUScan(torch.autograd.Function):
     """h_t = (1 − z_t) ⊙ h_{t−1} + z_t ⊙ g(h̃_t) over the whole sequence, a block of
