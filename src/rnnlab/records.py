@@ -194,7 +194,8 @@ class Summary(Section):
     def scalars(self) -> dict[str, float]:
         if np.ndim(self.decay_rate):  # rows: the monitor names each row's tags itself
             return {}
-        return {f"grad_flow/{k}": float(v) for k, v in dataclasses.asdict(self).items()}
+        return {f"grad_flow/{f.name}": float(getattr(self, f.name))
+                for f in dataclasses.fields(self)}
 
 
 def least_squares_slope(x: np.ndarray, y: np.ndarray) -> float:

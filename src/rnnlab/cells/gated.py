@@ -55,9 +55,11 @@ class GatedCell(Cell):
     @staticmethod
     def parameter_grads(d_ih: Tensor, d_hh: Tensor, u: Tensor, h: Tensor) -> list[Tensor]:
         """dL/dW⁽ᵗ⁾ from the gradients of W_ih u_t + b_ih (``d_ih``) and W_hh h_{t−1} + b_hh
-        (``d_hh``), (C, B, G·H) each: [∂/∂W_ih, ∂/∂W_hh, ∂/∂b_ih, ∂/∂b_hh] per step."""
+        (``d_hh``), (C, B, G·H) each: [∂/∂W_ih, ∂/∂W_hh, ∂/∂b_ih, ∂/∂b_hh] per step (both
+        biases' the same tensor where ``d_hh`` is ``d_ih``, as in the LSTM)."""
+        d_b_ih = d_ih.sum(1)
         return [torch.bmm(d_ih.transpose(1, 2), u), torch.bmm(d_hh.transpose(1, 2), h),
-                d_ih.sum(1), d_hh.sum(1)]
+                d_b_ih, d_b_ih if d_hh is d_ih else d_hh.sum(1)]
 
 
 class GRU(GatedCell):
