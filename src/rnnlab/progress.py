@@ -7,13 +7,23 @@ one is a single bar over the whole run: "Training step 1200/3000".
 
 from __future__ import annotations
 
+import time
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
+
+# The training bar is redrawn at most this often (and at the last step): a redraw with the
+# loss's metrics cost ~0.09 ms, about 1% of a 7 ms training step, and reads the loss from the
+# device (a sync on a GPU).
+REDRAW_S = 0.1
 
 
 class StepProgressBar(RichProgressBar):
     """A `RichProgressBar` whose training bar counts optimizer steps up to ``max_steps`` (batches
-    of the epoch when the run is limited by epochs instead)."""
+    of the epoch when the run is limited by epochs instead), redrawn at most every `REDRAW_S`
+    seconds and at the last step."""
+
+    drawn_at = -float("inf")  # when the training bar was last redrawn (`REDRAW_S`)
 
     def by_steps(self, trainer: pl.Trainer) -> bool:
         return trainer.max_steps is not None and trainer.max_steps > 0
@@ -53,6 +63,10 @@ class StepProgressBar(RichProgressBar):
             return
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()  # resumed mid-epoch
+        now = time.monotonic()
+        if trainer.global_step < trainer.max_steps and now - self.drawn_at < REDRAW_S:
+            return
+        self.drawn_at = now
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
