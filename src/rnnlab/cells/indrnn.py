@@ -88,17 +88,17 @@ class IndRNN(Cell):
 
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
         """max_i |w_i|·1[pre_i > 0] per row: J = diag(w ⊙ relu'(pre)), relu'(0) = 0 as in torch."""
-        (h,) = state
-        w = self.recurrent_weights()
-        pre = self.input(u_t) + w * h
-        return relu_backward(w.abs().expand_as(pre), pre).amax(dim=-1)
+        return self.slopes(u_t, state[0]).abs().amax(dim=-1)
 
     def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
-        """J v = w ⊙ relu'(pre) ⊙ v = Jᵀ v (relu'(0) = 0, as torch's)."""
-        (h,) = state
+        """J v = w ⊙ relu'(pre) ⊙ v = Jᵀ v."""
+        slopes = self.slopes(u_t, state[0])
+        return (lambda v: slopes * v, lambda w: slopes * w)
+
+    def slopes(self, u_t: Tensor, h: Tensor) -> Tensor:
+        """w ⊙ relu'(pre_t), J's diagonal, with the step's pre-activation W u_t + b + w ⊙ h."""
         w = self.recurrent_weights()
-        slope = relu_backward(w.expand_as(h), self.input(u_t) + w * h)
-        return (lambda v: slope * v, lambda w_: slope * w_)
+        return relu_backward(w.expand_as(h), self.input(u_t) + w * h)
 
 
 class ProbedIndRNN(torch.autograd.Function):

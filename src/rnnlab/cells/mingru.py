@@ -128,12 +128,16 @@ class MinGRU(Cell):
 
     def jacobian_norms(self, u_t: Tensor, state: State, dt: Tensor | None) -> Tensor:
         """max_i (1 − z_t,i) per row: J = diag(1 − z_t)."""
-        return torch.sigmoid(-self.gate(u_t)).amax(dim=-1)
+        return self.keep(u_t).amax(dim=-1)
 
     def transition_jacobian(self, u_t: Tensor, state: State, dt: Tensor | None):
         """J v = (1 − z_t) ⊙ v = Jᵀ v: the gate reads the input alone."""
-        keep = torch.sigmoid(-self.gate(u_t))
+        keep = self.keep(u_t)
         return (lambda v: keep * v, lambda w: keep * w)
+
+    def keep(self, u_t: Tensor) -> Tensor:
+        """1 − z_t = σ(−(W_z u_t + b_z)), J's diagonal."""
+        return torch.sigmoid(-self.gate(u_t))
 
 
 class MinGRUScan(torch.autograd.Function):
